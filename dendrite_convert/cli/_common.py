@@ -1,0 +1,91 @@
+"""What every command shares: the error funnel, the stderr console and option aliases."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import DendriteError, UsageError
+
+console = Console(stderr=True)
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+
+
+def command_app(fn, help: str | None = None) -> typer.Typer:
+    """A one-command Typer app, so each `dendrite-*` script runs its command without a subcommand name."""
+    app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_show_locals=False)
+    app.command(help=help)(fn)
+    return app
+
+
+def handle_errors(fn):
+    """Map library errors to one sentence on stderr and the exit codes of DESIGN §6."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+        try:
+            return fn(*args, **kwargs)
+        except DendriteError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]; completed outputs were kept, partial ones removed.")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if os.environ.get("DENDRITE_DEBUG"):
+                raise
+            console.print(
+                f"[red]unexpected error:[/red] {type(exc).__name__}: {exc} (set DENDRITE_DEBUG=1 for the traceback)",
+                highlight=False, soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def parse_json_option(text: str | None, option: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{option} must be a JSON object, e.g. '{{\"width\": 8}}' ({exc}).") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{option} must be a JSON object, not {type(value).__name__}.")
+    return value
+
+
+def parse_shape(text: str | None, option: str = "--input-shape") -> list[int] | None:
+    if not text:
+        return None
+    try:
+        shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{option} must be comma-separated integers such as 2,3,32,32, not {text!r}.") from exc
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"{option} must be positive integers such as 2,3,32,32, not {text!r}.")
+    return shape
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def existing_path(path: Path, option: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{option} {path} does not exist.")
+    return path

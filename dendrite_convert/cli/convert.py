@@ -1,0 +1,75 @@
+"""`dendrite-convert` and `dendrite inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, parse_json_option, parse_shape, print_json
+
+_IN, _DENDRITES, _GRAPH = "Input", "Dendrites", "Graph"
+
+
+@handle_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="A saved model: .pt/.bin (pickled module or state dict), .safetensors, .pt2, TorchScript, or a Hugging Face model folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Converted-model directory to write.", show_default=False)],
+    factory: Annotated[str | None, typer.Option(help="Builds the architecture for weights-only inputs: pkg.module:fn or path/to/file.py:fn.", rich_help_panel=_IN)] = None,
+    factory_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --factory.", rich_help_panel=_IN)] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow full unpickling (runs code from the file) after listing what it imports.", rich_help_panel=_IN)] = False,
+    input_shape: Annotated[str | None, typer.Option(help="Record an example input shape for export, e.g. 2,3,32,32.", rich_help_panel=_IN)] = None,
+    dendrites: Annotated[int, typer.Option(min=0, help="Dendrites to pre-insert in every target.", rich_help_panel=_DENDRITES)] = 0,
+    activation: Annotated[str, typer.Option(help="Dendrite nonlinearity: sigmoid, tanh or identity.", rich_help_panel=_DENDRITES)] = "sigmoid",
+    include: Annotated[list[str] | None, typer.Option(help="Only targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
+    no_norm_pairs: Annotated[bool, typer.Option(help="Do not treat conv/linear -> BatchNorm as one neuron.", rich_help_panel=_DENDRITES)] = False,
+    strict_graph: Annotated[bool, typer.Option(help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Insert dendrite layers into a saved PyTorch model by torch.fx graph rewriting."""
+    from ..api import convert as convert_api
+    from ..config import DendriteConfig
+    from ..files import check_writable
+
+    check_writable(output, force)
+    config = DendriteConfig(
+        dendrites=dendrites, activation=activation, include=include or [], exclude=exclude or [],
+        pair_norms=not no_norm_pairs, strict_graph=strict_graph,
+    )
+    shape = parse_shape(input_shape)
+    converted = convert_api(
+        model, config, factory=factory, factory_kwargs=parse_json_option(factory_kwargs, "--factory-kwargs"),
+        trust_pickle=trust_pickle, example_inputs=[{"shape": shape, "dtype": "float32"}] if shape else None,
+    )
+    converted.save(output, force=force)
+    report = converted.refreshed_report()
+    if not quiet:
+        report.render(console)
+        console.print(f"wrote {output}")
+    if json_out:
+        print_json(report.to_dict())
+
+
+@handle_errors
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A converted-model directory (from dendrite-convert or dendrite-train).", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the conversion report of a converted-model directory again."""
+    from ..modeldir import read_config
+    from ..report import ConversionReport
+
+    data = read_config(directory)
+    report = ConversionReport.from_dict(data["recipe"])
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        console.print(f"{directory}: source {data['source'].get('kind')} {data['source'].get('path') or ''}")
+        report.render(console)
+
+
+app = command_app(convert)

@@ -1,0 +1,130 @@
+"""The converted-model directory: `dendrite_config.json` + `model.safetensors`, never a pickle.
+
+Loading rebuilds the original architecture from the recorded source, re-applies the conversion
+(deterministic), adds the recorded number of dendrites to every target and loads the weights
+strictly, so a directory written by this version always loads and a changed model fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DendriteConfig
+from .errors import LoadError
+from .files import atomic_directory
+from .layers import DendriteLayer
+from .loading import Source, read_json, rebuild
+from .report import ConversionReport
+from .rewrite import convert_model, refresh_report
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "dendrite_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ConvertedModel:
+    """A converted model and everything needed to save and rebuild it."""
+
+    model: nn.Module
+    source: Source
+    config: DendriteConfig
+    report: ConversionReport
+    example_inputs: list[dict] = field(default_factory=list)  # [{"shape": [...], "dtype": "float32", "high": n}]
+
+    def refreshed_report(self) -> ConversionReport:
+        return refresh_report(self.model, self.report)
+
+    def to_json(self) -> dict:
+        from . import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool_version": __version__,
+            "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": self.source.to_dict(),
+            "dendrite_config": self.config.to_dict(),
+            "recipe": self.refreshed_report().to_dict(),
+            "example_inputs": self.example_inputs,
+        }
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the directory atomically; an existing one is replaced only with `force`."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        with atomic_directory(path, force) as tmp:
+            save_model(self.model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def read_config(path: Path) -> dict:
+    """The directory's config, checked for the fields and schema version this version understands."""
+    if not path.is_dir():
+        raise LoadError(f"{path} is not a converted-model directory (expected a folder with {CONFIG_FILE}).")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise LoadError(f"{path} is not a converted-model directory: {CONFIG_FILE} is missing.")
+    data = read_json(file)
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise LoadError(f"{file} has no integer schema_version; it was not written by dendrite_convert.")
+    if version > SCHEMA_VERSION:
+        raise LoadError(
+            f"{file} has schema version {version}, newer than this dendrite_convert understands "
+            f"({SCHEMA_VERSION}); upgrade: pip install -U dendrite-convert."
+        )
+    for key, kind in (("source", dict), ("dendrite_config", dict), ("recipe", dict)):
+        if not isinstance(data.get(key), kind):
+            raise LoadError(f"{file} is missing its {key!r} section or it has the wrong type.")
+    return data
+
+
+def load_converted(path: str | Path) -> ConvertedModel:
+    """Rebuild a converted model directory strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    data = read_config(path)
+    try:
+        source = Source.from_dict(data["source"])
+        config = DendriteConfig.from_dict(data["dendrite_config"])
+        recipe = ConversionReport.from_dict(data["recipe"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path / CONFIG_FILE} has malformed fields ({type(exc).__name__}: {exc}).") from exc
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
+    model, report = convert_model(rebuild(source), replace(config, dendrites=0, strict_graph=False))
+    layers = dict(model.named_modules())
+    expected = {t.name: t for t in recipe.targets}
+    found = {t.name for t in report.targets}
+    if found != set(expected):
+        diff = sorted(found.symmetric_difference(expected))[:5]
+        raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded recipe ({', '.join(diff)}).")
+    for name, target in expected.items():
+        layer = layers[name]
+        assert isinstance(layer, DendriteLayer)
+        for _ in range(int(target.dendrites)):
+            layer.add_dendrite()
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
+    if missing or unexpected:
+        raise LoadError(f"{weights} does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    return ConvertedModel(model, source, config, refresh_report(model, report), list(data.get("example_inputs") or []))
+
+
+def load(path: str | Path) -> nn.Module:
+    """The converted (or trained) model in a directory, ready to run."""
+    return load_converted(path).model

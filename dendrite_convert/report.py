@@ -1,0 +1,86 @@
+"""What a conversion did, as data (`--json`) and as a table for people."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .tracing import Fallback
+
+
+@dataclass
+class TargetRecord:
+    """One dendrite layer: where it lives, what it wraps and how conversion reached it."""
+
+    name: str
+    type: str
+    weight_shape: list[int]
+    out_channels: int
+    reached: str  # "fx graph", "fx functional", "module swap"
+    via: str = ""  # the paired norm, the functional call, or the untraceable module
+    shared: list[str] = field(default_factory=list)  # other names/call sites of the same layer
+    dendrites: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class SkippedRecord:
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    targets: list[TargetRecord] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConversionReport:
+        return cls(
+            targets=[TargetRecord(**t) for t in data.get("targets", [])],
+            skipped=[SkippedRecord(**s) for s in data.get("skipped", [])],
+            fallbacks=[Fallback(**f) for f in data.get("fallbacks", [])],
+            notes=list(data.get("notes", [])),
+            params_before=data.get("params_before", 0),
+            params_after=data.get("params_after", 0),
+        )
+
+    def render(self, console) -> None:
+        """Print the report as rich tables on `console` (stderr in the CLI)."""
+        from rich.table import Table
+
+        table = Table(title=f"{len(self.targets)} dendrite targets", title_justify="left")
+        for col in ("target", "type", "shape", "dendrites", "params before → after", "reached", "shared"):
+            table.add_column(col, overflow="fold")
+        for t in self.targets:
+            how = t.reached + (f" ({t.via})" if t.via else "")
+            table.add_row(
+                t.name, t.type, "×".join(map(str, t.weight_shape)), str(t.dendrites),
+                f"{t.params_before:,} → {t.params_after:,}", how, ", ".join(t.shared) or "-",
+            )
+        console.print(table)
+        if self.fallbacks:
+            fb = Table(title="tracing fallbacks (targets inside were converted by module swapping)", title_justify="left")
+            for col in ("module", "reason", "source line"):
+                fb.add_column(col, overflow="fold")
+            for f in self.fallbacks:
+                fb.add_row(f.module or "<model>", f.reason, f.source)
+            console.print(fb)
+        if self.skipped:
+            sk = Table(title="skipped layers", title_justify="left")
+            for col in ("layer", "type", "reason"):
+                sk.add_column(col, overflow="fold")
+            for s in self.skipped:
+                sk.add_row(s.name, s.type, s.reason)
+            console.print(sk)
+        for note in self.notes:
+            console.print(f"note: {note}")
+        console.print(f"parameters: {self.params_before:,} → {self.params_after:,}")

@@ -1,0 +1,293 @@
+"""Conversion: find targets in the fx graph, rewrite it, and swap modules where tracing fell back.
+
+The traced graph is the source of truth: it says which targets forward really calls, which of
+them feed a BatchNorm alone (one neuron), which are called at several sites, and which
+`F.linear`/`F.conv*` calls use the model's own parameters. Replacing a `call_module` target in
+the graph is the same as swapping the submodule it names, so the user's own classes are kept
+(their methods and signatures survive) and a `GraphModule` is generated only where the graph
+itself changes: functional calls become `call_module` nodes of new dendrite layers. Inside
+modules fx cannot trace (recorded as fallbacks), targets are reached by module swapping alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .config import DendriteConfig
+from .errors import ConversionError
+from .layers import NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
+from .report import ConversionReport, SkippedRecord, TargetRecord
+from .tracing import Fallback, trace
+
+_ATEN = torch.ops.aten
+# functional target -> (kind, spatial dims); positional order: input, weight, bias, stride, padding, dilation, groups
+FUNCTIONAL = {
+    F.linear: ("linear", 0), _ATEN.linear.default: ("linear", 0),
+    F.conv1d: ("conv", 1), _ATEN.conv1d.default: ("conv", 1),
+    F.conv2d: ("conv", 2), _ATEN.conv2d.default: ("conv", 2),
+    F.conv3d: ("conv", 3), _ATEN.conv3d.default: ("conv", 3),
+}
+_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+UNSUPPORTED = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Embedding,
+    nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear,
+)
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _is_torch_leaf(module: nn.Module) -> bool:
+    """fx's default leaves: torch.nn layers, which may read their submodules' weights directly."""
+    return type(module).__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, *_CONTAINERS))
+
+
+@dataclass
+class _FunctionalSite:
+    node: fx.Node
+    name: str  # the new submodule's name, relative to the traced module
+    module: nn.Module  # an nn.Linear/ConvNd sharing the call's Parameters
+    call: str
+
+
+@dataclass
+class _Plan:
+    graph_calls: Counter = field(default_factory=Counter)  # target fqn -> call sites in traced graphs
+    norm_calls: Counter = field(default_factory=Counter)
+    pairs: dict[str, str] = field(default_factory=dict)  # target fqn -> norm fqn fed only by it
+    swaps: dict[str, str] = field(default_factory=dict)  # target fqn -> untraceable module it sits in
+    functional: dict[str, tuple[nn.Module, fx.Graph, list[_FunctionalSite]]] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+
+def _analyze(module: nn.Module, prefix: str, plan: _Plan, reported: bool = False) -> None:
+    if isinstance(module, _CONTAINERS):  # no forward of their own: look inside
+        for name, child in module.named_children():
+            _analyze_child(child, _join(prefix, name), prefix, plan)
+        return
+    result = trace(module)
+    for leaf in result.leaves:
+        full = _join(prefix, leaf.module)
+        plan.fallbacks.append(replace(leaf, module=full))
+        _analyze(module.get_submodule(leaf.module), full, plan, reported=True)
+    if result.graph is None:
+        if not reported:
+            plan.fallbacks.append(replace(result.error, module=prefix))
+        for name, child in module.named_children():
+            _analyze_child(child, _join(prefix, name), prefix, plan)
+        return
+    _scan_graph(module, prefix, result.graph, plan)
+
+
+def _analyze_child(child: nn.Module, fqn: str, via: str, plan: _Plan) -> None:
+    if dendrite_class_for(child) is not None:
+        plan.swaps.setdefault(fqn, via or "<model>")
+    elif not _is_torch_leaf(child):
+        _analyze(child, fqn, plan)
+
+
+def _scan_graph(module: nn.Module, prefix: str, graph: fx.Graph, plan: _Plan) -> None:
+    modules = dict(module.named_modules())
+    sites: list[_FunctionalSite] = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if m is not None and dendrite_class_for(m) is not None:
+                plan.graph_calls[_join(prefix, node.target)] += 1
+            elif isinstance(m, NORM_LAYERS):
+                plan.norm_calls[_join(prefix, node.target)] += 1
+                src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+                if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                        and dendrite_class_for(modules.get(src.target, nn.Identity())) is not None):
+                    plan.pairs[_join(prefix, src.target)] = _join(prefix, node.target)
+        elif node.op == "call_function" and node.target in FUNCTIONAL:
+            site = _functional_site(module, node, len(sites))
+            if isinstance(site, _FunctionalSite):
+                sites.append(site)
+            elif site:
+                plan.skipped.append(SkippedRecord(_join(prefix, node.name), FUNCTIONAL[node.target][0], site))
+    if sites:
+        plan.functional[prefix] = (module, graph, sites)
+
+
+def _functional_site(module: nn.Module, node: fx.Node, index: int) -> _FunctionalSite | str:
+    """A module equivalent to a functional call on the model's own Parameters, or why there is none."""
+    kind, dims = FUNCTIONAL[node.target]
+    args = dict(zip(_ARG_NAMES, node.args)) | dict(node.kwargs)
+    weight, bias = args["weight"], args.get("bias")
+    params = []
+    for arg in (weight, bias):
+        if arg is None:
+            params.append(None)
+            continue
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            return "functional call whose weight is computed, not a parameter"
+        try:
+            params.append(module.get_parameter(arg.target))
+        except AttributeError:
+            return f"functional call on {arg.target}, which is a buffer, not a parameter"
+    options = {k: args[k] for k in ("stride", "padding", "dilation", "groups") if k in args}
+    if any(isinstance(v, fx.Node) for v in options.values()):
+        return "functional convolution with computed hyper-parameters"
+    w, b = params
+    if kind == "linear":
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    else:
+        groups = options.get("groups", 1)
+        layer = _CONV[dims](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), bias=b is not None, device="meta",
+                            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()})
+    layer.weight = w
+    if b is not None:
+        layer.bias = b
+    name = "fn_" + weight.target.replace(".", "_")
+    return _FunctionalSite(node, name, layer, f"{getattr(node.target, '__name__', node.target)} on {weight.target}")
+
+
+def _materialize(module: nn.Module, graph: fx.Graph, sites: list[_FunctionalSite]) -> fx.GraphModule:
+    """The traced module as a GraphModule whose functional target calls are `call_module` nodes."""
+    gm = module if isinstance(module, fx.GraphModule) else fx.GraphModule(module, graph)
+    for site in sites:
+        gm.add_submodule(site.name, site.module)
+        with gm.graph.inserting_before(site.node):
+            new = gm.graph.call_module(site.name, (site.node.args[0] if site.node.args else site.node.kwargs["input"],))
+        site.node.replace_all_uses_with(new)
+        gm.graph.erase_node(site.node)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _groups(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Targets that are one layer: the same module under several names, or modules with all parameters tied."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name in names:
+        m = model.get_submodule(name)
+        key = (type(m), repr(m), tuple(id(p) for p in m.parameters())) if list(m.parameters()) else (id(m),)
+        groups[key].append(name)
+    return list(groups.values())
+
+
+def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    if not fqn:
+        return new
+    parent, _, leaf = fqn.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+    return model
+
+
+def _all_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, m in model.named_modules(remove_duplicate=False):
+        names[id(m)].append(name)
+    return names
+
+
+def _unreached_reason(model: nn.Module, fqn: str) -> str:
+    parts = fqn.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = model.get_submodule(".".join(parts[:i]))
+        if _is_torch_leaf(owner):
+            return f"used inside {type(owner).__name__} {'.'.join(parts[:i])}, which reads its weights directly"
+    return "never called by forward (fx graph)"
+
+
+def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, ConversionReport]:
+    """Insert dendrite layers into `model` in place; returns the converted root and the report."""
+    plan = _Plan()
+    _analyze(model, "", plan)
+    if config.strict_graph and plan.fallbacks:
+        first = plan.fallbacks[0]
+        raise ConversionError(
+            f"--strict-graph: {first.module or 'the model'} cannot be traced by torch.fx ({first.reason}) at "
+            f"{first.source}; make that code traceable or drop --strict-graph to convert it by module swapping."
+        )
+    report = ConversionReport(fallbacks=plan.fallbacks, skipped=plan.skipped, params_before=count_parameters(model))
+    aliases = _all_names(model)
+
+    for prefix, (module, graph, sites) in plan.functional.items():
+        gm = _materialize(module, graph, sites)
+        model = _set_module(model, prefix, gm)
+        for site in sites:
+            plan.graph_calls[_join(prefix, site.name)] += 1
+            plan.swaps.pop(_join(prefix, site.name), None)
+        report.notes.append(f"{prefix or 'the model'} is now an fx GraphModule: its functional calls became dendrite layers")
+    functional_calls = {_join(p, s.name): s.call for p, (_, _, sites) in plan.functional.items() for s in sites}
+
+    reached = [n for n in dict.fromkeys([*plan.graph_calls, *plan.swaps])]
+    selected = []
+    for name in reached:
+        m = model.get_submodule(name)
+        why = config.selects(m, name)
+        if why:
+            report.skipped.append(SkippedRecord(name, type(m).__name__, why))
+        else:
+            selected.append(name)
+    seen = {id(model.get_submodule(n)) for n in reached}
+    for name, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        if dendrite_class_for(m) is not None:
+            report.skipped.append(SkippedRecord(name, type(m).__name__, _unreached_reason(model, name)))
+        elif isinstance(m, UNSUPPORTED):
+            report.skipped.append(SkippedRecord(name, type(m).__name__, "layer type not supported as a dendrite target"))
+    if not selected:
+        types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        why = "the --include/--exclude filters left none" if reached else f"layer types found: {', '.join(types)}"
+        raise ConversionError(
+            f"No Linear/Conv1d/Conv2d/Conv3d/Conv1D layer to convert ({why}); check the model or the filters."
+        )
+
+    for group in _groups(model, selected):
+        name = group[0]
+        base = model.get_submodule(name)
+        sites = sum(plan.graph_calls[n] for n in group)
+        shared = group[1:] + [n for n in aliases[id(base)] if n not in group] + ([f"called {sites}×"] if sites > 1 else [])
+        norm_name = plan.pairs.get(name) if config.pair_norms and len(group) == 1 and sites <= 1 else None
+        norm = model.get_submodule(norm_name) if norm_name else None
+        if norm is not None and (plan.norm_calls[norm_name] != 1 or len(aliases[id(norm)]) != 1):
+            norm_name, norm = None, None
+        layer = dendrite_class_for(base)(base, norm=norm, activation=config.activation, init_std=config.init_std)
+        before = count_parameters(layer)
+        for _ in range(config.dendrites):
+            layer.add_dendrite()
+        for alias in dict.fromkeys([*group, *aliases[id(base)]]):
+            model = _set_module(model, alias, layer)
+        if norm_name:
+            model = _set_module(model, norm_name, nn.Identity())
+        if name in functional_calls:
+            how, via = "fx functional", functional_calls[name]
+        elif any(n in plan.graph_calls for n in group):
+            how, via = "fx graph", f"+ {type(norm).__name__} {norm_name}" if norm_name else ""
+        else:
+            how, via = "module swap", f"inside {plan.swaps[name]}"
+        weight = base.weight
+        report.targets.append(TargetRecord(
+            name=name, type=type(base).__name__, weight_shape=list(weight.shape), out_channels=layer.out_channels,
+            reached=how, via=via, shared=shared, dendrites=layer.num_dendrites,
+            params_before=before, params_after=count_parameters(layer),
+        ))
+    report.params_after = count_parameters(model)
+    return model, report
+
+
+def refresh_report(model: nn.Module, report: ConversionReport) -> ConversionReport:
+    """The report with dendrite counts and parameter counts read from the model as it is now."""
+    layers = dict(model.named_modules())
+    targets = []
+    for t in report.targets:
+        layer = layers[t.name]
+        assert isinstance(layer, DendriteLayer)
+        targets.append(replace(t, dendrites=layer.num_dendrites, params_after=count_parameters(layer)))
+    return replace(report, targets=targets, params_after=count_parameters(model))

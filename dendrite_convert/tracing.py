@@ -1,0 +1,103 @@
+"""torch.fx tracing that survives untraceable code by marking the innermost failing submodule a leaf."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .layers import DendriteLayer, dendrite_class_for
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(fx.__file__), os.path.dirname(__file__))
+
+
+@dataclass
+class Fallback:
+    """A module fx could not trace through: its targets are reached by module swapping instead."""
+
+    module: str  # fully qualified name, "" for the model itself
+    reason: str
+    source: str  # the user's line that broke tracing, "file:line: code"
+
+
+def _reason(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def _user_line(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and this package: where the user's code broke tracing."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")
+    ]
+    if not frames:
+        return "unknown"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+class DendriteTracer(fx.Tracer):
+    """Keeps targets, torch.nn layers and `leaves` opaque; remembers the innermost module that failed."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.failure: Fallback | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name in self.leaves
+            or isinstance(m, DendriteLayer)
+            or dendrite_class_for(m) is not None
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if self.failure is None:  # the first record during unwinding is the innermost module
+                self.failure = Fallback(self.path_of_module(m), _reason(exc), _user_line(exc))
+            raise
+
+
+def _concrete_defaults(module: nn.Module) -> dict:
+    """Arguments with defaults are traced at their default (fx guards None defaults with an assert)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@dataclass
+class TraceResult:
+    graph: fx.Graph | None  # None when the module's own forward is not traceable
+    leaves: list[Fallback]  # submodules made leaves, relative names
+    error: Fallback | None  # why the module itself failed
+
+
+def trace(module: nn.Module, max_leaves: int = 200) -> TraceResult:
+    """Trace `module`; each failure inside a submodule makes that submodule a leaf and retries."""
+    if isinstance(module, fx.GraphModule):  # e.g. a torch.export program: its graph is already there
+        return TraceResult(module.graph, [], None)
+    leaves: set[str] = set()
+    fallbacks: list[Fallback] = []
+    while len(leaves) <= max_leaves:
+        tracer = DendriteTracer(leaves)
+        try:
+            graph = tracer.trace(module, concrete_args=_concrete_defaults(module))
+            return TraceResult(graph, fallbacks, None)
+        except Exception as exc:
+            failure = tracer.failure
+            if failure is None or failure.module in leaves:
+                return TraceResult(None, fallbacks, Fallback("", _reason(exc), _user_line(exc)))
+            leaves.add(failure.module)
+            fallbacks.append(failure)
+    return TraceResult(None, fallbacks, Fallback("", f"more than {max_leaves} untraceable submodules", "unknown"))
