@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the main job end to end on bundled offline data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+OUT=${DEMO_OUT:-runs/demo}
+rm -rf "$OUT" && mkdir -p "$OUT"
+python examples/digits/make_model.py "$OUT/model.pt"
+dendrite-convert "$OUT/model.pt" --factory examples/digits/model.py:build -o "$OUT/converted"
+dendrite inspect "$OUT/converted"
