@@ -287,7 +287,10 @@ def _load_pt2(path: Path) -> nn.Module:
             f"and cannot be converted) ({type(exc).__name__}: {str(exc).strip()[:150]})."
         ) from exc
     log.warning("%s is a torch.export program: its train/eval behaviour (dropout, BatchNorm) is frozen as exported", path)
-    return program.module()
+    module = program.module()
+    for frozen in ("train", "eval"):  # torch.export makes these raise; the flags are harmless, the graph stays frozen
+        module.__dict__.pop(frozen, None)
+    return module
 
 
 def _load_huggingface(path: Path) -> tuple[nn.Module, Source]:

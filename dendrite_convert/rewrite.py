@@ -155,7 +155,10 @@ def _functional_site(module: nn.Module, node: fx.Node, index: int) -> _Functiona
 def _materialize(module: nn.Module, graph: fx.Graph, sites: list[_FunctionalSite]) -> fx.GraphModule:
     """The traced module as a GraphModule whose functional target calls are `call_module` nodes."""
     gm = module if isinstance(module, fx.GraphModule) else fx.GraphModule(module, graph)
+    moved = set()
     for site in sites:
+        moved.update(a.target for a in (*site.node.args, *site.node.kwargs.values())
+                     if isinstance(a, fx.Node) and a.op == "get_attr")
         gm.add_submodule(site.name, site.module)
         with gm.graph.inserting_before(site.node):
             new = gm.graph.call_module(site.name, (site.node.args[0] if site.node.args else site.node.kwargs["input"],))
@@ -164,6 +167,10 @@ def _materialize(module: nn.Module, graph: fx.Graph, sites: list[_FunctionalSite
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in moved - still_read:  # those parameters now live in the new layers only
+        owner, _, attr = target.rpartition(".")
+        delattr(gm.get_submodule(owner), attr)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -249,11 +256,18 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
             f"No Linear/Conv1d/Conv2d/Conv3d/Conv1D layer to convert ({why}); check the model or the filters."
         )
 
+    param_names: dict[int, list[str]] = defaultdict(list)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names[id(p)].append(pname)
     for group in _groups(model, selected):
         name = group[0]
         base = model.get_submodule(name)
         sites = sum(plan.graph_calls[n] for n in group)
-        shared = group[1:] + [n for n in aliases[id(base)] if n not in group] + ([f"called {sites}×"] if sites > 1 else [])
+        owners = [*group, *aliases[id(base)]]
+        tied = [f"tied to {other}" for p in base.parameters() for other in param_names[id(p)]
+                if not any(other.startswith(o + ".") for o in owners)]
+        shared = group[1:] + [n for n in aliases[id(base)] if n not in group] + tied
+        shared += [f"called {sites}×"] if sites > 1 else []
         norm_name = plan.pairs.get(name) if config.pair_norms and len(group) == 1 and sites <= 1 else None
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and (plan.norm_calls[norm_name] != 1 or len(aliases[id(norm)]) != 1):
