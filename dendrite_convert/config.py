@@ -34,7 +34,7 @@ class DendriteConfig:
     def selects(self, module: nn.Module, fqn: str) -> str | None:
         """None if the target is selected, else the reason it is not."""
         def matches(pattern: str) -> bool:
-            return fnmatch.fnmatchcase(fqn, pattern) or type(module).__name__ == pattern
+            return fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(type(module).__name__, pattern)
 
         if self.include and not any(matches(p) for p in self.include):
             return f"not matched by --include {' '.join(self.include)}"

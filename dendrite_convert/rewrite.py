@@ -91,7 +91,7 @@ def _analyze(module: nn.Module, prefix: str, plan: _Plan, reported: bool = False
 def _analyze_child(child: nn.Module, fqn: str, via: str, plan: _Plan) -> None:
     if dendrite_class_for(child) is not None:
         plan.swaps.setdefault(fqn, via or "<model>")
-    elif not _is_torch_leaf(child):
+    elif not _is_torch_leaf(child) and not isinstance(child, DendriteLayer):
         _analyze(child, fqn, plan)
 
 
@@ -249,6 +249,8 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
             report.skipped.append(SkippedRecord(name, type(m).__name__, _unreached_reason(model, name)))
         elif isinstance(m, UNSUPPORTED):
             report.skipped.append(SkippedRecord(name, type(m).__name__, "layer type not supported as a dendrite target"))
+    if not selected and any(isinstance(m, DendriteLayer) for m in model.modules()):
+        raise ConversionError("The model already holds dendrite layers; train or export it instead of converting again.")
     if not selected:
         types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         why = "the --include/--exclude filters left none" if reached else f"layer types found: {', '.join(types)}"
