@@ -29,12 +29,23 @@ def command_app(fn, help: str | None = None) -> typer.Typer:
     return app
 
 
+class _StderrWarnings(logging.Handler):
+    """Library warnings as `warning: ...` lines on whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"warning: {record.getMessage()}\n")
+
+
+_library_log = logging.getLogger("dendrite_convert")
+_library_log.addHandler(_StderrWarnings(logging.WARNING))
+_library_log.propagate = False
+
+
 def handle_errors(fn):
     """Map library errors to one sentence on stderr and the exit codes of DESIGN §6."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
         try:
             return fn(*args, **kwargs)
         except DendriteError as exc:
