@@ -223,8 +223,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _allowed_global(name: str, search: list[str]):
     """Resolve a pickled global; only nn.Module classes are allowed without --trust-pickle."""
     module_name, _, attr = name.rpartition(".")
-    if module_name in ("__main__", "__mp_main__"):
-        return None
+    if module_name in ("__main__", "__mp_main__"):  # only a class of the running program, never an import
+        obj = getattr(sys.modules.get(module_name), attr, None)
+        return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None
     added = [p for p in search if p not in sys.path]
     sys.path[:0] = added
     try:

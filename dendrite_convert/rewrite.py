@@ -22,7 +22,7 @@ from .config import DendriteConfig
 from .errors import ConversionError
 from .layers import NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
 from .report import ConversionReport, SkippedRecord, TargetRecord
-from .tracing import Fallback, trace
+from .tracing import Fallback, TraceResult, trace
 
 _ATEN = torch.ops.aten
 # functional target -> (kind, spatial dims); positional order: input, weight, bias, stride, padding, dilation, groups
@@ -67,6 +67,7 @@ class _Plan:
     functional: dict[str, tuple[nn.Module, fx.Graph, list[_FunctionalSite]]] = field(default_factory=dict)
     fallbacks: list[Fallback] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
+    traces: dict[tuple, TraceResult] = field(default_factory=dict)
 
 
 def _analyze(module: nn.Module, prefix: str, plan: _Plan, reported: bool = False) -> None:
@@ -74,7 +75,7 @@ def _analyze(module: nn.Module, prefix: str, plan: _Plan, reported: bool = False
         for name, child in module.named_children():
             _analyze_child(child, _join(prefix, name), prefix, plan)
         return
-    result = trace(module)
+    result = _trace_cached(module, plan)
     for leaf in result.leaves:
         full = _join(prefix, leaf.module)
         plan.fallbacks.append(replace(leaf, module=full))
@@ -86,6 +87,22 @@ def _analyze(module: nn.Module, prefix: str, plan: _Plan, reported: bool = False
             _analyze_child(child, _join(prefix, name), prefix, plan)
         return
     _scan_graph(module, prefix, result.graph, plan)
+
+
+def _trace_cached(module: nn.Module, plan: _Plan) -> TraceResult:
+    """Repeated blocks (the 12 layers of a BERT) are traced once: same class and same structure, same graph.
+
+    A graph with functional targets is never shared, because it is rewritten for its own module.
+    """
+    key = (type(module), module.training, repr(module))
+    result = plan.traces.get(key)
+    if result is None:
+        result = trace(module)
+        has_functional = result.graph is not None and any(
+            n.op == "call_function" and n.target in FUNCTIONAL for n in result.graph.nodes)
+        if not has_functional:
+            plan.traces[key] = result
+    return result
 
 
 def _analyze_child(child: nn.Module, fqn: str, via: str, plan: _Plan) -> None:
