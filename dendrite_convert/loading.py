@@ -161,7 +161,11 @@ def _kind(path: Path) -> str:
     if path.suffix == ".safetensors":
         return "safetensors"
     if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise LoadError(f"{path} is a damaged zip archive ({exc}).") from exc
         if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
             return "pt2"
         if any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names):
@@ -191,7 +195,10 @@ def load_source(
                 f"{path} is TorchScript, which keeps weights but compiles away the Python classes; "
                 "pass --factory module:fn that builds the architecture, and its weights will be loaded."
             )
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as exc:
+            raise LoadError(f"{path} is not a loadable TorchScript file ({type(exc).__name__}).") from exc
         model = build_from_factory(factory, kwargs)
         load_weights_into(model, state, path, f"--factory {factory}")
         return model, Source("torchscript", str(path.resolve()), digest, factory, kwargs)
@@ -310,17 +317,32 @@ def _load_huggingface(path: Path) -> tuple[nn.Module, Source]:
     return model, Source("huggingface", str(path.resolve()), None, hf_class=hf_class, hf_config=config.to_dict())
 
 
-def rebuild(source: Source) -> nn.Module:
-    """The original architecture again (weights will be overwritten by the converted file)."""
+def rebuild(source: Source, trust_pickle: bool = False) -> nn.Module:
+    """The original architecture again (weights will be overwritten by the converted file).
+
+    Rebuilding imports the recorded factory or the classes of the recorded pickle, so load only
+    converted directories you trust; full unpickling needs `trust_pickle` from the caller.
+    """
     if source.kind == "huggingface":
         import transformers
 
-        config_dict = dict(source.hf_config or {})
-        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-        return getattr(transformers, source.hf_class)(config)
+        try:
+            config_dict = dict(source.hf_config or {})
+            config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+            return getattr(transformers, source.hf_class)(config)
+        except Exception as exc:
+            raise LoadError(f"the recorded transformers model {source.hf_class!r} cannot be rebuilt ({type(exc).__name__}: {exc}).") from exc
     if source.kind in ("state_dict", "torchscript", "factory"):
+        if not isinstance(source.factory, str) or not isinstance(source.factory_kwargs, dict):
+            raise LoadError("the recorded source has no usable factory; the directory's config is damaged.")
         return build_from_factory(source.factory, source.factory_kwargs)
+    if source.kind not in ("pickle", "pt2"):
+        raise LoadError(f"a model of source kind {source.kind!r} cannot be rebuilt; convert it from a file or with a factory.")
     path = Path(source.path or "")
+    if not path.is_absolute():
+        raise LoadError(f"the recorded source path {source.path!r} is not absolute; the directory's config is damaged.")
+    if source.trust_pickle and not trust_pickle:
+        raise LoadError(f"the model was converted from {path} with --trust-pickle; pass --trust-pickle again to load it.")
     if not path.is_file():
         raise LoadError(
             f"the original model {source.path} is gone; the converted directory rebuilds the architecture from it."
@@ -329,7 +351,7 @@ def rebuild(source: Source) -> nn.Module:
         log.warning("%s changed since conversion (sha256 differs); rebuilding from it anyway", path)
     if source.kind == "pt2":
         return _load_pt2(path)
-    model = _torch_load(path, source.trust_pickle)
+    model = _torch_load(path, trust_pickle)
     if not isinstance(model, nn.Module):
         raise LoadError(f"the original model {path} no longer holds a whole model.")
     return model

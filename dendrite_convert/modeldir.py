@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import DendriteConfig
-from .errors import LoadError
+from .errors import DendriteError, LoadError, UsageError
 from .files import atomic_directory
 from .layers import DendriteLayer
 from .loading import Source, read_json, rebuild
@@ -26,6 +26,7 @@ from .rewrite import convert_model, refresh_report
 SCHEMA_VERSION = 1
 CONFIG_FILE = "dendrite_config.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_DENDRITES = 1000
 
 
 @dataclass
@@ -60,6 +61,11 @@ class ConvertedModel:
         from safetensors.torch import save_model
 
         path = Path(path)
+        if self.source.kind == "module":
+            raise UsageError(
+                "this model was converted in memory without a factory; pass factory='pkg.module:fn' to convert() "
+                "so the saved directory can rebuild its architecture."
+            )
         with atomic_directory(path, force) as tmp:
             save_model(self.model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -88,8 +94,11 @@ def read_config(path: Path) -> dict:
     return data
 
 
-def load_converted(path: str | Path) -> ConvertedModel:
-    """Rebuild a converted model directory strictly."""
+def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedModel:
+    """Rebuild a converted model directory strictly.
+
+    `trust_pickle` must be given again for a model converted with it: trust is never read from a file.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -99,14 +108,19 @@ def load_converted(path: str | Path) -> ConvertedModel:
         source = Source.from_dict(data["source"])
         config = DendriteConfig.from_dict(data["dendrite_config"])
         recipe = ConversionReport.from_dict(data["recipe"])
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, DendriteError) as exc:
         raise LoadError(f"{path / CONFIG_FILE} has malformed fields ({type(exc).__name__}: {exc}).") from exc
+    for target in recipe.targets:
+        if not isinstance(target.name, str) or type(target.dendrites) is not int or not 0 <= target.dendrites <= MAX_DENDRITES:
+            raise LoadError(f"{path / CONFIG_FILE}: target {target.name!r} has an invalid dendrite count {target.dendrites!r}.")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
-    model, report = convert_model(rebuild(source), replace(config, dendrites=0, strict_graph=False))
+    model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
     layers = dict(model.named_modules())
     expected = {t.name: t for t in recipe.targets}
+    if len(expected) != len(recipe.targets):
+        raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")
     found = {t.name for t in report.targets}
     if found != set(expected):
         diff = sorted(found.symmetric_difference(expected))[:5]
@@ -114,17 +128,19 @@ def load_converted(path: str | Path) -> ConvertedModel:
     for name, target in expected.items():
         layer = layers[name]
         assert isinstance(layer, DendriteLayer)
-        for _ in range(int(target.dendrites)):
+        for _ in range(target.dendrites):
             layer.add_dendrite()
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
     if missing or unexpected:
-        raise LoadError(f"{weights} does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise LoadError(
+            f"{weights} does not match the rebuilt model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
     return ConvertedModel(model, source, config, refresh_report(model, report), list(data.get("example_inputs") or []))
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """The converted (or trained) model in a directory, ready to run."""
-    return load_converted(path).model
+    return load_converted(path, trust_pickle).model
