@@ -57,6 +57,15 @@ class DendriteLayer(nn.Module):
         raise NotImplementedError
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight: model code often reads `.weight.dtype`/`.device` (as PEFT allows)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def num_dendrites(self) -> int:
         return len(self.dendrite_layers)
 
