@@ -4,6 +4,7 @@ either the old result or the new one, never half of one (DESIGN §6)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -21,14 +22,37 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def remove_stale(path: Path) -> None:
+    """Remove temporaries left beside `path` by a killed process (SIGKILL skips every cleanup)."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        pid = leftover.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, force: bool = False):
     """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
     check_writable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = _tmp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -59,6 +83,7 @@ def atomic_file(path: str | Path, force: bool = True):
     path = Path(path)
     check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = _tmp_name(path)
     try:
         yield tmp

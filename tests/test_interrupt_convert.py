@@ -1,0 +1,60 @@
+"""SIGKILL and SIGINT during dendrite-convert: the output is complete and loadable, or absent."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dendrite_convert as dc
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".venv" / "bin" / "dendrite-convert"
+
+
+def _cmd(*args):
+    exe = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "dendrite_convert.cli.convert"]
+    return [*exe, *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    """A model large enough (~8M parameters) that conversion takes a measurable moment."""
+    path = tmp_path_factory.mktemp("big") / "big.pt"
+    torch.save(torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_convert_leaves_complete_or_nothing(big_model, tmp_path, sig):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    subprocess.run(_cmd(big_model, "-o", tmp_path / "ref", "-q"), check=True, env=env, cwd=ROOT)
+    duration = time.perf_counter() - start
+    rng = random.Random(int(sig))
+    outcomes = []
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen(_cmd(big_model, "-o", out, "-q"), env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        if out.exists():
+            assert sorted(p.name for p in out.iterdir()) == ["dendrite_config.json", "model.safetensors"]
+            dc.load(out)
+            outcomes.append("complete")
+        else:
+            outcomes.append("absent")
+        if sig == signal.SIGINT:  # Python cleans up its own temporaries on Ctrl-C
+            assert not list(tmp_path.glob(f".out{attempt}.tmp-*"))
+    # a later run cleans what a SIGKILL left behind
+    subprocess.run(_cmd(big_model, "-o", tmp_path / "out0", "-q", "--force"), check=True, env=env, cwd=ROOT)
+    assert not list(tmp_path.glob(".out0.*"))
+    assert outcomes
