@@ -35,5 +35,22 @@ def convert(
         source = Source("factory", factory=factory, factory_kwargs=factory_kwargs or {}) if factory else Source("module")
     else:
         model, source = load_source(model, factory, factory_kwargs, trust_pickle)
+    example_inputs = list(example_inputs or []) or _known_example_inputs(model)
     model, report = convert_model(model, config)
-    return ConvertedModel(model, source, config, report, list(example_inputs or []))
+    return ConvertedModel(model, source, config, report, example_inputs)
+
+
+def _known_example_inputs(model: nn.Module) -> list[dict]:
+    """Input specs a model states itself: a .pt2's recorded example, or a transformers config."""
+    program_inputs = getattr(model, "_dendrite_example_inputs", None)
+    if program_inputs:
+        return program_inputs
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "main_input_name"):
+        return []
+    if model.main_input_name == "input_ids" and getattr(config, "vocab_size", None):
+        return [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": int(config.vocab_size)}]
+    if model.main_input_name == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return [{"name": "pixel_values", "shape": [2, config.num_channels, size, size], "dtype": "float32"}]
+    return []

@@ -296,6 +296,10 @@ def _load_pt2(path: Path) -> nn.Module:
         ) from exc
     log.warning("%s is a torch.export program: its train/eval behaviour (dropout, BatchNorm) is frozen as exported", path)
     module = program.module()
+    args = program.example_inputs[0] if program.example_inputs else ()
+    module._dendrite_example_inputs = [
+        {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in args if isinstance(t, torch.Tensor)
+    ]
     for frozen in ("train", "eval"):  # torch.export makes these raise; the flags are harmless, the graph stays frozen
         module.__dict__.pop(frozen, None)
     return module
@@ -306,6 +310,7 @@ def _load_huggingface(path: Path) -> tuple[nn.Module, Source]:
         import transformers
     except ImportError as exc:
         raise LoadError(f"{path} is a Hugging Face model; install transformers: pip install 'dendrite-convert[transformers]'.") from exc
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         arch = (config.architectures or [None])[0]

@@ -68,3 +68,10 @@ def test_dendrites_preinserted_and_saved_exactly(fixture_files, tmp_path):
     loaded = dc.load(converted.save(tmp_path / "c")).eval()
     assert torch.equal(_run(loaded, spec["inputs"]), changed)
     assert {t.dendrites for t in dc.load_converted(tmp_path / "c").report.targets} == {2}
+
+
+def test_example_inputs_recorded_when_the_model_states_them(fixture_files):
+    pt2 = dc.convert(fixture_files["torch.export .pt2"]["path"])
+    assert pt2.example_inputs == [{"shape": [2, 3, 8, 8], "dtype": "float32"}]
+    hf = dc.convert(fixture_files["Hugging Face directory"]["path"])
+    assert hf.example_inputs == [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": 100}]
