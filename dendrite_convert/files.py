@@ -23,14 +23,21 @@ def _tmp_name(path: Path) -> Path:
 
 
 def remove_stale(path: Path) -> None:
-    """Remove temporaries left beside `path` by a killed process (SIGKILL skips every cleanup)."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
-        pid = leftover.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+    """Clean up after a killed process (SIGKILL skips every cleanup) that was writing `path`.
+
+    Temporaries are removed; a previous version moved aside for replacement is put back if the
+    new one never arrived, so an interrupted `--force` never loses what was there.
+    """
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not path.exists():
+            os.replace(leftover, path)
+        elif leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -47,18 +54,14 @@ def _alive(pid: int) -> bool:
 def atomic_directory(path: str | Path, force: bool = False):
     """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
-    check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = _tmp_name(path)
+    tmp = _prepare(path, force)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync(file)
         replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,18 +84,26 @@ def replace_path(new: Path, path: Path) -> None:
 def atomic_file(path: str | Path, force: bool = True):
     """Yield a temporary file path that replaces `path` only if the block succeeds."""
     path = Path(path)
-    check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = _tmp_name(path)
+    tmp = _prepare(path, force)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _prepare(path: Path, force: bool) -> Path:
+    check_writable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
+    return _tmp_name(path)
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -55,32 +55,33 @@ class ConversionReport:
 
     def render(self, console) -> None:
         """Print the report as rich tables on `console` (stderr in the CLI)."""
-        from rich.table import Table
-
-        table = Table(title=f"{len(self.targets)} dendrite targets", title_justify="left")
-        for col in ("target", "type", "shape", "dendrites", "params before → after", "reached", "shared"):
-            table.add_column(col, overflow="fold")
-        for t in self.targets:
-            how = t.reached + (f" ({t.via})" if t.via else "")
-            table.add_row(
-                t.name, t.type, "×".join(map(str, t.weight_shape)), str(t.dendrites),
-                f"{t.params_before:,} → {t.params_after:,}", how, ", ".join(t.shared) or "-",
-            )
-        console.print(table)
+        console.print(_table(
+            f"{len(self.targets)} dendrite targets",
+            ("target", "type", "shape", "dendrites", "params before → after", "reached", "shared"),
+            [(t.name, t.type, "×".join(map(str, t.weight_shape)), str(t.dendrites),
+              f"{t.params_before:,} → {t.params_after:,}", t.reached + (f" ({t.via})" if t.via else ""),
+              ", ".join(t.shared) or "-") for t in self.targets],
+        ))
         if self.fallbacks:
-            fb = Table(title="tracing fallbacks (targets inside were converted by module swapping)", title_justify="left")
-            for col in ("module", "reason", "source line"):
-                fb.add_column(col, overflow="fold")
-            for f in self.fallbacks:
-                fb.add_row(f.module or "<model>", f.reason, f.source)
-            console.print(fb)
+            console.print(_table(
+                "tracing fallbacks (targets inside were converted by module swapping)",
+                ("module", "reason", "source line"),
+                [(f.module or "<model>", f.reason, f.source) for f in self.fallbacks],
+            ))
         if self.skipped:
-            sk = Table(title="skipped layers", title_justify="left")
-            for col in ("layer", "type", "reason"):
-                sk.add_column(col, overflow="fold")
-            for s in self.skipped:
-                sk.add_row(s.name, s.type, s.reason)
-            console.print(sk)
+            console.print(_table("skipped layers", ("layer", "type", "reason"),
+                                 [(s.name, s.type, s.reason) for s in self.skipped]))
         for note in self.notes:
             console.print(f"note: {note}")
         console.print(f"parameters: {self.params_before:,} → {self.params_after:,}")
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -58,3 +58,23 @@ def test_killed_convert_leaves_complete_or_nothing(big_model, tmp_path, sig):
     subprocess.run(_cmd(big_model, "-o", tmp_path / "out0", "-q", "--force"), check=True, env=env, cwd=ROOT)
     assert not list(tmp_path.glob(".out0.*"))
     assert outcomes
+
+
+def test_a_kill_between_the_two_renames_of_force_keeps_the_old_output(tmp_path):
+    """Simulate SIGKILL after the old directory was moved aside: the next writer puts it back."""
+    from dendrite_convert.files import atomic_directory
+
+    out = tmp_path / "best"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.replace(out, tmp_path / f".best.old-{dead.pid}")  # what a killed replace_path leaves behind
+    (tmp_path / f".best.tmp-{dead.pid}").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out, force=True) as tmp:  # recovers first, then fails mid-write
+            assert (out / "weights").read_text() == "old"
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
