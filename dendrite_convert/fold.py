@@ -1,0 +1,348 @@
+"""The fold of DESIGN §5: every dendrite layer becomes standard layers and ops, verified against the original.
+
+Per target (the math of layers.py, eval semantics):
+
+1. eval BatchNorm folds into the conv/linear before it, for the neuron and for every dendrite copy:
+   W' = W·γ/σ, b' = (b-μ)·γ/σ + β (torch.nn.utils.fusion);
+2. a dendrite is dead when its scale is all zero and no live later dendrite reads it through the cascade
+   (or when `prune_below` > max|s_i|: an approximation, measured by the caller); dead ones are dropped;
+3. identity activation makes every h_i linear in x, so the whole stack folds into one layer:
+   A_i = D_i + Σ_j u_ij·A_j,  W' = W + Σ_i s_i·A_i  (biases alike), zero extra nodes;
+4. nonlinear dendrites stay as extra GEMMs/convs ("separate"), or as one layer with main and dendrite
+   weights concatenated along output channels and split after ("concat"; interleaved per group so grouped
+   and depthwise convs keep their group assignment), then the cascade mixes, the activation, the scales, a sum.
+
+`fold_model` returns a copy; it is idempotent (a folded model has no dendrite layers left).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConversionError
+from .layers import ACTIVATIONS, DendriteLayer, _is_hf_conv1d
+
+LAYOUTS = ("auto", "separate", "concat")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class FoldedDendrites(nn.Module):
+    """y = main(x) + Σ s_i·h_i, h_i = a(D_i x + Σ_j u_ij·h_j), built from plain Linear/ConvNd layers.
+
+    `links[i]` lists the j whose cascade weight into dendrite i is non-zero; `emits` lists the dendrites
+    whose scale is non-zero. Scales and cascade weights are buffers shaped to broadcast over the output.
+    """
+
+    def __init__(self, main: nn.Module, branches: list[nn.Module], activation: str, scales: torch.Tensor,
+                 cascade: torch.Tensor, links: list[list[int]], emits: list[int], layout: str = "separate"):
+        super().__init__()
+        if layout not in ("separate", "concat"):
+            raise ValueError(f"layout must be separate or concat, not {layout!r}")
+        self.activation, self.layout, self.links, self.emits = activation, layout, links, emits
+        self.k = len(branches)
+        self.out_channels = _out_channels(main)
+        self.spatial_dims = 0 if isinstance(main, nn.Linear) else main.weight.ndim - 2
+        self.groups = getattr(main, "groups", 1)
+        shape = (self.k, self.out_channels) + (1,) * self.spatial_dims
+        self.register_buffer("scales", scales.reshape(shape).clone())
+        self.register_buffer("cascade", cascade.reshape((self.k,) + shape).clone())
+        if layout == "separate":
+            self.main, self.branches = main, nn.ModuleList(branches)
+        else:
+            self.fused = _concat_layers([main, *branches], self.groups)
+
+    def _split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        axis = z.ndim - self.spatial_dims - 1
+        if self.groups == 1:
+            return list(torch.split(z, self.out_channels, dim=axis))
+        per_group = self.out_channels // self.groups
+        parts = z.unflatten(axis, (self.groups, self.k + 1, per_group)).unbind(axis + 1)
+        return [p.flatten(axis, axis + 1) for p in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "concat":
+            y, *zs = self._split(self.fused(x))
+        else:
+            y, zs = self.main(x), [branch(x) for branch in self.branches]
+        act = ACTIVATIONS[self.activation]
+        hs: list[torch.Tensor] = []
+        for i, z in enumerate(zs):
+            for j in self.links[i]:
+                z = z + self.cascade[i, j] * hs[j]
+            hs.append(act(z))
+            if i in self.emits:
+                y = y + self.scales[i] * hs[i]
+        return y
+
+    def spec(self) -> dict:
+        """What `from_spec` needs to rebuild this module empty (shapes and hyper-parameters, no weights)."""
+        main = self.main if self.layout == "separate" else None
+        template = main if main is not None else self.fused
+        return {"kind": "dendrites", "layer": _layer_spec(template, self.out_channels), "activation": self.activation,
+                "layout": self.layout, "links": self.links, "emits": self.emits, "dendrites": self.k}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> FoldedDendrites:
+        k, layer = spec["dendrites"], spec["layer"]
+        shape = (k, layer["out_channels"]) + (1,) * layer["spatial_dims"]
+        make = [layer_from_spec(layer) for _ in range(k + 1)]
+        return cls(make[0], make[1:], spec["activation"], torch.zeros(shape), torch.zeros((k,) + shape),
+                   spec["links"], spec["emits"], layout="separate" if spec["layout"] == "separate" else "concat")
+
+
+@dataclass
+class FoldRecord:
+    """What the fold did to one target."""
+
+    name: str
+    form: str  # "layer" (one plain layer) or "dendrites" (plain layers + elementwise ops)
+    dendrites: int  # before folding
+    kept: int  # nonlinear dendrites left as extra GEMMs/convs
+    folded: int = 0  # identity dendrites folded into the weight
+    dropped: int = 0  # dead: zero scale and not read by a live dendrite
+    pruned: list[tuple[int, float]] = field(default_factory=list)  # (index, max |s_i|) below prune_below
+    layout: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldResult:
+    model: nn.Module
+    records: list[FoldRecord]
+
+
+# ---- equivalent weights -------------------------------------------------------------------------------------
+
+def equivalent_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a target or of a (target, eval BatchNorm) pair, in nn.Linear / nn.ConvNd layout."""
+    norm = None
+    if isinstance(module, nn.Sequential):
+        module, norm = module[0], module[1]
+    if _is_hf_conv1d(module):
+        weight = module.weight.detach().t()
+    else:
+        weight = module.weight.detach()
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else weight.new_zeros(weight.shape[0])
+    return _fold_norm(weight, bias, norm) if norm is not None else (weight.clone(), bias.clone())
+
+
+def _fold_norm(weight, bias, norm: nn.Module):
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        raise ConversionError(
+            f"{type(norm).__name__} without running statistics (track_running_stats=False) normalises by batch "
+            "statistics even in eval mode and cannot be folded; export the model without pairing it (--no-norm-pairs)."
+        )
+    scale = torch.rsqrt(norm.running_var.detach() + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach()
+    shift = -norm.running_mean.detach() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach()
+    return weight * _per_out(scale, weight), bias * scale + shift
+
+
+def _neuron_module(layer: DendriteLayer) -> nn.Module:
+    return layer.base_layer if layer.norm is None else nn.Sequential(layer.base_layer, layer.norm)
+
+
+def _per_out(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _layer_spec(layer: nn.Module, out_channels: int | None = None) -> dict:
+    if isinstance(layer, nn.Linear):
+        return {"type": "Linear", "in_features": layer.in_features, "out_channels": out_channels or layer.out_features,
+                "spatial_dims": 0}
+    dims = layer.weight.ndim - 2
+    return {"type": f"Conv{dims}d", "in_channels": layer.in_channels, "out_channels": out_channels or layer.out_channels,
+            "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
+            "spatial_dims": dims}
+
+
+def layer_from_spec(spec: dict, out_channels: int | None = None) -> nn.Module:
+    """An empty nn.Linear/ConvNd (with bias) from `_layer_spec`; weights are loaded afterwards."""
+    out = out_channels or spec["out_channels"]
+    if spec["type"] == "Linear":
+        return nn.Linear(spec["in_features"], out)
+    padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+    return _CONV[spec["spatial_dims"]](
+        spec["in_channels"], out, tuple(spec["kernel_size"]), stride=tuple(spec["stride"]), padding=padding,
+        dilation=tuple(spec["dilation"]), groups=spec["groups"], padding_mode=spec["padding_mode"])
+
+
+def _plain_layer(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A standard nn.Linear/ConvNd with the template's hyper-parameters and the given weights."""
+    if _is_hf_conv1d(template):
+        spec = {"type": "Linear", "in_features": weight.shape[1], "out_channels": weight.shape[0], "spatial_dims": 0}
+    else:
+        spec = _layer_spec(template)
+    layer = layer_from_spec(spec, out_channels=weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
+def _concat_layers(layers: list[nn.Module], groups: int) -> nn.Module:
+    """One layer computing all of `layers` (same input), channels interleaved per group: [g, 1+k, C/g]."""
+    n, first = len(layers), layers[0]
+    out = _out_channels(first)
+    weight = torch.stack([m.weight.detach().unflatten(0, (groups, out // groups)) for m in layers], 1).flatten(0, 2)
+    bias = torch.stack([m.bias.detach().unflatten(0, (groups, out // groups)) for m in layers], 1).flatten()
+    layer = layer_from_spec(_layer_spec(first), out_channels=n * out).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
+# ---- one layer ----------------------------------------------------------------------------------------------
+
+def _live_dendrites(scales: list[torch.Tensor], cascade: list[torch.Tensor], prune_below: float):
+    """Indices kept, and those pruned as (index, max|s_i|); a dendrite read by a live one stays live."""
+    k = len(scales)
+    peak = [float(s.abs().max()) if s.numel() else 0.0 for s in scales]
+    pruned = [(i, peak[i]) for i in range(k) if 0 < peak[i] < prune_below]  # their own output is dropped
+    live: list[int] = []
+    for i in reversed(range(k)):
+        emits = peak[i] > 0 and peak[i] >= prune_below
+        read = any(bool(cascade[j][i].abs().max() > 0) for j in live)
+        if emits or read:
+            live.append(i)
+    return sorted(live), pruned, peak
+
+
+def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "separate", name: str = "") -> tuple[nn.Module, FoldRecord]:
+    """A DendriteLayer as a plain layer, or as `FoldedDendrites` when nonlinear dendrites remain."""
+    weight, bias = equivalent_weight_bias(_neuron_module(layer))
+    template = layer.base_layer
+    k = layer.num_dendrites
+    scales = [s.detach() for s in layer.dendrite_scales]
+    cascade = [u.detach() for u in layer.dendrite_cascade]
+    live, pruned, peak = _live_dendrites(scales, cascade, prune_below)
+    gone = {i for i, _ in pruned} - set(live)
+    record = FoldRecord(name, "layer", k, 0, dropped=k - len(live) - len(gone), pruned=pruned)
+    if not live:
+        return _plain_layer(template, weight, bias), record
+    branch_wb = [equivalent_weight_bias(layer.dendrite_layers[i]) for i in live]
+    if layer.activation == "identity":  # every h_i is linear in x: fold the whole stack into W, b
+        acc: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for n, i in enumerate(live):
+            a_w, a_b = branch_wb[n]
+            for m, j in enumerate(live[:n]):
+                a_w = a_w + _per_out(cascade[i][j], a_w) * acc[m][0]
+                a_b = a_b + cascade[i][j] * acc[m][1]
+            acc.append((a_w, a_b))
+            weight = weight + _per_out(scales[i], a_w) * a_w
+            bias = bias + scales[i] * a_b
+        record.folded = len(live)
+        return _plain_layer(template, weight, bias), record
+    main = _plain_layer(template, weight, bias)
+    branches = [_plain_layer(template, w, b) for w, b in branch_wb]
+    s = torch.stack([scales[i] for i in live])
+    u = torch.stack([torch.stack([cascade[i][j] if j < i else torch.zeros_like(s[0]) for j in live]) for i in live])
+    links = [[m for m, j in enumerate(live[:n]) if bool(u[n, m].abs().max() > 0)] for n in range(len(live))]
+    emits = [n for n, i in enumerate(live) if peak[i] > 0 and peak[i] >= prune_below]
+    module = FoldedDendrites(main, branches, layer.activation, s, u, links, emits, layout)
+    record.form, record.kept, record.layout = "dendrites", len(live), layout
+    return module.requires_grad_(False), record
+
+
+# ---- whole model --------------------------------------------------------------------------------------------
+
+def fold(model: nn.Module, prune_below: float = 0.0, gemm_layout: str = "separate", example_inputs=None) -> FoldResult:
+    """A folded copy of `model` in eval mode, and what was done to each target.
+
+    `gemm_layout="auto"` times both layouts per layer on the inputs that layer sees for `example_inputs`
+    (positional args) and keeps concat only where it is clearly faster; without example inputs it is separate.
+    """
+    if gemm_layout not in LAYOUTS:
+        raise ValueError(f"gemm_layout must be one of {', '.join(LAYOUTS)}, not {gemm_layout!r}")
+    if prune_below < 0:
+        raise ValueError(f"prune_below must be 0 or more, not {prune_below}")
+    model = copy.deepcopy(model).eval()
+    layer_inputs = _capture_inputs(model, example_inputs) if gemm_layout == "auto" and example_inputs is not None else {}
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, DendriteLayer):
+            paths.setdefault(id(m), []).append(path)
+    records = []
+    for names in paths.values():
+        layer = model.get_submodule(names[0]) if names[0] else model
+        layout = gemm_layout
+        if layout == "auto":
+            layout = _choose_layout(layer, prune_below, layer_inputs.get(id(layer)))
+        folded, record = fold_layer(layer, prune_below, layout, names[0])
+        records.append(record)
+        for path in names:
+            if not path:
+                return FoldResult(folded.eval(), records)
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, folded)
+    return FoldResult(model.requires_grad_(False), records)
+
+
+def fold_model(model: nn.Module, prune_below: float = 0.0, gemm_layout: str = "separate", example_inputs=None) -> nn.Module:
+    """A copy of `model` with every DendriteLayer replaced by standard layers (see `fold`)."""
+    return fold(model, prune_below, gemm_layout, example_inputs).model
+
+
+def strip_dendrites(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every DendriteLayer replaced by its neuron: the model without dendrites."""
+    model = copy.deepcopy(model).eval()
+    for path, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, DendriteLayer):
+            if not path:
+                return _neuron_module(m)
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, _neuron_module(m))
+    return model
+
+
+def _capture_inputs(model: nn.Module, example_inputs) -> dict[int, torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(id(mod), args[0]))
+             for m in model.modules() if isinstance(m, DendriteLayer)]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _choose_layout(layer: DendriteLayer, prune_below: float, x: torch.Tensor | None) -> str:
+    if x is None or layer.activation == "identity":
+        return "separate"
+    separate, _ = fold_layer(layer, prune_below, "separate")
+    if not isinstance(separate, FoldedDendrites):
+        return "separate"
+    concat, _ = fold_layer(layer, prune_below, "concat")
+    t_sep, t_cat = _median_time(separate, x), _median_time(concat, x)
+    return "concat" if t_cat < 0.95 * t_sep else "separate"
+
+
+def _median_time(module: nn.Module, x: torch.Tensor, reps: int = 15) -> float:
+    times = []
+    with torch.no_grad():
+        module(x)
+        for _ in range(reps):
+            start = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
