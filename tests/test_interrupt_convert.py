@@ -78,3 +78,22 @@ def test_a_kill_between_the_two_renames_of_force_keeps_the_old_output(tmp_path):
             raise RuntimeError("disk full")
     assert (out / "weights").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_full_disk_keeps_the_previous_output_and_says_why(big_model, tmp_path):
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    subprocess.run(_cmd(big_model, "-o", out, "-q"), check=True, env=env, cwd=ROOT)
+    before = (out / "model.safetensors").read_bytes()
+
+    def small_disk():  # files may not grow beyond 1 MB: the weights (32 MB) cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = subprocess.run(_cmd(big_model, "-o", out, "--force", "--dendrites", "1"), env=env, cwd=ROOT,
+                            preexec_fn=small_disk, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "File too large" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -56,6 +56,11 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
+        except OSError as exc:  # a full disk, a file-size limit, a read-only folder: say what and where
+            where = f" {exc.filename}" if exc.filename else ""
+            console.print(f"[red]error:[/red] could not read or write{where}: {exc.strerror or exc}; "
+                          "earlier outputs were left as they were.", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except Exception as exc:
             if os.environ.get("DENDRITE_DEBUG"):
                 raise
