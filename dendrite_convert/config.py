@@ -18,6 +18,7 @@ class DendriteConfig:
     dendrites: int = 0  # dendrites pre-inserted in every target
     activation: str = "sigmoid"  # sigmoid | tanh | identity
     init_std: float = 0.01  # std of a new dendrite's weights
+    rank: int | None = None  # low-rank dendrites (in -> rank -> out) instead of full copies
     include: list[str] = field(default_factory=list)  # globs on module names, or layer type names
     exclude: list[str] = field(default_factory=list)
     pair_norms: bool = True  # conv/linear -> BatchNorm is one neuron
@@ -28,6 +29,8 @@ class DendriteConfig:
             raise UsageError(f"--activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
         if self.dendrites < 0:
             raise UsageError(f"--dendrites must be 0 or more, not {self.dendrites}.")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--dendrite-rank must be 1 or more, not {self.rank}.")
         if self.init_std <= 0:
             raise UsageError(f"--init-std must be positive, not {self.init_std}.")
 

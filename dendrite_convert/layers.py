@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .cheap import low_rank_dendrite
+
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
@@ -40,6 +42,7 @@ class DendriteLayer(nn.Module):
         norm: nn.Module | None = None,
         activation: str = "sigmoid",
         init_std: float = 0.01,
+        rank: int | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -48,6 +51,7 @@ class DendriteLayer(nn.Module):
         self.norm = norm
         self.activation = activation
         self.init_std = init_std
+        self.rank = rank  # low-rank dendrites (cheap.py) where that is cheaper than a full copy
         self.dendrite_layers = nn.ModuleList()
         self.dendrite_scales = nn.ParameterList()  # entry i: [C], weight of h_i in the output
         self.dendrite_cascade = nn.ParameterList()  # entry i: [i, C], weights of h_j (j < i) into dendrite i
@@ -102,12 +106,17 @@ class DendriteLayer(nn.Module):
         return y
 
     def new_dendrite(self) -> nn.Module:
-        """A fresh dendrite: a copy of the neuron with weights ~ N(0, init_std^2) and fresh norm state."""
-        dendrite = copy.deepcopy(self.base_layer)
-        with torch.no_grad():
-            for p in dendrite.parameters():
-                p.normal_(0.0, self.init_std)
-                p.requires_grad_(True)
+        """A fresh dendrite: a copy of the neuron with weights ~ N(0, init_std^2) and fresh norm state.
+
+        With `rank`, a low-rank dendrite of the same input/output shape instead (see cheap.py).
+        """
+        dendrite = low_rank_dendrite(self.base_layer, self.rank, self.init_std) if self.rank else None
+        if dendrite is None:
+            dendrite = copy.deepcopy(self.base_layer)
+            with torch.no_grad():
+                for p in dendrite.parameters():
+                    p.normal_(0.0, self.init_std)
+        dendrite.requires_grad_(True)
         if self.norm is None:
             return dendrite
         norm = copy.deepcopy(self.norm)
@@ -136,7 +145,8 @@ class DendriteLayer(nn.Module):
         return dendrite
 
     def extra_repr(self) -> str:
-        return f"dendrites={self.num_dendrites}, activation={self.activation}"
+        rank = f", rank={self.rank}" if self.rank else ""
+        return f"dendrites={self.num_dendrites}, activation={self.activation}{rank}"
 
 
 class DendriteLinear(DendriteLayer):

@@ -291,7 +291,8 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and (plan.norm_calls[norm_name] != 1 or len(aliases[id(norm)]) != 1):
             norm_name, norm = None, None
-        layer = dendrite_class_for(base)(base, norm=norm, activation=config.activation, init_std=config.init_std)
+        layer = dendrite_class_for(base)(base, norm=norm, activation=config.activation, init_std=config.init_std,
+                                         rank=config.rank)
         before = count_parameters(layer)
         for _ in range(config.dendrites):
             layer.add_dendrite()
