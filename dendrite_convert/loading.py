@@ -160,17 +160,24 @@ def _kind(path: Path) -> str:
         raise LoadError(f"{path} is a directory without config.json: not a Hugging Face model directory.")
     if path.suffix == ".safetensors":
         return "safetensors"
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise LoadError(f"{path} is a damaged zip archive ({exc}).") from exc
+    names = _zip_names(path)
+    if names is not None:
         if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
             return "pt2"
         if any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "torchscript"
     return "torch"
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    """Member names of a zip archive (torch.save, .pt2 and TorchScript are zips), None for other files."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise LoadError(f"{path} is a damaged zip archive ({exc}).") from exc
 
 
 def load_source(
