@@ -176,8 +176,8 @@ def _zip_names(path: Path) -> list[str] | None:
             return None
         with zipfile.ZipFile(path) as archive:
             return archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise LoadError(f"{path} is a damaged zip archive ({exc}).") from exc
+    except Exception as exc:  # zipfile raises BadZipFile, NotImplementedError, EOFError... on damaged headers
+        raise LoadError(f"{path} is a damaged zip archive ({type(exc).__name__}: {exc}).") from exc
 
 
 def load_source(
