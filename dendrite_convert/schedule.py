@@ -32,6 +32,7 @@ class ScheduleConfig:
     maximize: bool = True
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     raw_threshold: float = DEFAULT_RAW_THRESHOLD
+    dendrite_phase_epochs: int = 0  # epochs a switch itself takes (1 for the correlation objective)
 
     def __post_init__(self):
         if self.patience < 1:
@@ -116,6 +117,11 @@ class Schedule:
             return self._within_budget(Decision("add", save_best))
         return self._within_budget(Decision("continue", save_best))
 
+    def abort(self, reason: str) -> Decision:
+        """An epoch that cannot be scored (a non-finite loss): stop and restore the best model."""
+        self.epoch += 1
+        return self._stop(False, reason)
+
     def note_dendrite_phase(self) -> None:
         """A dendrite phase (correlation objective) counts as an epoch but not towards patience."""
         self.epoch += 1
@@ -149,7 +155,9 @@ class Schedule:
         return self._within_budget(Decision("add", True, restore=False))
 
     def _within_budget(self, decision: Decision) -> Decision:
-        if self.epoch < self.config.max_epochs:
+        # A switch needs its own dendrite phase (if any) plus at least one epoch to train the new dendrites.
+        needed = 0 if decision.action == "continue" else self.config.dendrite_phase_epochs
+        if self.epoch + needed < self.config.max_epochs:
             return decision
         if decision.action != "continue":  # the switch was planned but there is no epoch left to train it
             self.switches.pop()

@@ -3,6 +3,8 @@
 import typer
 
 from .convert import convert, inspect
+from .export import export
+from .train import train
 
 app = typer.Typer(
     add_completion=False, rich_markup_mode="rich", no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -10,3 +12,5 @@ app = typer.Typer(
 )
 app.command("convert")(convert)
 app.command("inspect")(inspect)
+app.command("export")(export)
+app.command("train")(train)

@@ -1,0 +1,195 @@
+"""The data adapter of DESIGN §4: a Python file (or `pkg.module`) the user writes once.
+
+Only `train_data`, `val_data` and `loss` are required. Everything is checked when the adapter is
+loaded, so a missing or mistyped function is one sentence naming it and its expected signature
+(exit 3), never a traceback from the middle of training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LoadError
+from .loading import _import_file
+
+# name -> (signature shown in errors, number of positional arguments it is called with)
+REQUIRED = {
+    "train_data": ("def train_data(): return DataLoader(...)", 0),
+    "val_data": ("def val_data(): return DataLoader(...)", 0),
+    "loss": ("def loss(outputs, batch) -> torch.Tensor  # a scalar", 2),
+}
+OPTIONAL = {
+    "test_data": ("def test_data(): return DataLoader(...)", 0),
+    "score": ("def score(outputs, batch) -> float", 2),
+    "inputs": ("def inputs(batch): return batch[0]  # or (args, kwargs)", 1),
+    "optimizer": ("def optimizer(params): return torch.optim.Adam(params, lr=1e-3)", 1),
+    "scheduler": ("def scheduler(optimizer): return torch.optim.lr_scheduler.StepLR(optimizer, 10)", 1),
+}
+
+TEMPLATE = '''"""Data adapter for dendrite-train: only train_data, val_data and loss are required."""
+
+import torch
+from torch.utils.data import DataLoader
+
+
+def train_data():
+    """Re-iterable training batches; called once, iterated every epoch (shuffle=True is fine)."""
+    return DataLoader(..., batch_size=32, shuffle=True)
+
+
+def val_data():
+    """Validation batches: their score decides when dendrites are added and which model is best."""
+    return DataLoader(..., batch_size=256)
+
+
+# def test_data():
+#     """Optional: recorded beside validation in scores.csv, never used for decisions."""
+#     return DataLoader(..., batch_size=256)
+
+
+def loss(outputs, batch):
+    """A scalar tensor to minimise; `batch` is what the DataLoader yielded."""
+    return torch.nn.functional.cross_entropy(outputs, batch[1])
+
+
+# def score(outputs, batch):
+#     """Optional per-batch metric (a float), averaged weighted by batch size; default: -loss."""
+#     return (outputs.argmax(-1) == batch[1]).float().mean().item()
+#
+# MAXIMIZE = True  # direction of score (with the default score, -loss, leave it True)
+
+
+# def inputs(batch):
+#     """Optional: the model inputs from a batch. Default: batch[0], or **batch for a dict.
+#     Return a tensor, a tuple of positional arguments, a dict of keyword arguments, or (args, kwargs)."""
+#     return batch[0]
+
+
+# def optimizer(params):
+#     """Optional, rebuilt at every phase change. Default: Adam(lr=1e-3)."""
+#     return torch.optim.Adam(params, lr=1e-3)
+
+
+# def scheduler(optimizer):
+#     """Optional, rebuilt with the optimizer, stepped once per epoch
+#     (ReduceLROnPlateau is stepped with the validation score)."""
+#     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+'''
+
+
+@dataclass
+class Adapter:
+    """The user's functions, checked; `spec` is where they came from (recorded for --resume)."""
+
+    spec: str
+    train_data: Callable[[], Any]
+    val_data: Callable[[], Any]
+    loss: Callable[[Any, Any], torch.Tensor]
+    test_data: Callable[[], Any] | None = None
+    score: Callable[[Any, Any], float] | None = None
+    maximize: bool = True
+    inputs: Callable[[Any], Any] | None = None
+    optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+
+    def model_inputs(self, batch) -> tuple[tuple, dict]:
+        """(args, kwargs) for the model: `inputs(batch)` if given, else batch[0] or **batch for dicts."""
+        value = self.inputs(batch) if self.inputs is not None else _default_inputs(batch)
+        if isinstance(value, Mapping):
+            return (), dict(value)
+        if isinstance(value, tuple):
+            if len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], Mapping):
+                return tuple(value[0]), dict(value[1])
+            return value, {}
+        return (value,), {}
+
+    def build_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            return torch.optim.Adam(params, lr=1e-3)
+        opt = self.optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise LoadError(f"{self.spec}: optimizer(params) returned {type(opt).__name__}, not a torch.optim.Optimizer.")
+        return opt
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer):
+        return None if self.scheduler is None else self.scheduler(optimizer)
+
+
+def _default_inputs(batch):
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def batch_size(batch) -> int:
+    """Samples in a batch: the leading size of its first tensor (1 when none is found)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        size = batch_size(value)
+        if size:
+            return size
+    return 1
+
+
+def _module_for(spec: str):
+    try:
+        if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
+            file = Path(spec)
+            if not file.is_file():
+                raise LoadError(f"--adapter {spec}: file does not exist (see dendrite-train --adapter-template).")
+            return _import_file(file)
+        return importlib.import_module(spec)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"--adapter {spec} cannot be imported: {type(exc).__name__}: {exc}.") from exc
+
+
+def _check_callable(spec: str, module, name: str, signature: str, nargs: int, required: bool):
+    fn = getattr(module, name, None)
+    if fn is None:
+        if required:
+            raise LoadError(f"--adapter {spec} has no {name}(); it must define `{signature}`.")
+        return None
+    if not callable(fn):
+        raise LoadError(f"--adapter {spec}: {name} is a {type(fn).__name__}, not a function; expected `{signature}`.")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and C callables: trust them
+        return fn
+    try:
+        sig.bind(*([None] * nargs))
+    except TypeError:
+        raise LoadError(
+            f"--adapter {spec}: {name}{sig} cannot be called with {nargs} argument{'s' * (nargs != 1)}; "
+            f"expected `{signature}`."
+        ) from None
+    return fn
+
+
+def load_adapter(spec: str | Path) -> Adapter:
+    """Import an adapter file or module and check every function it must or may define."""
+    spec = str(spec)
+    module = _module_for(spec)
+    spec = str(Path(spec).resolve()) if spec.endswith(".py") or "/" in spec else spec
+    found = {
+        name: _check_callable(spec, module, name, sig, nargs, required=name in REQUIRED)
+        for name, (sig, nargs) in {**REQUIRED, **OPTIONAL}.items()
+    }
+    maximize = getattr(module, "MAXIMIZE", True)
+    if not isinstance(maximize, bool):
+        raise LoadError(f"--adapter {spec}: MAXIMIZE must be True or False, not {maximize!r}.")
+    if found["score"] is None and not maximize:
+        raise LoadError(f"--adapter {spec}: MAXIMIZE = False needs a score(); the default score is -loss (maximised).")
+    return Adapter(spec=spec, maximize=maximize, **found)

@@ -1,0 +1,126 @@
+"""`dendrite-train`: neuron/dendrite alternation on a converted model, driven by a data adapter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, print_json
+
+_SCHEDULE, _OBJECTIVE, _RUN = "Schedule", "Dendrite objective", "Run"
+
+
+@handle_errors
+def train(
+    converted: Annotated[Path | None, typer.Argument(help="A converted-model directory (from dendrite-convert).", show_default=False)] = None,
+    adapter: Annotated[str | None, typer.Option(help="Data adapter: path/to/adapter.py or pkg.module (see --adapter-template).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory to write (best/, checkpoint/, scores.csv, summary.json, ...).", show_default=False)] = None,
+    objective: Annotated[str, typer.Option(help="How dendrites learn: gradient (jointly on the task loss) or correlation (candidates fit the error signal, then frozen).", rich_help_panel=_OBJECTIVE)] = "gradient",
+    candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
+    patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
+    switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
+    max_dendrites: Annotated[int, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping).", rich_help_panel=_SCHEDULE)] = 100,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Stop after this many epochs in all.", rich_help_panel=_SCHEDULE)] = 100,
+    capacity_test: Annotated[bool, typer.Option(help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
+    seed: Annotated[int, typer.Option(help="Seeds torch, numpy and random; the same seed gives the same run on CPU.", rich_help_panel=_RUN)] = 0,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch.", rich_help_panel=_RUN, show_default=False)] = None,
+    adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train dendrites into a converted model: neuron phases, dendrite switches, best model kept.
+
+    [bold]dendrite-train converted/ --adapter adapter.py -o run/[/bold]
+    """
+    from ..errors import UsageError
+
+    if adapter_template:
+        from ..adapter import TEMPLATE
+
+        sys.stdout.write(TEMPLATE)
+        return
+    from ..trainer import TrainConfig, train as train_api
+
+    if resume is not None:
+        if output is not None and output.resolve() != resume.resolve():
+            raise UsageError("--resume RUN continues RUN in place; leave out -o/--output.")
+        run_dir = resume
+    else:
+        if converted is None:
+            raise UsageError("give a converted-model directory: dendrite-train CONVERTED --adapter adapter.py -o RUN.")
+        if adapter is None:
+            raise UsageError("--adapter is required (dendrite-train --adapter-template prints one to start from).")
+        if output is None:
+            raise UsageError("-o/--output is required: the run directory to write.")
+        run_dir = output
+    config = TrainConfig(
+        objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
+        max_dendrites=max_dendrites, max_epochs=max_epochs, capacity_test=capacity_test, seed=seed,
+    )
+    with _Progress(max_epochs, quiet) as progress:
+        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
+                            on_epoch=progress.epoch)
+    _report(summary, run_dir, quiet)
+    if json_out:
+        print_json(summary)
+    if summary.get("nonfinite"):
+        raise typer.Exit(1)
+
+
+def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
+    if summary.get("nonfinite"):
+        kept = (f"the best model so far (epoch {summary['best_epoch']}, val {summary['best_val']:.6g}) is in {run_dir / 'best'}"
+                if summary["best_val"] is not None else "no epoch finished with a finite score, so there is no best model")
+        console.print(f"[red]error:[/red] training stopped: {summary['stop_reason']}; {kept}. Lower the learning rate "
+                      "or check the loss in the adapter.", highlight=False, soft_wrap=True)
+        return
+    if quiet:
+        return
+    test = "" if summary["test_at_best"] is None else f", test {summary['test_at_best']:.6g}"
+    console.print(
+        f"done: {summary['stop_reason']}. Best val {summary['best_val']:.6g}{test} at epoch {summary['best_epoch']} "
+        f"with {summary['dendrites']} dendrite(s) per target, {summary['params']:,} params "
+        f"(base {summary['base_params']:,}); wrote {run_dir}", highlight=False, soft_wrap=True,
+    )
+
+
+class _Progress:
+    """A rich progress bar when stderr is a terminal, else one line per epoch; nothing with --quiet."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.total = total
+
+    def __enter__(self):
+        if not self.quiet and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def epoch(self, row: dict) -> None:
+        if self.quiet:
+            return
+        test = "" if row["test"] is None else f" test {row['test']:.4g}"
+        loss = "" if row["train_loss"] is None else f" loss {row['train_loss']:.4g}"
+        text = (f"epoch {row['epoch']} {row['phase']}: {row['dendrites']} dendrite(s){loss} val {row['val']:.4g}"
+                f"{test} ({row['seconds']:.2f}s)")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["epoch"], description=text)
+        else:
+            console.print(text, highlight=False, soft_wrap=True)
+
+
+app = command_app(train)

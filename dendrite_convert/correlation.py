@@ -1,0 +1,189 @@
+"""The correlation objective of DESIGN §4: cascade-correlation candidates (Fahlman & Lebiere 1990), per target.
+
+With the network frozen, training batches run forward and backward while hooks record, per target,
+its input `x` and its error signal `e = dloss/dy`. Per target, N candidate dendrites compute `h`
+exactly as the layer's next dendrite would (its own type and hyper-parameters, the activation, the
+cascade from the earlier dendrites) and are trained to maximise
+
+    S = sum_c |corr_n(h[n, c], e[n, c])|
+
+with n over samples (and positions, for convs). The best candidate is inserted with a zero scale and
+frozen; the next neuron phase trains the network and the scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import batch_size
+from .layers import ACTIVATIONS, DendriteLayer
+
+
+@dataclass(frozen=True)
+class CorrelationConfig:
+    candidates: int = 4
+    epochs: int = 10  # passes over the recorded samples
+    max_samples: int = 4096  # samples recorded per phase
+    chunk: int = 512  # samples per candidate update
+    lr: float = 0.01
+
+
+def _flat(t: torch.Tensor, layer: DendriteLayer) -> torch.Tensor:
+    """[..., C, ...] -> [n, C] with n over every non-channel axis."""
+    return t.movedim(layer.channel_axis(t.ndim), -1).reshape(-1, t.shape[layer.channel_axis(t.ndim)])
+
+
+def correlation_score(h: torch.Tensor, e: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """sum_c |corr(h[:, c], e[:, c])| for [n, C] inputs."""
+    hc = h - h.mean(0)
+    ec = e - e.mean(0)
+    cov = (hc * ec).sum(0)
+    return (cov / (hc.norm(dim=0) * ec.norm(dim=0) + eps)).abs().sum()
+
+
+@torch.no_grad()
+def _cascade_inputs(layer: DendriteLayer, x: torch.Tensor) -> list[torch.Tensor]:
+    return layer.dendrite_outputs(x)
+
+
+class _Candidate(nn.Module):
+    """One candidate dendrite: the module a dendrite would be, plus its cascade weights."""
+
+    def __init__(self, layer: DendriteLayer):
+        super().__init__()
+        self.dendrite = layer.new_dendrite()
+        weight = layer.base_layer.weight
+        self.cascade = nn.Parameter(torch.zeros(layer.num_dendrites, layer.out_channels, device=weight.device,
+                                                dtype=weight.dtype))
+
+    def forward(self, layer: DendriteLayer, x: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
+        z = self.dendrite(x)
+        for j, h in enumerate(earlier):
+            z = z + layer.per_channel(self.cascade[j], z) * h
+        return ACTIVATIONS[layer.activation](z)
+
+
+def record_error_signals(
+    model: nn.Module,
+    layers: dict[str, DendriteLayer],
+    batches: Iterable,
+    forward_loss: Callable[[object], torch.Tensor],
+    max_samples: int,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per target, (x, e = dloss/dy) pairs from training batches; no parameter is changed."""
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def hook(name):
+        def fn(module, args, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                calls.append((name, args[0].detach(), output))
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    seen = 0
+    try:
+        for batch in batches:
+            calls.clear()
+            loss = forward_loss(batch)
+            grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True)
+            for (name, x, _), e in zip(calls, grads):
+                if e is not None:
+                    records[name].append((x, e.detach()))
+            seen += batch_size(batch)
+            if seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        calls.clear()
+    return records
+
+
+def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Merge consecutive recorded batches of equal trailing shapes into chunks of about `size` samples."""
+    chunks, xs, es, n = [], [], [], 0
+    for x, e in pairs:
+        if xs and (x.shape[1:] != xs[0].shape[1:] or e.shape[1:] != es[0].shape[1:]):
+            chunks.append((torch.cat(xs), torch.cat(es)))
+            xs, es, n = [], [], 0
+        xs.append(x)
+        es.append(e)
+        n += x.shape[0] if x.ndim else 1
+        if n >= size:
+            chunks.append((torch.cat(xs), torch.cat(es)))
+            xs, es, n = [], [], 0
+    if xs:
+        chunks.append((torch.cat(xs), torch.cat(es)))
+    return chunks
+
+
+def train_candidates(
+    layer: DendriteLayer, pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig
+) -> tuple[nn.Module, torch.Tensor, float]:
+    """Train N candidates for one target; the best (module, cascade, mean correlation per channel)."""
+    chunks = _chunks(pairs, config.chunk)
+    # Earlier dendrites are frozen during the phase: their outputs are computed once.
+    prepared = [(x, _flat(e, layer), _cascade_inputs(layer, x)) for x, e in chunks]
+    candidates = [_Candidate(layer) for _ in range(config.candidates)]
+    params = [p for c in candidates for p in c.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    for _ in range(config.epochs):
+        for x, e, earlier in prepared:
+            objective = sum(correlation_score(_flat(c(layer, x, earlier), layer), e) for c in candidates)
+            optimizer.zero_grad(set_to_none=True)
+            (-objective).backward()
+            optimizer.step()
+    with torch.no_grad():
+        scores = [
+            sum(correlation_score(_flat(c(layer, x, earlier), layer), e) * e.shape[0] for x, e, earlier in prepared)
+            for c in candidates
+        ]
+        total = sum(e.shape[0] for _, e, _ in prepared)
+    best = max(range(len(candidates)), key=lambda i: float(scores[i]))
+    chosen = candidates[best]
+    return chosen.dendrite, chosen.cascade.detach(), float(scores[best]) / total / layer.out_channels
+
+
+def add_correlation_dendrites(
+    model: nn.Module,
+    layers: dict[str, DendriteLayer],
+    batches: Iterable,
+    forward_loss: Callable[[object], torch.Tensor],
+    config: CorrelationConfig,
+) -> dict[str, float]:
+    """One dendrite phase: record, train candidates per target, insert the best with scale 0, frozen.
+
+    Returns the best candidate's mean |correlation| per channel, per target.
+    """
+    was_training = model.training
+    model.eval()  # the network is frozen: no BatchNorm statistics move, no dropout
+    try:
+        records = record_error_signals(model, layers, batches, forward_loss, config.max_samples)
+    finally:
+        model.train(was_training)
+    result = {}
+    for name, layer in layers.items():
+        pairs = records[name]
+        if pairs:
+            dendrite, cascade, corr = train_candidates(layer, pairs, config)
+        else:  # the target does not reach the loss: a plain fresh dendrite keeps the structure uniform
+            dendrite, cascade, corr = layer.new_dendrite(), None, 0.0
+        dendrite.train(layer.base_layer.training)
+        layer.add_dendrite(dendrite=dendrite, cascade=cascade)
+        dendrite.requires_grad_(False)
+        layer.dendrite_cascade[-1].requires_grad_(False)
+        result[name] = corr
+    return result
+
+
+def freeze_dendrites(model: nn.Module, first: int = 0) -> None:
+    """Correlation objective: dendrites from index `first` on keep their weights and cascades; scales train."""
+    for layer in {id(m): m for m in model.modules() if isinstance(m, DendriteLayer)}.values():
+        for i in range(first, layer.num_dendrites):
+            layer.dendrite_layers[i].requires_grad_(False)
+            layer.dendrite_cascade[i].requires_grad_(False)

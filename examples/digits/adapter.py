@@ -1,0 +1,43 @@
+"""Data adapter for sklearn's bundled 8x8 digits (offline): standardised pixels, fixed 60/20/20 split."""
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+MAXIMIZE = True
+
+
+def _split():
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))  # fixed split, independent of --seed
+    x, y = x[order].astype(np.float32), y[order]
+    n_train, n_val = int(0.6 * len(y)), int(0.2 * len(y))
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6  # statistics of the training part only
+    x = (x - mean) / std
+    parts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, None)}
+    return {k: TensorDataset(torch.from_numpy(x[s]), torch.from_numpy(y[s])) for k, s in parts.items()}
+
+
+_DATA = _split()
+
+
+def train_data():
+    return DataLoader(_DATA["train"], batch_size=32, shuffle=True)
+
+
+def val_data():
+    return DataLoader(_DATA["val"], batch_size=512)
+
+
+def test_data():
+    return DataLoader(_DATA["test"], batch_size=512)
+
+
+def loss(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs, batch[1])
+
+
+def score(outputs, batch):
+    """Accuracy in percent."""
+    return (outputs.argmax(-1) == batch[1]).float().mean().item() * 100
