@@ -214,6 +214,7 @@ def load_source(
     else:
         obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
+        _check_unpickled(obj, path)
         if factory:
             log.warning("%s holds a whole model; --factory %s is not needed and was ignored", path, factory)
         return obj, Source("pickle", str(path.resolve()), digest, trust_pickle=trust_pickle)
@@ -223,6 +224,17 @@ def load_source(
     model = build_from_factory(factory, kwargs)
     load_weights_into(model, state, path, f"--factory {factory}")
     return model, Source("state_dict", str(path.resolve()), digest, factory, kwargs)
+
+
+def _check_unpickled(model: nn.Module, path: Path) -> None:
+    """A damaged pickle can unpickle into a module with broken internals; refuse it before using it."""
+    try:
+        for m in model.modules():
+            m._parameters, m._buffers, m._modules, m.training  # noqa: B018 - the attributes every Module has
+        model.state_dict()
+        repr(model)
+    except Exception as exc:
+        raise LoadError(f"{path} unpickles into a damaged model ({type(exc).__name__}: {exc}).") from exc
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
