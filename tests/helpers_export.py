@@ -108,3 +108,8 @@ def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2Model
 
     return GPT2Model(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+
+
+def unfoldable_bn() -> nn.Module:
+    """Linear -> BatchNorm1d without running statistics: it normalises by the batch even in eval, so no fold."""
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 2))

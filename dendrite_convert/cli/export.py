@@ -1,0 +1,88 @@
+"""`dendrite-export`: dendrites folded into plain layers, written as verified ONNX or safetensors."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, parse_shape, print_json
+
+_FMT, _VERIFY, _FOLD, _IN = "Format", "Verification", "Folding", "Inputs"
+
+
+class GemmLayout(str, Enum):
+    auto = "auto"
+    separate = "separate"
+    concat = "concat"
+
+
+@handle_errors
+def export(
+    directory: Annotated[Path, typer.Argument(help="A converted-model directory (dendrite-convert output, or run/best from dendrite-train).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="model.onnx for --onnx, a directory for --safetensors.", show_default=False)],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Write one ONNX file, verified with onnxruntime.", rich_help_panel=_FMT)] = False,
+    safetensors: Annotated[bool, typer.Option("--safetensors", help="Write folded weights + folded_config.json (load with dendrite_convert.load_folded).", rich_help_panel=_FMT)] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (18-23; default: the exporter's, 20).", rich_help_panel=_FMT)] = None,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance against the unfolded model.", rich_help_panel=_VERIFY)] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance against the unfolded model.", rich_help_panel=_VERIFY)] = 1e-4,
+    input_shape: Annotated[str | None, typer.Option(help="Example float input shape, e.g. 2,3,32,32 (default: recorded at conversion).", rich_help_panel=_IN)] = None,
+    adapter: Annotated[str | None, typer.Option(help="Data adapter whose first validation batch is the example input.", rich_help_panel=_IN)] = None,
+    prune_below: Annotated[float, typer.Option(min=0.0, help="Drop dendrites whose |scale| is below this everywhere; the output change is reported.", rich_help_panel=_FOLD)] = 0.0,
+    gemm_layout: Annotated[GemmLayout, typer.Option(help="Nonlinear dendrites as separate GEMMs/convs, concatenated with the main weight, or whichever measures faster.", rich_help_panel=_FOLD)] = GemmLayout.auto,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency table.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="The model was converted with --trust-pickle; allow it again.", rich_help_panel=_IN)] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fold dendrites into plain layers and write a verified ONNX file or folded safetensors."""
+    from ..errors import UsageError
+    from ..export import ExportConfig, export as export_api
+    from ..files import check_writable
+
+    if onnx == safetensors:
+        raise UsageError("choose exactly one of --onnx and --safetensors.")
+    check_writable(output, force)
+    config = ExportConfig(
+        format="onnx" if onnx else "safetensors", opset=opset, atol=atol, rtol=rtol, input_shape=parse_shape(input_shape),
+        adapter=adapter, prune_below=prune_below, gemm_layout=gemm_layout.value, force=force, latency=not no_latency,
+        trust_pickle=trust_pickle,
+    )
+    try:
+        report = export_api(directory, output, config)
+    except Exception as exc:
+        verify = getattr(exc, "report", None)
+        if verify is not None and not quiet:
+            for line in verify.lines():
+                console.print(line, highlight=False)
+        raise
+    if not quiet:
+        _render(report)
+    if json_out:
+        print_json(report.to_dict())
+
+
+def _render(report) -> None:
+    from ..latency import render
+
+    kept = sum(r.kept for r in report.folds)
+    folded = sum(r.folded for r in report.folds)
+    dropped = sum(r.dropped + len(r.pruned) for r in report.folds)
+    layouts = sorted({r.layout for r in report.folds if r.layout})
+    console.print(f"folded {len(report.folds)} targets: {kept} dendrites kept as extra GEMMs/convs"
+                  f"{' (' + ', '.join(layouts) + ')' if layouts else ''}, {folded} folded into weights, {dropped} dropped; "
+                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False)
+    if report.verify:
+        for line in report.verify.lines():
+            console.print(line, highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    if report.latency:
+        render(report.latency, console)
+    console.print(f"wrote {report.output}", highlight=False)
+
+
+app = command_app(export)

@@ -1,0 +1,403 @@
+"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (DESIGN §5).
+
+ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
+integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
+inputs at another batch size. safetensors: the folded weights plus `folded_config.json`, the recipe
+`load_folded` needs to rebuild the folded module with plain torch. Outputs are written under a temporary
+name and renamed only after verification, so a failure leaves nothing that looks like a success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
+from .files import atomic_directory, atomic_file, check_writable
+from .fold import LAYOUTS, FoldedDendrites, FoldRecord, _layer_spec, fold, layer_from_spec, strip_dendrites
+from .layers import DendriteLayer
+from .modeldir import ConvertedModel, load_converted
+from .verify import VerifyReport, compare, reference_outputs, verify_onnx
+
+log = logging.getLogger(__name__)
+FOLDED_CONFIG = "folded_config.json"
+FOLDED_WEIGHTS = "model.safetensors"
+FOLDED_SCHEMA = 1
+_PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # keep a margin for the graph itself below 2 GiB
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+           "int64": torch.int64, "int32": torch.int32}
+
+
+@dataclass
+class ExportConfig:
+    """How to fold, write and verify (DESIGN §5)."""
+
+    format: str = "onnx"  # onnx | safetensors
+    opset: int | None = None  # ONNX opset; None: the exporter's default (20 on torch 2.13)
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    input_shape: list[int] | None = None  # float input; overrides the recorded example
+    adapter: str | None = None  # a data adapter: its first validation batch is the example
+    prune_below: float = 0.0  # drop dendrites whose |scale| is below this everywhere (output change reported)
+    gemm_layout: str = "auto"  # auto | separate | concat
+    force: bool = False
+    latency: bool = True
+    trust_pickle: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("onnx", "safetensors"):
+            raise UsageError(f"format must be onnx or safetensors, not {self.format!r}.")
+        if self.gemm_layout not in LAYOUTS:
+            raise UsageError(f"--gemm-layout must be one of {', '.join(LAYOUTS)}, not {self.gemm_layout!r}.")
+        if self.atol < 0 or self.rtol < 0 or self.prune_below < 0:
+            raise UsageError("--atol, --rtol and --prune-below must be 0 or more.")
+        if self.opset is not None and not 18 <= self.opset <= 23:
+            raise UsageError(f"--opset must be between 18 and 23 for the dynamo exporter, not {self.opset}.")
+
+
+@dataclass
+class ExportReport:
+    output: str
+    format: str
+    folds: list[FoldRecord]
+    fold_max_abs: float  # folded torch vs unfolded, on the verification inputs (includes any pruning)
+    verify: VerifyReport | None = None
+    latency: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["verify"] = self.verify.to_dict() if self.verify else None
+        return data
+
+
+# ---- example inputs -----------------------------------------------------------------------------------------
+
+@dataclass
+class _Inputs:
+    """Example inputs for export and fresh ones at another batch (and sequence) size for verification."""
+
+    example: tuple | dict
+    fresh: tuple | dict
+    specs: list[dict]
+
+
+def _make(spec: dict, batch: int, seq_extra: int = 0, generator=None) -> torch.Tensor:
+    shape = list(spec["shape"])
+    shape[0] = batch
+    dtype = _DTYPES.get(spec.get("dtype", "float32"))
+    if dtype is None:
+        raise UsageError(f"example input dtype {spec.get('dtype')!r} is not one of {', '.join(_DTYPES)}.")
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    if len(shape) > 1:
+        shape[1] += seq_extra
+    return torch.randint(0, int(spec.get("high", 2)), shape, dtype=dtype, generator=generator)
+
+
+def _from_specs(specs: list[dict]) -> _Inputs:
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or not spec["shape"]:
+            raise LoadError(f"a recorded example input {spec!r} has no shape; pass --input-shape.")
+    batch = max(2, specs[0]["shape"][0])  # a batch of 1 lets the exporter specialise the batch axis
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(_make(s, batch, 0, gen) for s in specs)
+    fresh = tuple(_make(s, batch + 1, 1, gen) for s in specs)  # another batch, and sequence for token inputs
+    return _Inputs(example, fresh, specs)
+
+
+def _from_adapter(spec: str) -> _Inputs:
+    from .adapter import load_adapter
+
+    adapter = load_adapter(spec)
+    try:
+        batch = next(iter(adapter.val_data()))
+        args, kwargs = adapter.model_inputs(batch)
+    except Exception as exc:
+        raise LoadError(f"--adapter {spec}: the first validation batch cannot be read ({type(exc).__name__}: {exc}).") from exc
+    if args and kwargs:
+        raise UsageError(f"--adapter {spec}: export takes positional or keyword inputs, not both; make inputs(batch) return one.")
+    values = list(kwargs.values()) if kwargs else list(args)
+    if not values or not all(isinstance(v, torch.Tensor) and v.ndim >= 1 for v in values):
+        raise UsageError(f"--adapter {spec}: the model inputs of a batch must be tensors with a batch axis.")
+    size = values[0].shape[0]
+    fresh = [v if size > 2 else torch.cat([v] * 2)[: size + 1] for v in values]
+    example = [v[:2] if size > 2 else v for v in values]
+    specs = [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for v in example]
+    pack = (lambda vs: dict(zip(kwargs, vs))) if kwargs else tuple
+    return _Inputs(pack(example), pack(fresh), specs)
+
+
+def resolve_inputs(config: ExportConfig, recorded: list[dict]) -> _Inputs | None:
+    """--input-shape, then --adapter, then the example recorded at conversion; None when there is none."""
+    if config.input_shape:
+        return _from_specs([{"shape": list(config.input_shape), "dtype": "float32"}])
+    if config.adapter:
+        return _from_adapter(config.adapter)
+    if recorded:
+        return _from_specs(recorded)
+    return None
+
+
+def _check_runs(model: nn.Module, inputs: _Inputs) -> None:
+    """A wrong example shape is a usage error with one sentence, not a traceback from inside the model."""
+    shapes = [s["shape"] for s in inputs.specs]
+    try:
+        reference_outputs(model, inputs.example)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"the model cannot run on example inputs of shape {shapes} ({type(exc).__name__}: {first}); "
+                         "pass a matching --input-shape.") from exc
+
+
+def _dynamic_shapes(inputs: tuple | dict):
+    def axes(t: torch.Tensor) -> dict:
+        return {0: "batch", 1: "sequence"} if not t.is_floating_point() and t.ndim >= 2 else {0: "batch"}
+
+    if isinstance(inputs, dict):
+        return {k: axes(v) for k, v in inputs.items()}
+    return tuple(axes(t) for t in inputs)
+
+
+# ---- the verb -----------------------------------------------------------------------------------------------
+
+def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, config: ExportConfig | None = None,
+           *, folded: nn.Module | None = None, console=None) -> ExportReport:
+    """Fold `model` (a converted directory, ConvertedModel or module with dendrite layers) and write `output`.
+
+    `folded` replaces the fold's result (for tests and custom folds); it is verified like any other.
+
+    Example:
+        export("run/best", "model.onnx", ExportConfig(format="onnx", atol=1e-5))
+    """
+    config = config or ExportConfig()
+    output = Path(output)
+    check_writable(output, config.force)
+    converted = model if isinstance(model, ConvertedModel) else None
+    if converted is None and not isinstance(model, nn.Module):
+        converted = load_converted(Path(model), config.trust_pickle)
+    unfolded = (converted.model if converted else model).eval()
+    inputs = resolve_inputs(config, converted.example_inputs if converted else [])
+    if inputs is None and config.format == "onnx":
+        raise UsageError("no example input: pass --input-shape (e.g. 2,3,32,32), --adapter, or convert with --input-shape.")
+    example = inputs.example if inputs else None
+    if inputs is not None:
+        _check_runs(unfolded, inputs)
+    result = fold(unfolded, config.prune_below, config.gemm_layout,
+                  example if isinstance(example, tuple) else None)
+    folded = result.model if folded is None else folded.eval()
+    report = ExportReport(str(output), config.format, result.records, float("nan"))
+    if inputs is not None:
+        expected = reference_outputs(unfolded, inputs.fresh)
+        got = reference_outputs(folded, inputs.fresh)
+        report.fold_max_abs = max((compare("", e, g, 0, 0).max_abs for e, g in zip(expected, got)), default=0.0)
+    if any(r.pruned for r in result.records):
+        report.notes.append(f"--prune-below {config.prune_below:g} pruned "
+                            f"{sum(len(r.pruned) for r in result.records)} dendrites; max output change "
+                            f"{report.fold_max_abs:.3g} on the verification inputs")
+    if config.format == "onnx":
+        _write_onnx(folded, unfolded, output, inputs, config, report)
+    else:
+        if converted is None:
+            raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
+                             "the architecture from; save the model with dendrite-convert first.")
+        _write_safetensors(converted, folded, output, inputs, config, report)
+    if config.latency and inputs is not None:
+        from .latency import latency_table
+
+        models = {"base (no dendrites)": strip_dendrites(unfolded), "unfolded dendritic": unfolded, "folded torch": folded}
+        if config.format == "onnx":
+            models["onnxruntime"] = output
+        report.latency = latency_table(models, inputs.fresh)
+    return report
+
+
+def _write_onnx(folded, unfolded, output: Path, inputs: _Inputs, config: ExportConfig, report: ExportReport) -> None:
+    import onnx
+
+    size = sum(t.numel() * t.element_size() for t in [*folded.parameters(), *folded.buffers()])
+    if size > _PROTOBUF_LIMIT:
+        raise ConversionError(f"the folded model holds {size / 1024**3:.2f} GiB of weights, above the 2 GB limit of a "
+                              "single ONNX file; export --safetensors instead.")
+    example = inputs.example
+    args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
+    hf_config = getattr(folded, "config", None)
+    if getattr(hf_config, "use_cache", False):  # a KV cache is not an inference output of the exported graph
+        hf_config.use_cache = False
+        report.notes.append("use_cache=False for export: the graph returns no key/value cache")
+    with atomic_file(output) as tmp:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(folded, args, str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
+                                  verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(example),
+                                  output_names=_output_names(folded, example), optimize=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ConversionError(f"torch.onnx.export could not export the folded model ({type(exc).__name__}: {first}); "
+                                  "set DENDRITE_DEBUG=1 for the traceback.") from exc
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise VerificationError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc}).") from exc
+        try:
+            report.verify = verify_onnx(unfolded, tmp, inputs.fresh, config.atol, config.rtol, raise_on_failure=False)
+        except DendriteError:
+            raise
+        except Exception as exc:
+            raise VerificationError(f"onnxruntime cannot run the exported graph ({type(exc).__name__}: {exc}).") from exc
+        _raise_if_failed(report.verify, output)
+
+
+def _output_names(model: nn.Module, example: tuple | dict) -> list[str]:
+    """Names from the output structure: `output` for one tensor, else pytree paths (`last_hidden_state`, `0`)."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    with torch.no_grad():
+        out = model(**example) if isinstance(example, dict) else model(*example)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    names = []
+    for path, leaf in tree_flatten_with_path(out)[0]:
+        if isinstance(leaf, torch.Tensor):
+            name = "".join(c if c.isalnum() or c == "_" else "." for c in keystr(path)).strip(".")
+            names.append(".".join(p for p in name.split(".") if p) or f"output_{len(names)}")
+    return names if len(set(names)) == len(names) else [f"output_{i}" for i in range(len(names))]
+
+
+def _raise_if_failed(verify: VerifyReport, output: Path) -> None:
+    if verify.ok:
+        return
+    figures = "; ".join(o.line(verify.atol, verify.rtol)[2:] for o in verify.outputs if not o.ok)
+    error = VerificationError(
+        f"the export does not reproduce the unfolded model on inputs {verify.input_shapes}: {figures}; "
+        f"{output} was not written (check the fold, or raise --atol/--rtol if this error is acceptable).")
+    error.report = verify
+    raise error
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ---- safetensors: folded weights + recipe ------------------------------------------------------------------
+
+def _module_spec(module: nn.Module) -> dict:
+    if isinstance(module, FoldedDendrites):
+        return module.spec()
+    return {"kind": "layer", "layer": _layer_spec(module)}
+
+
+def _targets(model: nn.Module, cls=DendriteLayer) -> dict[str, list[str]]:
+    """Every `cls` module by its first path, with all its paths (shared modules once)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, cls):
+            paths.setdefault(id(m), []).append(path)
+    return {names[0]: names for names in paths.values()}
+
+
+def _write_safetensors(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report) -> None:
+    from safetensors.torch import save_model
+
+    from . import __version__
+
+    targets = {}
+    for name, paths in _targets(converted.model).items():
+        module = folded.get_submodule(name) if name else folded
+        targets[name] = {"paths": paths, "module": _module_spec(module)}
+    recipe = {
+        "schema_version": FOLDED_SCHEMA, "kind": "folded", "tool_version": __version__,
+        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": converted.source.to_dict(), "dendrite_config": converted.config.to_dict(),
+        "targets": targets, "example_inputs": inputs.specs if inputs else converted.example_inputs,
+        "folds": [r.to_dict() for r in report.folds],
+    }
+    with atomic_directory(output, force=True) as tmp:
+        save_model(folded, str(tmp / FOLDED_WEIGHTS), metadata={"format": "pt"})
+        (tmp / FOLDED_CONFIG).write_text(json.dumps(recipe, indent=2) + "\n")
+        if inputs is not None:  # verify what load_folded rebuilds, not what is in memory
+            rebuilt = load_folded(tmp, config.trust_pickle)
+            expected = reference_outputs(converted.model, inputs.fresh)
+            actual = reference_outputs(rebuilt, inputs.fresh)
+            report.verify = VerifyReport(config.atol, config.rtol, [list(t.shape) for t in
+                                         (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)])
+            report.verify.outputs = [compare(f"output_{i}", e, a, config.atol, config.rtol)
+                                     for i, (e, a) in enumerate(zip(expected, actual))]
+            _raise_if_failed(report.verify, output)
+        else:
+            report.notes.append("not verified: no example input (pass --input-shape or --adapter)")
+
+
+def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """The folded model written by `export(..., ExportConfig(format="safetensors"))`, in eval mode.
+
+    The source architecture is rebuilt as for a converted directory, every target is replaced by the plain
+    layers of its recorded fold, and the folded weights are loaded strictly. No pickle is involved.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .config import DendriteConfig
+    from .loading import Source, read_json, rebuild
+    from .rewrite import convert_model
+
+    path = Path(path)
+    file = path / FOLDED_CONFIG
+    if not file.is_file():
+        raise LoadError(f"{path} is not a folded-model directory: {FOLDED_CONFIG} is missing.")
+    data = read_json(file)
+    if data.get("kind") != "folded" or not isinstance(data.get("schema_version"), int):
+        raise LoadError(f"{file} was not written by dendrite-export --safetensors.")
+    if data["schema_version"] > FOLDED_SCHEMA:
+        raise LoadError(f"{file} has schema version {data['schema_version']}; upgrade dendrite_convert to load it.")
+    try:
+        source = Source.from_dict(data["source"])
+        config = DendriteConfig.from_dict(data["dendrite_config"])
+        targets = dict(data["targets"])
+    except (TypeError, ValueError, KeyError, DendriteError) as exc:
+        raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
+    model, _ = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+    found = _targets(model)
+    if set(found) != set(targets):
+        diff = sorted(set(found).symmetric_difference(targets))[:5]
+        raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
+    for name, entry in targets.items():
+        try:
+            spec = entry["module"]
+            module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
+        for p in found[name]:
+            if not p:
+                model = module
+                continue
+            parent, _, leaf = p.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module)
+    weights = path / FOLDED_WEIGHTS
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, RuntimeError, OSError, FileNotFoundError) as exc:
+        raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
+    if missing or unexpected:
+        raise LoadError(f"{weights} does not match the rebuilt folded model: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}.")
+    return model.eval().requires_grad_(False)
