@@ -1,0 +1,214 @@
+"""Did dendrites help *this* model? The same run with and without dendrites over K seeds, and a test.
+
+`compare` trains the converted model K times with dendrites and K times with `max_dendrites=0` (the
+same data, epoch budget and early stopping: plain training), reads each run's `summary.json`, and
+reports mean ± std of the test score at best validation (the validation score when the adapter has
+no test data), parameters and wall time per arm, Welch's t-test p-value and Cohen's d. Seeds run one
+after another or in `jobs` parallel processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from .files import atomic_file, check_writable
+from .trainer import TrainConfig, train
+
+ARMS = ("dendrites", "baseline")
+RUN_COLUMNS = ["arm", "seed", "score", "best_val", "test_at_best", "params", "dendrites", "epochs", "wall_seconds", "run"]
+
+
+@dataclass
+class ArmStats:
+    arm: str
+    n: int
+    mean: float
+    std: float
+    params: float
+    wall_seconds: float
+
+
+@dataclass
+class Comparison:
+    score_name: str  # "test_at_best" or "best_val"
+    maximize: bool
+    runs: list[dict]
+    arms: list[ArmStats]
+    p_value: float | None  # Welch's t-test, two-sided
+    effect_size: float | None  # Cohen's d, dendrites minus baseline (positive = higher score)
+    beyond_noise: bool | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _run_one(job: tuple) -> dict:
+    converted, adapter, run_dir, config, threads = job
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    summary = train(converted, adapter, run_dir, config, force=True)
+    return summary
+
+
+def compare(converted: str | Path, adapter: str | Path, output: str | Path, config: TrainConfig | None = None,
+            seeds: int = 3, baseline: bool = True, jobs: int = 1, force: bool = False) -> Comparison:
+    """Train `seeds` runs per arm into `output/<arm>/seed_<s>/` and compare them."""
+    output = Path(output)
+    check_writable(output, force)
+    config = config or TrainConfig()
+    arms = ARMS if baseline else ARMS[:1]
+    plan = []
+    for arm in arms:
+        for seed in range(config.seed, config.seed + seeds):
+            arm_config = replace(config, seed=seed, max_dendrites=0 if arm == "baseline" else config.max_dendrites)
+            plan.append((arm, seed, output / arm / f"seed_{seed}", arm_config))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    work = [(str(converted), str(adapter), run_dir, cfg, threads) for _, _, run_dir, cfg in plan]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            summaries = list(pool.map(_run_one, work))
+    else:
+        summaries = [_run_one(job) for job in work]
+    result = summarize([(arm, seed, run_dir, s) for (arm, seed, run_dir, _), s in zip(plan, summaries)])
+    write_outputs(result, output)
+    return result
+
+
+def summarize(runs: list[tuple[str, int, Path, dict]]) -> Comparison:
+    """The comparison from (arm, seed, run dir, summary.json) tuples."""
+    with_test = all(s.get("test_at_best") is not None for *_, s in runs)
+    score_name = "test_at_best" if with_test else "best_val"
+    rows = [{"arm": arm, "seed": seed, "score": s[score_name], "best_val": s["best_val"],
+             "test_at_best": s.get("test_at_best"), "params": s["params"], "dendrites": s["dendrites"],
+             "epochs": s["epochs"], "wall_seconds": s["wall_seconds"], "run": str(run_dir)}
+            for arm, seed, run_dir, s in runs]
+    arms = []
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm and r["score"] is not None]
+        if mine:
+            scores = [r["score"] for r in mine]
+            arms.append(ArmStats(arm, len(mine), statistics.fmean(scores),
+                                 statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                                 statistics.fmean(r["params"] for r in mine),
+                                 statistics.fmean(r["wall_seconds"] for r in mine)))
+    maximize = bool(runs[0][3].get("maximize", True)) if runs else True
+    p = d = beyond = None
+    by_arm = {a.arm: [r["score"] for r in rows if r["arm"] == a.arm and r["score"] is not None] for a in arms}
+    if len(by_arm.get("dendrites", [])) > 1 and len(by_arm.get("baseline", [])) > 1:
+        p = welch_p_value(by_arm["dendrites"], by_arm["baseline"])
+        d = cohens_d(by_arm["dendrites"], by_arm["baseline"])
+        beyond = p < 0.05
+    return Comparison(score_name, maximize, rows, arms, p, d, beyond)
+
+
+def welch_p_value(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's unequal-variance t-test."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return 1.0 if diff == 0 else 0.0
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def cohens_d(a: list[float], b: list[float]) -> float:
+    pooled = ((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / (len(a) + len(b) - 2)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    return 0.0 if pooled == 0 else diff / math.sqrt(pooled)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes §6.4)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * f / a
+
+
+def write_outputs(result: Comparison, output: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, RUN_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.runs)
+    with atomic_file(output / "comparison.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    with atomic_file(output / "comparison.json") as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    try:
+        _plot(result, output / "comparison.png")
+    except ImportError:  # matplotlib is the optional `plots` extra
+        pass
+
+
+def _plot(result: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm, color in zip(ARMS, ("tab:green", "tab:gray")):
+        mine = [r for r in result.runs if r["arm"] == arm and r["score"] is not None]
+        if not mine:
+            continue
+        ax.scatter([r["params"] for r in mine], [r["score"] for r in mine], color=color, alpha=0.5, label=f"{arm} (seeds)")
+        stats = next(a for a in result.arms if a.arm == arm)
+        ax.errorbar([stats.params], [stats.mean], yerr=[stats.std], color=color, marker="D", capsize=5,
+                    label=f"{arm} mean ± std")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(result.score_name.replace("_", " "))
+    title = "dendrites vs plain training"
+    if result.p_value is not None:
+        title += f" (Welch p = {result.p_value:.3g}, d = {result.effect_size:.2f})"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def render(result: Comparison, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result.score_name.replace('_', ' ')}: mean ± std over seeds", title_justify="left")
+    for column in ("arm", "runs", "score", "params", "seconds"):
+        table.add_column(column)
+    for a in result.arms:
+        table.add_row(a.arm, str(a.n), f"{a.mean:.4g} ± {a.std:.2g}", f"{a.params:,.0f}", f"{a.wall_seconds:.1f}")
+    console.print(table)
+    if result.p_value is None:
+        console.print("significance: needs at least 2 seeds in both arms (--seeds 2 --baseline or more)")
+        return
+    verdict = "beyond seed-to-seed noise" if result.beyond_noise else "NOT beyond seed-to-seed noise"
+    console.print(f"Welch's t-test p = {result.p_value:.3g}, Cohen's d = {result.effect_size:+.2f}: the difference is "
+                  f"{verdict} (p < 0.05).")
