@@ -26,10 +26,10 @@ from .layers import ACTIVATIONS, DendriteLayer
 @dataclass(frozen=True)
 class CorrelationConfig:
     candidates: int = 4
-    epochs: int = 10  # passes over the recorded samples
+    epochs: int = 20  # passes over the recorded samples
     max_samples: int = 4096  # samples recorded per phase
-    chunk: int = 512  # samples per candidate update
-    lr: float = 0.01
+    chunk: int = 256  # samples per candidate update
+    lr: float = 0.05
 
 
 def _flat(t: torch.Tensor, layer: DendriteLayer) -> torch.Tensor:

@@ -61,8 +61,9 @@ class TrainConfig:
     max_epochs: int = 100
     capacity_test: bool = False
     seed: int = 0
-    correlation_epochs: int = 10  # candidate-training passes over the recorded samples
+    correlation_epochs: int = 20  # candidate-training passes over the recorded samples
     correlation_samples: int = 4096  # training samples recorded per dendrite phase
+    plot: bool = True  # draw training.png at the end (needs matplotlib)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -466,7 +467,8 @@ class _Run:
     def write_outputs(self) -> None:
         _write_csv(self.output / "scores.csv", SCORE_COLUMNS, self.rows)
         _write_csv(self.output / "best_test_scores.csv", BEST_COLUMNS, self.best_test_scores())
-        _write_text(self.output / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
+        self.last_summary = self.summary()
+        _write_text(self.output / "summary.json", json.dumps(self.last_summary, indent=2) + "\n")
 
     def best_test_scores(self) -> list[dict]:
         """The peer's bestTestScores: per accepted architecture, its best validation and the test score there."""
@@ -511,9 +513,10 @@ class _Run:
     def finish(self) -> dict:
         if self.best_model is not None:
             self.model = self.best_model
+        if self.config.plot:
+            self._plot()
         self.write_outputs()
-        self._plot()
-        return self.summary()
+        return self.last_summary
 
     def _plot(self) -> None:
         try:
