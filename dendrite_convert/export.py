@@ -171,7 +171,7 @@ def _dynamic_shapes(inputs: tuple | dict):
 # ---- the verb -----------------------------------------------------------------------------------------------
 
 def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, config: ExportConfig | None = None,
-           *, folded: nn.Module | None = None, console=None) -> ExportReport:
+           *, folded: nn.Module | None = None) -> ExportReport:
     """Fold `model` (a converted directory, ConvertedModel or module with dendrite layers) and write `output`.
 
     `folded` replaces the fold's result (for tests and custom folds); it is verified like any other.
@@ -185,6 +185,9 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     converted = model if isinstance(model, ConvertedModel) else None
     if converted is None and not isinstance(model, nn.Module):
         converted = load_converted(Path(model), config.trust_pickle)
+    if converted is None and config.format == "safetensors":
+        raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
+                         "the architecture from; save the model with dendrite-convert first.")
     unfolded = (converted.model if converted else model).eval()
     inputs = resolve_inputs(config, converted.example_inputs if converted else [])
     if inputs is None and config.format == "onnx":
@@ -192,10 +195,23 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     example = inputs.example if inputs else None
     if inputs is not None:
         _check_runs(unfolded, inputs)
-    result = fold(unfolded, config.prune_below, config.gemm_layout,
-                  example if isinstance(example, tuple) else None)
-    folded = result.model if folded is None else folded.eval()
+    if folded is None and config.format == "onnx" and config.gemm_layout == "auto":
+        # decide on the runtime that will run it: both layouts are exported and timed in onnxruntime
+        results = {layout: fold(unfolded, config.prune_below, layout) for layout in ("separate", "concat")}
+        if not any(isinstance(m, FoldedDendrites) for m in results["separate"].model.modules()):
+            results.pop("concat")
+    else:
+        results = {config.gemm_layout: fold(unfolded, config.prune_below, config.gemm_layout,
+                                            example if isinstance(example, tuple) else None)}
+    if folded is not None:
+        results = {"given": replace(next(iter(results.values())), model=folded.eval())}
+    result = next(iter(results.values()))
     report = ExportReport(str(output), config.format, result.records, float("nan"))
+    if config.format == "onnx":
+        chosen = _write_onnx({name: r.model for name, r in results.items()}, unfolded, output, inputs, config, report)
+        result = results[chosen]
+        report.folds = result.records
+    folded = result.model
     if inputs is not None:
         expected = reference_outputs(unfolded, inputs.fresh)
         got = reference_outputs(folded, inputs.fresh)
@@ -204,12 +220,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         report.notes.append(f"--prune-below {config.prune_below:g} pruned "
                             f"{sum(len(r.pruned) for r in result.records)} dendrites; max output change "
                             f"{report.fold_max_abs:.3g} on the verification inputs")
-    if config.format == "onnx":
-        _write_onnx(folded, unfolded, output, inputs, config, report)
-    else:
-        if converted is None:
-            raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
-                             "the architecture from; save the model with dendrite-convert first.")
+    if config.format == "safetensors":
         _write_safetensors(converted, folded, output, inputs, config, report)
     if config.latency and inputs is not None:
         from .latency import latency_table
@@ -221,41 +232,63 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     return report
 
 
-def _write_onnx(folded, unfolded, output: Path, inputs: _Inputs, config: ExportConfig, report: ExportReport) -> None:
+def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs: _Inputs, config: ExportConfig,
+                report: ExportReport) -> str:
+    """Export each candidate fold, keep the fastest in onnxruntime, check and verify it; returns its name."""
     import onnx
 
+    from .latency import median_ms, onnx_runner
+
+    with atomic_file(output) as tmp:
+        paths = {name: tmp if len(candidates) == 1 else tmp.with_name(f"{tmp.name}.{name}") for name in candidates}
+        try:
+            for name, folded in candidates.items():
+                _torch_export(folded, paths[name], inputs.example, config, report)
+            chosen = next(iter(candidates))
+            if len(candidates) > 1:
+                times = median_ms({n: onnx_runner(p, inputs.fresh) for n, p in paths.items()}, budget_s=0.5)
+                chosen = "concat" if times["concat"] < 0.95 * times["separate"] else "separate"
+                report.notes.append("--gemm-layout auto: onnxruntime " + ", ".join(f"{n} {t:.3g} ms" for n, t in times.items())
+                                    + f" -> {chosen}")
+                paths[chosen].replace(tmp)
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except Exception as exc:
+                raise VerificationError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc}).") from exc
+            try:
+                report.verify = verify_onnx(unfolded, tmp, inputs.fresh, config.atol, config.rtol, raise_on_failure=False)
+            except DendriteError:
+                raise
+            except Exception as exc:
+                raise VerificationError(f"onnxruntime cannot run the exported graph ({type(exc).__name__}: {exc}).") from exc
+            _raise_if_failed(report.verify, output)
+        finally:
+            for path in paths.values():
+                if path != tmp:
+                    path.unlink(missing_ok=True)
+    return chosen
+
+
+def _torch_export(folded: nn.Module, path: Path, example, config: ExportConfig, report: ExportReport) -> None:
     size = sum(t.numel() * t.element_size() for t in [*folded.parameters(), *folded.buffers()])
     if size > _PROTOBUF_LIMIT:
         raise ConversionError(f"the folded model holds {size / 1024**3:.2f} GiB of weights, above the 2 GB limit of a "
                               "single ONNX file; export --safetensors instead.")
-    example = inputs.example
     args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
     hf_config = getattr(folded, "config", None)
     if getattr(hf_config, "use_cache", False):  # a KV cache is not an inference output of the exported graph
         hf_config.use_cache = False
         report.notes.append("use_cache=False for export: the graph returns no key/value cache")
-    with atomic_file(output) as tmp:
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(folded, args, str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
-                                  verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(example),
-                                  output_names=_output_names(folded, example), optimize=True)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"torch.onnx.export could not export the folded model ({type(exc).__name__}: {first}); "
-                                  "set DENDRITE_DEBUG=1 for the traceback.") from exc
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except Exception as exc:
-            raise VerificationError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc}).") from exc
-        try:
-            report.verify = verify_onnx(unfolded, tmp, inputs.fresh, config.atol, config.rtol, raise_on_failure=False)
-        except DendriteError:
-            raise
-        except Exception as exc:
-            raise VerificationError(f"onnxruntime cannot run the exported graph ({type(exc).__name__}: {exc}).") from exc
-        _raise_if_failed(report.verify, output)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(folded, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
+                              verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(example),
+                              output_names=_output_names(folded, example), optimize=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"torch.onnx.export could not export the folded model ({type(exc).__name__}: {first}); "
+                              "set DENDRITE_DEBUG=1 for the traceback.") from exc
 
 
 def _output_names(model: nn.Module, example: tuple | dict) -> list[str]:

@@ -93,10 +93,12 @@ def ort_feeds(session, inputs: tuple | dict) -> dict[str, np.ndarray]:
 
 
 def ort_session(onnx_path: str | Path, spin: bool = False):
-    """A CPU session; without `spin` its threads sleep when idle, so they do not slow the torch runs around it."""
+    """A CPU session with as many threads as torch uses (fair latency comparisons); without `spin` its threads
+    sleep when idle, so they do not slow the torch runs around it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -148,6 +148,7 @@ def test_cli_onnx_json_and_latency_table(saved_cnn, tmp_path):
     base, unfolded, folded, ort = data["latency"]
     assert folded["flops"] == unfolded["flops"] == ort["flops"] and 3.5 < unfolded["flops"] / base["flops"] < 4.5
     assert "✓ output" in result.stderr and "onnxruntime" in result.stderr and out.is_file()
+    assert any(n.startswith("--gemm-layout auto: onnxruntime separate") for n in data["notes"])  # timed, not guessed
     again = runner.invoke(app, ["export", str(saved_cnn), "--onnx", "-o", str(out), "--quiet"])
     assert "--force" in _one_sentence(again, 2)
 
@@ -222,3 +223,46 @@ def test_cli_unsupported_layer_exits_4(tmp_path):
     out = tmp_path / "m.onnx"
     line = _one_sentence(runner.invoke(export_app, [str(path), "--onnx", "-o", str(out)]), 4)
     assert "running statistics" in line and not out.exists()
+
+
+ADAPTER = """
+import torch
+
+def val_data():
+    return [(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))]
+
+train_data = val_data
+
+def loss(outputs, batch):
+    return outputs.sum()
+"""
+
+
+def test_cli_example_from_adapter(saved_cnn, tmp_path):
+    adapter = tmp_path / "adapter.py"
+    adapter.write_text(ADAPTER)
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(out), "--adapter", str(adapter),
+                                        "--gemm-layout", "separate", "--no-latency", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verify"]["ok"] and data["verify"]["input_shapes"] == [[4, 3, 16, 16]]  # exported at batch 2
+
+
+def test_cli_prune_below_reports_the_output_change(tmp_path):
+    converted = _converted("mlp")
+    with torch.no_grad():
+        for layer in converted.model.modules():
+            if isinstance(layer, DendriteLayer):
+                layer.dendrite_scales[2].mul_(1e-5 / layer.dendrite_scales[2].abs().max())
+                layer.dendrite_cascade[2].zero_()
+    path = tmp_path / "conv"
+    converted.save(path)
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(export_app, [str(path), "--onnx", "-o", str(out), "--prune-below", "1e-4", "--no-latency",
+                                        "--gemm-layout", "separate", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert all(f["kept"] == 2 and len(f["pruned"]) == 1 for f in data["folds"])
+    assert 0 < data["fold_max_abs"] < 1e-4 and "max output change" in result.stderr
+    assert _ops(out)["Gemm"] + _ops(out)["MatMul"] == 3 * 3
