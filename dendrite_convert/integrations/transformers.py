@@ -167,13 +167,14 @@ class DendriteCallback(TrainerCallback):
             raise KeyError(f"DendriteCallback watches {self.metric_key!r}, which this evaluation did not report "
                            f"(it reported {sorted(metrics or {})}); pass DendriteCallback(metric=...).")
         value = float(metrics[self.metric_key])
+        evaluated = self.growth.schedule.dendrites
         decision = self.growth.observe(trainer.model, value, state.global_step)
-        dendrites = self.growth.schedule.dendrites
-        state.log_history.append({"step": state.global_step, "dendrite_action": decision.action,
-                                  "dendrites": dendrites, self.metric_key: value})
+        # `dendrites`: what the evaluated model had; the action says what happens next (also in trainer_state.json)
+        state.log_history.append({"step": state.global_step, self.metric_key: value, "dendrites": evaluated,
+                                  "dendrite_action": decision.action})
         if decision.action in ("add", "retry"):
             log.info("step %d: %s=%.6g; %s -> %d dendrites per target", state.global_step, self.metric_key, value,
-                     decision.action, dendrites)
+                     decision.action, self.growth.schedule.dendrites)
             self._rebuild_optimizer()
         elif decision.action == "stop":
             log.info("step %d: dendrite schedule stopped: %s", state.global_step, decision.reason)
