@@ -61,6 +61,16 @@ def _run_one(job: tuple) -> dict:
     return summary
 
 
+def run_all(runs: list[tuple], jobs: int = 1) -> list[dict]:
+    """Train each (converted, adapter, run_dir, TrainConfig); in `jobs` spawned processes when > 1."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    work = [(str(converted), str(adapter), run_dir, cfg, threads) for converted, adapter, run_dir, cfg in runs]
+    if jobs <= 1:
+        return [_run_one(job) for job in work]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_run_one, work))
+
+
 def compare(converted: str | Path, adapter: str | Path, output: str | Path, config: TrainConfig | None = None,
             seeds: int = 3, baseline: bool = True, jobs: int = 1, force: bool = False) -> Comparison:
     """Train `seeds` runs per arm into `output/<arm>/seed_<s>/` and compare them."""
@@ -73,13 +83,7 @@ def compare(converted: str | Path, adapter: str | Path, output: str | Path, conf
         for seed in range(config.seed, config.seed + seeds):
             arm_config = replace(config, seed=seed, max_dendrites=0 if arm == "baseline" else config.max_dendrites)
             plan.append((arm, seed, output / arm / f"seed_{seed}", arm_config))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-    work = [(str(converted), str(adapter), run_dir, cfg, threads) for _, _, run_dir, cfg in plan]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            summaries = list(pool.map(_run_one, work))
-    else:
-        summaries = [_run_one(job) for job in work]
+    summaries = run_all([(converted, adapter, run_dir, cfg) for _, _, run_dir, cfg in plan], jobs)
     result = summarize([(arm, seed, run_dir, s) for (arm, seed, run_dir, _), s in zip(plan, summaries)])
     write_outputs(result, output)
     return result
