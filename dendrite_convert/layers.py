@@ -173,6 +173,20 @@ class DendriteConv3d(_DendriteConvNd):
     spatial_dims = 3
 
 
+class DendriteConvTranspose1d(_DendriteConvNd):
+    """Transposed convs (U-Net up-sampling): the dendrite is another transposed conv of the same shape."""
+
+    spatial_dims = 1
+
+
+class DendriteConvTranspose2d(_DendriteConvNd):
+    spatial_dims = 2
+
+
+class DendriteConvTranspose3d(_DendriteConvNd):
+    spatial_dims = 3
+
+
 class DendriteHFConv1D(DendriteLayer):
     """transformers' `Conv1D` (GPT-2): a Linear with a transposed weight, channels last."""
 
@@ -186,6 +200,9 @@ TARGET_LAYERS: dict[type, type[DendriteLayer]] = {
     nn.Conv1d: DendriteConv1d,
     nn.Conv2d: DendriteConv2d,
     nn.Conv3d: DendriteConv3d,
+    nn.ConvTranspose1d: DendriteConvTranspose1d,
+    nn.ConvTranspose2d: DendriteConvTranspose2d,
+    nn.ConvTranspose3d: DendriteConvTranspose3d,
 }
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -34,10 +34,7 @@ FUNCTIONAL = {
 }
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-UNSUPPORTED = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Embedding,
-    nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear,
-)
+UNSUPPORTED = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
@@ -272,7 +269,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         why = "the --include/--exclude filters left none" if reached else f"layer types found: {', '.join(types)}"
         raise ConversionError(
-            f"No Linear/Conv1d/Conv2d/Conv3d/Conv1D layer to convert ({why}); check the model or the filters."
+            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}); check the model or the filters."
         )
 
     param_names: dict[int, list[str]] = defaultdict(list)

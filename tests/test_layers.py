@@ -14,6 +14,8 @@ CASES = [
     (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 5, 5)),  # depthwise
     (lambda: nn.Conv2d(4, 6, 3), (4, 7, 7)),  # unbatched input
     (lambda: nn.Conv3d(2, 3, 2), (1, 2, 4, 4, 4)),
+    (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1), (2, 3, 7)),
 ]
 
 
