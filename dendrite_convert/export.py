@@ -51,6 +51,7 @@ class ExportConfig:
     gemm_layout: str = "auto"  # auto | separate | concat
     force: bool = False
     latency: bool = True
+    latency_threads: int = 1  # intra-op threads for the latency table (0: torch's default)
     trust_pickle: bool = False
 
     def __post_init__(self):
@@ -72,6 +73,8 @@ class ExportReport:
     fold_max_abs: float  # folded torch vs unfolded, on the verification inputs (includes any pruning)
     verify: VerifyReport | None = None
     latency: list = field(default_factory=list)
+    latency_threads: int = 0
+    latency_inputs: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -228,7 +231,9 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         models = {"base (no dendrites)": strip_dendrites(unfolded), "unfolded dendritic": unfolded, "folded torch": folded}
         if config.format == "onnx":
             models["onnxruntime"] = output
-        report.latency = latency_table(models, inputs.fresh)
+        report.latency = latency_table(models, inputs.fresh, threads=config.latency_threads or None)
+        report.latency_threads = config.latency_threads or torch.get_num_threads()
+        report.latency_inputs = [list(v.shape) for v in (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)]
     return report
 
 

@@ -25,8 +25,13 @@ class LatencyRow:
         return asdict(self)
 
 
-def median_ms(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int = 7, max_rounds: int = 200) -> dict[str, float]:
-    """Median wall time per call of each `fn()` in ms, measured interleaved (round-robin) so a load change on a
+def median_ms(fns: dict[str, object], budget_s: float = 1.0) -> dict[str, float]:
+    """Median wall time per call of each `fn()` in ms (see `time_samples`)."""
+    return {name: statistics.median(times) for name, times in time_samples(fns, budget_s).items()}
+
+
+def time_samples(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int = 7, max_rounds: int = 200) -> dict[str, list[float]]:
+    """Wall times per call (ms) of each `fn()`, measured interleaved (round-robin) so a load change on a
     shared machine hits every variant alike; fast calls are timed in groups of n so each sample lasts ~1 ms."""
     groups = {}
     for name, fn in fns.items():
@@ -43,9 +48,9 @@ def median_ms(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int = 7
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / n)
+            samples[name].append(1e3 * (time.perf_counter() - t0) / n)
         rounds += 1
-    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+    return samples
 
 
 def _call(model: nn.Module, inputs: tuple | dict):
@@ -90,8 +95,24 @@ def onnx_runner(path: str | Path, inputs: tuple | dict):
     return lambda: session.run(None, feeds)
 
 
-def latency_table(models: dict[str, nn.Module | str | Path], inputs: tuple | dict, budget_s: float = 1.0) -> list[LatencyRow]:
-    """One row per model (torch modules, or ONNX files run by onnxruntime with the FLOPs of the torch row before)."""
+def latency_table(models: dict[str, nn.Module | str | Path], inputs: tuple | dict, budget_s: float = 1.0,
+                  stat=statistics.median, threads: int | None = 1) -> list[LatencyRow]:
+    """One row per model (torch modules, or ONNX files run by onnxruntime with the FLOPs of the torch row before).
+
+    `threads` intra-op threads for torch and onnxruntime alike (None: torch's current setting). One thread is the
+    default because it is reproducible: on a busy machine a multi-threaded torch forward can wait milliseconds at
+    every OpenMP barrier for a descheduled thread, which says nothing about the model.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _latency_table(models, inputs, budget_s, stat)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _latency_table(models, inputs, budget_s, stat) -> list[LatencyRow]:
     runners, params, flops = {}, {}, {}
     last_flops = 0
     for name, model in models.items():
@@ -100,15 +121,15 @@ def latency_table(models: dict[str, nn.Module | str | Path], inputs: tuple | dic
             flops[name] = last_flops = count_flops(model, inputs)
         else:
             runners[name], params[name], flops[name] = onnx_runner(model, inputs), onnx_params(model), last_flops
-    times = median_ms(runners, budget_s)
-    return [LatencyRow(name, times[name], params[name], flops[name]) for name in models]
+    samples = time_samples(runners, budget_s)
+    return [LatencyRow(name, stat(samples[name]), params[name], flops[name]) for name in models]
 
 
-def render(rows: list[LatencyRow], console, batch: list[int] | None = None) -> None:
+def render(rows: list[LatencyRow], console, batch: list[int] | None = None, threads: int = 1) -> None:
     from rich.table import Table
 
     base = rows[0]
-    title = f"latency (median, {torch.get_num_threads()} threads{f', inputs {batch}' if batch else ''})"
+    title = f"latency (median ms, {threads} thread{'s' * (threads != 1)}{f', inputs {batch}' if batch else ''})"
     table = Table(title=title, title_justify="left")
     for col in ("model", "ms", "× base", "params", "MFLOPs", "FLOPs × base"):
         table.add_column(col, justify="left" if col == "model" else "right")

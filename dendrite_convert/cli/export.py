@@ -33,6 +33,7 @@ def export(
     prune_below: Annotated[float, typer.Option(min=0.0, help="Drop dendrites whose |scale| is below this everywhere; the output change is reported.", rich_help_panel=_FOLD)] = 0.0,
     gemm_layout: Annotated[GemmLayout, typer.Option(help="Nonlinear dendrites as separate GEMMs/convs, concatenated with the main weight, or whichever measures faster.", rich_help_panel=_FOLD)] = GemmLayout.auto,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency table.")] = False,
+    latency_threads: Annotated[int, typer.Option(min=0, help="Threads for the latency table, torch and onnxruntime alike (0: torch's default).")] = 1,
     trust_pickle: Annotated[bool, typer.Option(help="The model was converted with --trust-pickle; allow it again.", rich_help_panel=_IN)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -49,7 +50,7 @@ def export(
     config = ExportConfig(
         format="onnx" if onnx else "safetensors", opset=opset, atol=atol, rtol=rtol, input_shape=parse_shape(input_shape),
         adapter=adapter, prune_below=prune_below, gemm_layout=gemm_layout.value, force=force, latency=not no_latency,
-        trust_pickle=trust_pickle,
+        latency_threads=latency_threads, trust_pickle=trust_pickle,
     )
     try:
         report = export_api(directory, output, config)
@@ -81,7 +82,7 @@ def _render(report) -> None:
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
     if report.latency:
-        render(report.latency, console)
+        render(report.latency, console, report.latency_inputs, report.latency_threads)
     console.print(f"wrote {report.output}", highlight=False)
 
 
