@@ -135,3 +135,25 @@ def test_pickle_is_refused_without_trust_and_lists_its_globals(tmp_path):
 def test_help(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_trust_is_never_read_from_a_converted_directory(tmp_path):
+    """A model converted with --trust-pickle needs --trust-pickle again to load: a config cannot grant it."""
+    import dendrite_convert as dc
+
+    module = tmp_path / "plain_helpers.py"
+    module.write_text("import torch\ndef scale(x):\n    return 2 * x\nclass Net(torch.nn.Linear):\n    pass\n")
+    subprocess.run([sys.executable, "-c", "import torch, plain_helpers as h; m = h.Net(3, 2); m.f = h.scale; "
+                    "torch.save(m, 'net.pt')"], cwd=tmp_path, check=True, capture_output=True)
+    refused = _convert(tmp_path / "net.pt", "-o", tmp_path / "a")
+    assert "plain_helpers.scale" in _one_sentence(refused, 3)  # a function global, not an nn.Module class
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ok = _convert(tmp_path / "net.pt", "-o", tmp_path / "b", "--trust-pickle")
+        assert ok.exit_code == 0, ok.output
+        assert "plain_helpers.scale" in ok.stderr  # it said what the file imports before unpickling it
+        with pytest.raises(dc.LoadError, match="--trust-pickle again"):
+            dc.load(tmp_path / "b")
+        assert dc.load(tmp_path / "b", trust_pickle=True) is not None
+    finally:
+        sys.path.remove(str(tmp_path))
