@@ -24,7 +24,7 @@ def train(
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
     max_dendrites: Annotated[int, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping).", rich_help_panel=_SCHEDULE)] = 100,
     max_epochs: Annotated[int, typer.Option(min=1, help="Stop after this many epochs in all.", rich_help_panel=_SCHEDULE)] = 100,
-    capacity_test: Annotated[bool, typer.Option(help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
+    capacity_test: Annotated[bool, typer.Option("--capacity-test", help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
     seed: Annotated[int, typer.Option(help="Seeds torch, numpy and random; the same seed gives the same run on CPU.", rich_help_panel=_RUN)] = 0,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch.", rich_help_panel=_RUN, show_default=False)] = None,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
