@@ -153,7 +153,14 @@ def restore_structure(model: nn.Module, checkpoint: str | Path | Mapping) -> dic
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 counts = counts_from_keys(f.keys(), model)
         elif path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - an UnpicklingError for unsafe globals, or a damaged file
+                raise LoadError(f"{path} cannot be read with weights_only=True ({type(exc).__name__}); if you trust it, "
+                                "load it yourself and pass the dict: restore_structure(model, torch.load(path, "
+                                "weights_only=False)).") from exc
+            if not isinstance(blob, Mapping):
+                raise LoadError(f"{path} holds a {type(blob).__name__}, not a checkpoint or state dict.")
             return restore_structure(model, blob)
         else:
             raise LoadError(f"{path}: not a checkpoint folder or file (expected {STRUCTURE_FILE} or model.safetensors).")

@@ -3,6 +3,7 @@ that save and reload, the best model restored at the end, and a core that works 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -390,3 +391,32 @@ def test_core_and_cli_work_without_transformers_and_lightning():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK") and "convert" in proc.stdout
+
+
+# ---- the text-classification example ---------------------------------------------------------------
+
+
+def test_text_classification_example_adapter_drives_the_converted_bert():
+    """The example's data is learnable-shaped and its adapter fits the model dendrite-train gets."""
+    transformers = pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from dendrite_convert.adapter import load_adapter
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "text_classification"
+    adapter = load_adapter(folder / "adapter.py")
+    spec = importlib.util.spec_from_file_location("_example_task", folder / "task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    assert len(task.VOCAB) == 33
+    ids, labels = task.make_reviews(64, 0)
+    assert torch.equal(ids, task.make_reviews(64, 0)[0])  # fixed seeds: the same data every run
+    assert 0.3 < labels.float().mean() < 0.7 and (ids[:, 0] == task.TOKEN["[CLS]"]).all()
+    torch.manual_seed(0)
+    model = convert(transformers.BertForSequenceClassification(task.tiny_bert_config()), DendriteConfig()).model
+    batch = next(iter(adapter.train_data()))
+    args, kwargs = adapter.model_inputs(batch)
+    outputs = model(*args, **kwargs)
+    loss = adapter.loss(outputs, batch)
+    assert loss.ndim == 0 and 0.3 < loss.item() < 1.2  # two balanced classes at random init: about ln 2
+    assert 0 <= adapter.score(outputs, batch) <= 100 and adapter.maximize
