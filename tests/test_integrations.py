@@ -150,7 +150,8 @@ def test_trainer_callback_adds_dendrites_and_restores_the_best(hf_run):
     assert max(h["dendrites"] for h in actions) >= 1  # a model with dendrites was trained and evaluated
     # at the end, trainer.model is the best model: re-evaluating it gives the best recorded loss
     best = callback.best_value
-    assert best == min(h["eval_loss"] for h in actions)
+    losses = [h["eval_loss"] for h in actions]
+    assert best in losses and min(losses) >= best * (1 - 1e-3) - 1e-5  # nothing beat it by the schedule's margin
     assert trainer.evaluate()["eval_loss"] == pytest.approx(best, rel=1e-6, abs=1e-7)
     assert set(dendrite_counts(trainer.model).values()) == {callback.growth.schedule.best_dendrites}
 
@@ -304,6 +305,7 @@ def _pl_trainer(pl, tmp_path, callbacks, max_epochs=10):
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run checkpoints elsewhere
 def test_lightning_callback_adds_dendrites_checkpoints_and_restores_the_best(tmp_path):
     pl, module, train, val = _lightning_setup()
     from dendrite_convert.integrations.lightning import DendriteCallback
@@ -325,7 +327,8 @@ def test_lightning_callback_adds_dendrites_checkpoints_and_restores_the_best(tmp
     assert actions[:2] == ["continue", "add"] and "add" in actions
     assert max(h["dendrites"] for h in callback.growth.history) >= 1
     # the best model is back in the module at the end
-    assert callback.best_value == min(h["value"] for h in callback.growth.history)
+    values = [h["value"] for h in callback.growth.history]
+    assert callback.best_value in values and min(values) >= callback.best_value * (1 - 1e-3) - 1e-5
     assert trainer.validate(model, val, verbose=False)[0]["val_loss"] == pytest.approx(callback.best_value, rel=1e-6)
 
     # a checkpoint written with dendrites reloads into a fresh converted module
