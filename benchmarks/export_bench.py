@@ -67,13 +67,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1: stable on shared machines)")
     parser.add_argument("--stat", choices=list(STATS), default="median",
                         help="median, or p10 (10th percentile: closer to the intrinsic cost when other jobs share the CPUs)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: CPU time of the (single) compute thread, robust to other jobs on the machine; wall: elapsed time")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of interleaved timing per model")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread; use --clock wall with --threads > 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="export_bench_"))
     print(f"torch {torch.__version__}, {args.threads} thread(s) on {os.cpu_count()} CPUs (load average "
-          f"{os.getloadavg()[0]:.1f} at start); latency = {args.stat} ms per batch, interleaved\n")
+          f"{os.getloadavg()[0]:.1f} at start); latency = {args.stat} {args.clock}-clock ms per batch, interleaved\n")
     header = f"{'model':<28}{'variant':<28}{'ms':>9}{'FLOPs×base':>12}{'× FLOP pred.':>14}"
     for name, (factory, shape) in CASES.items():
         x = (torch.randn(shape),)
@@ -93,7 +97,8 @@ def main() -> None:
             for layout in ("separate", "concat"):
                 models[f"onnxruntime {layout}"] = onnx[layout][0]
             models[f"onnxruntime auto ({chosen[0]})"] = onnx["auto"][0]
-            rows = latency_table(models, x, budget_s=args.budget, stat=STATS[args.stat])
+            rows = latency_table(models, x, budget_s=args.budget, stat=STATS[args.stat], threads=args.threads,
+                                 clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
             rows[3].flops = rows[0].flops  # base onnxruntime computes the base model's FLOPs
             print(f"{name}, {k} dendrite{'s' * (k > 1)} per target (export+verify of 3 layouts "
                   f"{time.perf_counter() - start:.1f}s, max |ORT - unfolded| {max(r.verify.max_abs for _, r in onnx.values()):.2g})")

@@ -30,9 +30,13 @@ def median_ms(fns: dict[str, object], budget_s: float = 1.0) -> dict[str, float]
     return {name: statistics.median(times) for name, times in time_samples(fns, budget_s).items()}
 
 
-def time_samples(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int = 7, max_rounds: int = 200) -> dict[str, list[float]]:
+def time_samples(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int = 7, max_rounds: int = 200,
+                 clock=time.perf_counter) -> dict[str, list[float]]:
     """Wall times per call (ms) of each `fn()`, measured interleaved (round-robin) so a load change on a
-    shared machine hits every variant alike; fast calls are timed in groups of n so each sample lasts ~1 ms."""
+    shared machine hits every variant alike; each turn starts with one untimed call (warm caches), and fast
+    calls are timed in groups of n so each sample lasts ~1 ms. `clock=time.thread_time` measures the CPU time of
+    the calling thread instead: with one intra-op thread that is the latency on an idle core, unaffected by
+    other jobs descheduling this one."""
     groups = {}
     for name, fn in fns.items():
         fn()
@@ -45,10 +49,11 @@ def time_samples(fns: dict[str, object], budget_s: float = 1.0, min_rounds: int 
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
             n = groups[name]
-            t0 = time.perf_counter()
+            fn()  # untimed: warm the caches after the previous variant ran, so every sample is steady-state
+            t0 = clock()
             for _ in range(n):
                 fn()
-            samples[name].append(1e3 * (time.perf_counter() - t0) / n)
+            samples[name].append(1e3 * (clock() - t0) / n)
         rounds += 1
     return samples
 
@@ -96,7 +101,7 @@ def onnx_runner(path: str | Path, inputs: tuple | dict):
 
 
 def latency_table(models: dict[str, nn.Module | str | Path], inputs: tuple | dict, budget_s: float = 1.0,
-                  stat=statistics.median, threads: int | None = 1) -> list[LatencyRow]:
+                  stat=statistics.median, threads: int | None = 1, clock=time.perf_counter) -> list[LatencyRow]:
     """One row per model (torch modules, or ONNX files run by onnxruntime with the FLOPs of the torch row before).
 
     `threads` intra-op threads for torch and onnxruntime alike (None: torch's current setting). One thread is the
@@ -107,12 +112,12 @@ def latency_table(models: dict[str, nn.Module | str | Path], inputs: tuple | dic
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _latency_table(models, inputs, budget_s, stat)
+        return _latency_table(models, inputs, budget_s, stat, clock)
     finally:
         torch.set_num_threads(previous)
 
 
-def _latency_table(models, inputs, budget_s, stat) -> list[LatencyRow]:
+def _latency_table(models, inputs, budget_s, stat, clock) -> list[LatencyRow]:
     runners, params, flops = {}, {}, {}
     last_flops = 0
     for name, model in models.items():
@@ -121,7 +126,7 @@ def _latency_table(models, inputs, budget_s, stat) -> list[LatencyRow]:
             flops[name] = last_flops = count_flops(model, inputs)
         else:
             runners[name], params[name], flops[name] = onnx_runner(model, inputs), onnx_params(model), last_flops
-    samples = time_samples(runners, budget_s)
+    samples = time_samples(runners, budget_s, clock=clock)
     return [LatencyRow(name, stat(samples[name]), params[name], flops[name]) for name in models]
 
 
