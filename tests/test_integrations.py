@@ -127,6 +127,8 @@ def hf_run(tmp_path_factory):
     probe = torch.stack([b["input_ids"] for b in _marker_data(8, 99)])
     saved: dict[int, torch.Tensor] = {}
 
+    steps: list[dict] = []
+
     class Recorder(transformers.TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
             was = model.training
@@ -135,12 +137,26 @@ def hf_run(tmp_path_factory):
                 saved[state.global_step] = model(input_ids=probe).logits.clone()
             model.train(was)
 
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+            steps.append({"step": state.global_step, "lr": trainer.optimizer.param_groups[0]["lr"],
+                          "optimizes_all": optimized == {id(p) for p in model.parameters()},
+                          "dendrites": max(dendrite_counts(model).values())})
+
     model = _tiny_bert()
     trainer = transformers.Trainer(model=model, args=_args(out), train_dataset=_marker_data(256, 1),
                                    eval_dataset=_marker_data(128, 2), callbacks=[Recorder()])
     callback = DendriteCallback(switch_every=2, max_dendrites=2).attach(trainer)
     trainer.train()
-    return {"trainer": trainer, "callback": callback, "out": out, "saved": saved, "probe": probe}
+    return {"trainer": trainer, "callback": callback, "out": out, "saved": saved, "probe": probe, "steps": steps}
+
+
+def test_trainer_optimizer_is_rebuilt_and_the_lr_schedule_continues(hf_run):
+    steps, max_steps, lr = hf_run["steps"], 40, 3e-3
+    assert any(s["dendrites"] >= 1 for s in steps)
+    assert all(s["optimizes_all"] for s in steps)  # new dendrites are trained from the step after they appear
+    for s in steps:  # the Trainer's linear decay, as a function of the global step, across every rebuild
+        assert s["lr"] == pytest.approx(lr * (max_steps - s["step"]) / max_steps, rel=1e-6)
 
 
 def test_trainer_callback_adds_dendrites_and_restores_the_best(hf_run):
