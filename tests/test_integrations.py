@@ -329,10 +329,16 @@ def test_lightning_callback_adds_dendrites_checkpoints_and_restores_the_best(tmp
     probe = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
     saved: dict[int, torch.Tensor] = {}
 
+    optimizes_all: list[bool] = []
+
     class Recorder(pl.Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             with torch.no_grad():
                 saved[checkpoint["epoch"]] = pl_module(probe).clone()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+            optimizes_all.append(optimized == {id(p) for p in pl_module.parameters()})
 
     model = module()
     callback = DendriteCallback(monitor="val_loss", switch_every=2, max_dendrites=2)
@@ -341,6 +347,7 @@ def test_lightning_callback_adds_dendrites_checkpoints_and_restores_the_best(tmp
 
     actions = [h["action"] for h in callback.growth.history]
     assert actions[:2] == ["continue", "add"] and "add" in actions
+    assert optimizes_all and all(optimizes_all)  # configure_optimizers() ran again on the grown module
     assert max(h["dendrites"] for h in callback.growth.history) >= 1
     # the best model is back in the module at the end
     values = [h["value"] for h in callback.growth.history]
