@@ -64,6 +64,10 @@ class TrainConfig:
     correlation_epochs: int = 20  # candidate-training passes over the recorded samples
     correlation_samples: int = 4096  # training samples recorded per dendrite phase
     plot: bool = True  # draw training.png at the end (needs matplotlib)
+    # Checkpoint (and outputs) after every epoch, unless epochs are so short that this would cost more than
+    # this fraction of the training time: then after every few epochs, so a crash loses at most about
+    # (checkpoint time / checkpoint_budget) seconds, e.g. 0.3 s for digits. Switches and the end always write.
+    checkpoint_budget: float = 0.05
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -75,6 +79,8 @@ class TrainConfig:
             raise UsageError(f"--switch-every must be at least 1, not {self.switch_every}.")
         if self.max_dendrites < 0:
             raise UsageError(f"--max-dendrites must be 0 or more, not {self.max_dendrites}.")
+        if not self.checkpoint_budget > 0:
+            raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.")
 
     def schedule_config(self, maximize: bool) -> ScheduleConfig:
         return ScheduleConfig(
@@ -208,6 +214,8 @@ class _Run:
         self._loss_checked = False
         self._config_text: dict[tuple, str] = {}
         self._last_durable = time.monotonic()
+        self._last_checkpoint = time.perf_counter()
+        self._checkpoint_cost = 0.0  # measured: the first epoch always writes
 
     # ---- setup ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -332,6 +340,7 @@ class _Run:
 
     def run_epoch(self) -> None:
         start = time.perf_counter()
+        first_new_row = len(self.rows)
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss = self.train_epoch()
         val = self.evaluate(self.val_loader, "val_data")
@@ -352,10 +361,19 @@ class _Run:
         if decision.action == "continue" and self.scheduler is not None:
             self._step_scheduler(val)
         self.apply(decision)
-        self.save_checkpoint()
-        self.write_outputs()
+        if decision.action != "continue" or self.nonfinite or self._checkpoint_due():
+            begin = time.perf_counter()
+            self.save_checkpoint()
+            self.write_outputs()
+            self._last_checkpoint = time.perf_counter()
+            self._checkpoint_cost = self._last_checkpoint - begin
         if self.on_epoch is not None:
-            self.on_epoch(self.rows[-1])
+            for row in self.rows[first_new_row:]:  # the neuron epoch, and a dendrite phase if one followed
+                self.on_epoch(row)
+
+    def _checkpoint_due(self) -> bool:
+        since = time.perf_counter() - self._last_checkpoint
+        return since * self.config.checkpoint_budget >= self._checkpoint_cost
 
     def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
         return {"epoch": len(self.rows) + 1, "phase": phase, "dendrites": dendrites, "params": params,
@@ -417,7 +435,7 @@ class _Run:
                         "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                         "rng": self._rng_tensors()}, buffer)
             (tmp / "training_state.pt").write_bytes(buffer.getvalue())
-            (tmp / "state.json").write_text(json.dumps(self._state(), indent=1) + "\n")
+            (tmp / "state.json").write_text(json.dumps(self._state(), separators=(",", ":")) + "\n")
         if self.best_changed and self.best_model is not None:
             with _atomic_dir(self.output / "best", durable) as tmp:
                 for file in (ckpt / "best").iterdir():
