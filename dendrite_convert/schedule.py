@@ -102,7 +102,7 @@ class Schedule:
                 self.cycle_set_global_best = True
                 save_best = True
         if cfg.capacity_test:
-            return self._capacity_test_step()
+            return self._capacity_test_step(val)
         if self._switch_time():
             if not self.cycle_set_global_best:
                 if self.tries < 1:
@@ -145,12 +145,13 @@ class Schedule:
         self.cycle_best = None
         self.cycle_set_global_best = False
 
-    def _capacity_test_step(self) -> Decision:
-        # The peer's testing_dendrite_capacity: switch every epoch, keep every dendrite, stop after three.
+    def _capacity_test_step(self, val: float) -> Decision:
+        # The peer's testing_dendrite_capacity: switch every epoch, keep every dendrite (the latest model is
+        # the one kept), stop after three.
+        self.best, self.best_epoch, self.best_dendrites = val, self.epoch, self.dendrites
         if self.dendrites >= CAPACITY_TEST_DENDRITES:
             return self._stop(True, f"capacity test passed: {CAPACITY_TEST_DENDRITES} dendrites added and trained",
                               restore=False)
-        self.best, self.best_epoch, self.best_dendrites = self.cycle_best, self.epoch, self.dendrites
         self._switch("add", self.dendrites + 1)
         return self._within_budget(Decision("add", True, restore=False))
 

@@ -70,9 +70,10 @@ def test_max_epochs_stops_and_drops_a_switch_that_cannot_be_trained():
 
 
 def test_capacity_test_adds_three_dendrites_and_keeps_them():
-    s, actions = run([0.1, 0.05, 0.02, 0.01, 0.0], capacity_test=True)
+    s, actions = run([0.1, 0.05, 0.02, 0.01, 0.0], capacity_test=True)  # scores get worse: still kept
     assert actions == ["add", "add", "add", "stop"]
     assert s.dendrites == 3 and "capacity test passed" in s.stop_reason
+    assert (s.best_epoch, s.best_dendrites, s.best) == (4, 3, 0.01)
 
 
 def test_max_dendrites_zero_is_early_stopping():
