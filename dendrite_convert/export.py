@@ -11,27 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
-from .files import atomic_directory, atomic_file, check_writable
-from .fold import LAYOUTS, FoldedDendrites, FoldRecord, _layer_spec, fold, layer_from_spec, strip_dendrites
-from .layers import DendriteLayer
+from .files import atomic_file, check_writable
+from .fold import LAYOUTS, FoldedDendrites, FoldRecord, fold, strip_dendrites
+from .foldeddir import load_folded, save_folded  # noqa: F401  (load_folded is public API)
 from .modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
 
 log = logging.getLogger(__name__)
-FOLDED_CONFIG = "folded_config.json"
-FOLDED_WEIGHTS = "model.safetensors"
-FOLDED_SCHEMA = 1
 _PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # keep a margin for the graph itself below 2 GiB
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
            "int64": torch.int64, "int32": torch.int32}
@@ -224,7 +219,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
                             f"{sum(len(r.pruned) for r in result.records)} dendrites; max output change "
                             f"{report.fold_max_abs:.3g} on the verification inputs")
     if config.format == "safetensors":
-        _write_safetensors(converted, folded, output, inputs, config, report)
+        save_folded(converted, folded, output, inputs, config, report, _raise_if_failed)
     if config.latency and inputs is not None:
         from .latency import latency_table
 
@@ -334,108 +329,3 @@ def _quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-# ---- safetensors: folded weights + recipe ------------------------------------------------------------------
-
-def _module_spec(module: nn.Module) -> dict:
-    if isinstance(module, FoldedDendrites):
-        return module.spec()
-    return {"kind": "layer", "layer": _layer_spec(module)}
-
-
-def _targets(model: nn.Module, cls=DendriteLayer) -> dict[str, list[str]]:
-    """Every `cls` module by its first path, with all its paths (shared modules once)."""
-    paths: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, cls):
-            paths.setdefault(id(m), []).append(path)
-    return {names[0]: names for names in paths.values()}
-
-
-def _write_safetensors(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report) -> None:
-    from safetensors.torch import save_model
-
-    from . import __version__
-
-    targets = {}
-    for name, paths in _targets(converted.model).items():
-        module = folded.get_submodule(name) if name else folded
-        targets[name] = {"paths": paths, "module": _module_spec(module)}
-    recipe = {
-        "schema_version": FOLDED_SCHEMA, "kind": "folded", "tool_version": __version__,
-        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": converted.source.to_dict(), "dendrite_config": converted.config.to_dict(),
-        "targets": targets, "example_inputs": inputs.specs if inputs else converted.example_inputs,
-        "folds": [r.to_dict() for r in report.folds],
-    }
-    with atomic_directory(output, force=True) as tmp:
-        save_model(folded, str(tmp / FOLDED_WEIGHTS), metadata={"format": "pt"})
-        (tmp / FOLDED_CONFIG).write_text(json.dumps(recipe, indent=2) + "\n")
-        if inputs is not None:  # verify what load_folded rebuilds, not what is in memory
-            rebuilt = load_folded(tmp, config.trust_pickle)
-            expected = reference_outputs(converted.model, inputs.fresh)
-            actual = reference_outputs(rebuilt, inputs.fresh)
-            report.verify = VerifyReport(config.atol, config.rtol, [list(t.shape) for t in
-                                         (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)])
-            report.verify.outputs = [compare(f"output_{i}", e, a, config.atol, config.rtol)
-                                     for i, (e, a) in enumerate(zip(expected, actual))]
-            _raise_if_failed(report.verify, output)
-        else:
-            report.notes.append("not verified: no example input (pass --input-shape or --adapter)")
-
-
-def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
-    """The folded model written by `export(..., ExportConfig(format="safetensors"))`, in eval mode.
-
-    The source architecture is rebuilt as for a converted directory, every target is replaced by the plain
-    layers of its recorded fold, and the folded weights are loaded strictly. No pickle is involved.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    from .config import DendriteConfig
-    from .loading import Source, read_json, rebuild
-    from .rewrite import convert_model
-
-    path = Path(path)
-    file = path / FOLDED_CONFIG
-    if not file.is_file():
-        raise LoadError(f"{path} is not a folded-model directory: {FOLDED_CONFIG} is missing.")
-    data = read_json(file)
-    if data.get("kind") != "folded" or not isinstance(data.get("schema_version"), int):
-        raise LoadError(f"{file} was not written by dendrite-export --safetensors.")
-    if data["schema_version"] > FOLDED_SCHEMA:
-        raise LoadError(f"{file} has schema version {data['schema_version']}; upgrade dendrite_convert to load it.")
-    try:
-        source = Source.from_dict(data["source"])
-        config = DendriteConfig.from_dict(data["dendrite_config"])
-        targets = dict(data["targets"])
-    except (TypeError, ValueError, KeyError, DendriteError) as exc:
-        raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
-    model, _ = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
-    found = _targets(model)
-    if set(found) != set(targets):
-        diff = sorted(set(found).symmetric_difference(targets))[:5]
-        raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
-    for name, entry in targets.items():
-        try:
-            spec = entry["module"]
-            module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
-        for p in found[name]:
-            if not p:
-                model = module
-                continue
-            parent, _, leaf = p.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, module)
-    weights = path / FOLDED_WEIGHTS
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, RuntimeError, OSError, FileNotFoundError) as exc:
-        raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
-    if missing or unexpected:
-        raise LoadError(f"{weights} does not match the rebuilt folded model: missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]}.")
-    return model.eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""The folded-model directory: `model.safetensors` (folded weights) + `folded_config.json` (the recipe).
+
+Like the converted-model directory it never pickles code: `load_folded` rebuilds the source architecture,
+converts it again (deterministic), replaces every target by the plain layers its recipe entry describes and
+loads the folded weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DendriteError, LoadError
+from .files import atomic_directory
+from .fold import FoldedDendrites, _layer_spec, layer_from_spec
+from .layers import DendriteLayer
+from .modeldir import ConvertedModel
+from .verify import VerifyReport, compare, reference_outputs
+
+FOLDED_CONFIG = "folded_config.json"
+FOLDED_WEIGHTS = "model.safetensors"
+FOLDED_SCHEMA = 1
+
+
+def _module_spec(module: nn.Module) -> dict:
+    if isinstance(module, FoldedDendrites):
+        return module.spec()
+    return {"kind": "layer", "layer": _layer_spec(module)}
+
+
+def _targets(model: nn.Module, cls=DendriteLayer) -> dict[str, list[str]]:
+    """Every `cls` module by its first path, with all its paths (shared modules once)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, cls):
+            paths.setdefault(id(m), []).append(path)
+    return {names[0]: names for names in paths.values()}
+
+
+def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report, check) -> None:
+    """Write the folded directory atomically; with example inputs, what `load_folded` rebuilds is verified first."""
+    from safetensors.torch import save_model
+
+    from . import __version__
+
+    targets = {}
+    for name, paths in _targets(converted.model).items():
+        module = folded.get_submodule(name) if name else folded
+        targets[name] = {"paths": paths, "module": _module_spec(module)}
+    recipe = {
+        "schema_version": FOLDED_SCHEMA, "kind": "folded", "tool_version": __version__,
+        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": converted.source.to_dict(), "dendrite_config": converted.config.to_dict(),
+        "targets": targets, "example_inputs": inputs.specs if inputs else converted.example_inputs,
+        "folds": [r.to_dict() for r in report.folds],
+    }
+    with atomic_directory(output, force=True) as tmp:
+        save_model(folded, str(tmp / FOLDED_WEIGHTS), metadata={"format": "pt"})
+        (tmp / FOLDED_CONFIG).write_text(json.dumps(recipe, indent=2) + "\n")
+        if inputs is not None:  # verify what load_folded rebuilds, not what is in memory
+            rebuilt = load_folded(tmp, config.trust_pickle)
+            expected = reference_outputs(converted.model, inputs.fresh)
+            actual = reference_outputs(rebuilt, inputs.fresh)
+            report.verify = VerifyReport(config.atol, config.rtol, [list(t.shape) for t in
+                                         (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)])
+            report.verify.outputs = [compare(f"output_{i}", e, a, config.atol, config.rtol)
+                                     for i, (e, a) in enumerate(zip(expected, actual))]
+            check(report.verify, output)
+        else:
+            report.notes.append("not verified: no example input (pass --input-shape or --adapter)")
+
+
+def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """The folded model written by `export(..., ExportConfig(format="safetensors"))`, in eval mode.
+
+    The source architecture is rebuilt as for a converted directory, every target is replaced by the plain
+    layers of its recorded fold, and the folded weights are loaded strictly. No pickle is involved.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .config import DendriteConfig
+    from .loading import Source, read_json, rebuild
+    from .rewrite import convert_model
+
+    path = Path(path)
+    file = path / FOLDED_CONFIG
+    if not file.is_file():
+        raise LoadError(f"{path} is not a folded-model directory: {FOLDED_CONFIG} is missing.")
+    data = read_json(file)
+    if data.get("kind") != "folded" or not isinstance(data.get("schema_version"), int):
+        raise LoadError(f"{file} was not written by dendrite-export --safetensors.")
+    if data["schema_version"] > FOLDED_SCHEMA:
+        raise LoadError(f"{file} has schema version {data['schema_version']}; upgrade dendrite_convert to load it.")
+    try:
+        source = Source.from_dict(data["source"])
+        config = DendriteConfig.from_dict(data["dendrite_config"])
+        targets = dict(data["targets"])
+    except (TypeError, ValueError, KeyError, DendriteError) as exc:
+        raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
+    model, _ = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+    found = _targets(model)
+    if set(found) != set(targets):
+        diff = sorted(set(found).symmetric_difference(targets))[:5]
+        raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
+    for name, entry in targets.items():
+        try:
+            spec = entry["module"]
+            module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
+        for p in found[name]:
+            if not p:
+                model = module
+                continue
+            parent, _, leaf = p.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module)
+    weights = path / FOLDED_WEIGHTS
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, RuntimeError, OSError, FileNotFoundError) as exc:
+        raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
+    if missing or unexpected:
+        raise LoadError(f"{weights} does not match the rebuilt folded model: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}.")
+    return model.eval().requires_grad_(False)
