@@ -29,3 +29,23 @@ def test_family_converts_exactly_with_the_expected_targets(family):
     assert torch.equal(_out(converted.model.eval(), inputs), reference)
     unsupported = {s.type for s in converted.report.skipped if "not supported" in s.reason}
     assert unsupported <= {"MultiheadAttention", "LSTM", "Embedding"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(ZOO))
+def test_family_trains_through_a_capacity_test(family, tmp_path):
+    """dendrite-train --capacity-test: three dendrites are added to every target and trained; losses stay finite."""
+    import math
+
+    from dendrite_convert.trainer import TrainConfig, train
+    from fixtures.zoo import zoo_adapter
+
+    build, _, _ = ZOO[family]
+    converted = dc.convert(build(), factory=f"fixtures.zoo:{build.__name__}")
+    summary = train(converted, zoo_adapter(family), tmp_path / "run", TrainConfig(capacity_test=True, max_epochs=10))
+    assert [s["dendrites"] for s in summary["switches"]] == [1, 2, 3]
+    assert summary["stop_reason"].startswith("capacity test passed")
+    rows = (tmp_path / "run" / "scores.csv").read_text().splitlines()[1:]
+    assert all(math.isfinite(float(r.split(",")[4])) for r in rows if r.split(",")[4])
+    best = dc.load(tmp_path / "run" / "best")
+    assert {layer.num_dendrites for layer in dc.dendrite_layers(best).values()} == {3}
