@@ -250,8 +250,11 @@ class _Run:
             freeze_dendrites(self.model, first=self.initial_dendrites)
 
     def setup_phase(self) -> None:
-        """The one place that builds what a phase trains with (optimizer, scheduler; later DDP)."""
+        """The one place that builds what a phase trains with: the network that runs the training steps
+        (`net`; a DDP wrapper goes here, rebuilt because each phase changes the parameters), the optimizer
+        and the scheduler. `model` stays the unwrapped module that is evaluated and saved."""
         self.model.train()
+        self.net = self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapter.build_optimizer(self.params)
         self.scheduler = self.adapter.build_scheduler(self.optimizer)
@@ -261,11 +264,11 @@ class _Run:
         return max((m.num_dendrites for m in _targets(model).values()), default=0)
 
     # ---- one epoch -----------------------------------------------------------------------------------
-    def forward_loss(self, batch) -> torch.Tensor:
+    def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
         if self.device.type != "cpu":
             batch = _to_device(batch, self.device)
         args, kwargs = self.adapter.model_inputs(batch)
-        loss = self.adapter.loss(self.model(*args, **kwargs), batch)
+        loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
         if not self._loss_checked:
             self._check_loss(loss)
         return loss
@@ -398,8 +401,9 @@ class _Run:
             for layer in _targets(self.model).values():
                 layer.add_dendrite()
         else:
-            add_correlation_dendrites(self.model, _targets(self.model), self.train_loader, self.forward_loss,
-                                      self.config.correlation_config())
+            model = self.model  # the restored best model; the phase's `net` is rebuilt below
+            add_correlation_dendrites(model, _targets(model), self.train_loader,
+                                      lambda batch: self.forward_loss(batch, model), self.config.correlation_config())
             self.schedule.note_dendrite_phase()
             val = self.evaluate(self.val_loader, "val_data")
             test = self.evaluate(self.test_loader, "test_data") if self.test_loader is not None else None
