@@ -35,8 +35,9 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 class FoldedDendrites(nn.Module):
     """y = main(x) + Σ s_i·h_i, h_i = a(D_i x + Σ_j u_ij·h_j), built from plain Linear/ConvNd layers.
 
-    `links[i]` lists the j whose cascade weight into dendrite i is non-zero; `emits` lists the dendrites
-    whose scale is non-zero. Scales and cascade weights are buffers shaped to broadcast over the output.
+    `links[i]` lists the j whose cascade weight into dendrite i is non-zero, `emits` the dendrites whose scale is
+    non-zero; `cascade` holds one row per link (in that order) and `scales` one row per emitting dendrite, so the
+    module stores only what it uses. Rows are shaped to broadcast over the output's channel axis.
     """
 
     def __init__(self, main: nn.Module, branches: list[nn.Module], activation: str, scales: torch.Tensor,
@@ -49,9 +50,12 @@ class FoldedDendrites(nn.Module):
         self.out_channels = _out_channels(main)
         self.spatial_dims = 0 if isinstance(main, nn.Linear) else main.weight.ndim - 2
         self.groups = getattr(main, "groups", 1)
-        shape = (self.k, self.out_channels) + (1,) * self.spatial_dims
-        self.register_buffer("scales", scales.reshape(shape).clone())
-        self.register_buffer("cascade", cascade.reshape((self.k,) + shape).clone())
+        row = (self.out_channels,) + (1,) * self.spatial_dims
+        self.register_buffer("scales", scales.reshape((len(emits),) + row).clone())
+        self.register_buffer("cascade", cascade.reshape((sum(map(len, links)),) + row).clone())
+        rows = iter(range(self.cascade.shape[0]))
+        self._link_rows = [[(j, next(rows)) for j in js] for js in links]
+        self._emit_rows = {i: r for r, i in enumerate(emits)}
         if layout == "separate":
             self.main, self.branches = main, nn.ModuleList(branches)
         else:
@@ -73,11 +77,11 @@ class FoldedDendrites(nn.Module):
         act = ACTIVATIONS[self.activation]
         hs: list[torch.Tensor] = []
         for i, z in enumerate(zs):
-            for j in self.links[i]:
-                z = z + self.cascade[i, j] * hs[j]
+            for j, r in self._link_rows[i]:
+                z = z + self.cascade[r] * hs[j]
             hs.append(act(z))
-            if i in self.emits:
-                y = y + self.scales[i] * hs[i]
+            if i in self._emit_rows:
+                y = y + self.scales[self._emit_rows[i]] * hs[i]
         return y
 
     def spec(self) -> dict:
@@ -89,11 +93,12 @@ class FoldedDendrites(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict) -> FoldedDendrites:
-        k, layer = spec["dendrites"], spec["layer"]
-        shape = (k, layer["out_channels"]) + (1,) * layer["spatial_dims"]
+        k, layer, links, emits = spec["dendrites"], spec["layer"], spec["links"], spec["emits"]
+        row = (layer["out_channels"],) + (1,) * layer["spatial_dims"]
         make = [layer_from_spec(layer) for _ in range(k + 1)]
-        return cls(make[0], make[1:], spec["activation"], torch.zeros(shape), torch.zeros((k,) + shape),
-                   spec["links"], spec["emits"], layout="separate" if spec["layout"] == "separate" else "concat")
+        return cls(make[0], make[1:], spec["activation"], torch.zeros((len(emits),) + row),
+                   torch.zeros((sum(map(len, links)),) + row), links, emits,
+                   layout="separate" if spec["layout"] == "separate" else "concat")
 
 
 @dataclass
@@ -234,6 +239,10 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
     scales = [s.detach() for s in layer.dendrite_scales]
     cascade = [u.detach() for u in layer.dendrite_cascade]
     live, pruned, peak = _live_dendrites(scales, cascade, prune_below)
+
+    def emitting(i: int) -> bool:  # a live dendrite below prune_below only feeds later ones
+        return peak[i] > 0 and peak[i] >= prune_below
+
     gone = {i for i, _ in pruned} - set(live)
     record = FoldRecord(name, "layer", k, 0, dropped=k - len(live) - len(gone), pruned=pruned)
     if not live:
@@ -247,16 +256,19 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
                 a_w = a_w + _per_out(cascade[i][j], a_w) * acc[m][0]
                 a_b = a_b + cascade[i][j] * acc[m][1]
             acc.append((a_w, a_b))
-            weight = weight + _per_out(scales[i], a_w) * a_w
-            bias = bias + scales[i] * a_b
+            if emitting(i):
+                weight = weight + _per_out(scales[i], a_w) * a_w
+                bias = bias + scales[i] * a_b
         record.folded = len(live)
         return _plain_layer(template, weight, bias), record
     main = _plain_layer(template, weight, bias)
     branches = [_plain_layer(template, w, b) for w, b in branch_wb]
-    s = torch.stack([scales[i] for i in live])
-    u = torch.stack([torch.stack([cascade[i][j] if j < i else torch.zeros_like(s[0]) for j in live]) for i in live])
-    links = [[m for m, j in enumerate(live[:n]) if bool(u[n, m].abs().max() > 0)] for n in range(len(live))]
-    emits = [n for n, i in enumerate(live) if peak[i] > 0 and peak[i] >= prune_below]
+    links = [[m for m, j in enumerate(live[:n]) if bool(cascade[i][j].abs().max() > 0)] for n, i in enumerate(live)]
+    emits = [n for n, i in enumerate(live) if emitting(i)]
+    c = weight.shape[0]
+    s = torch.stack([scales[live[n]] for n in emits]) if emits else weight.new_zeros(0, c)
+    u = [cascade[i][live[m]] for n, i in enumerate(live) for m in links[n]]
+    u = torch.stack(u) if u else weight.new_zeros(0, c)
     module = FoldedDendrites(main, branches, layer.activation, s, u, links, emits, layout)
     record.form, record.kept, record.layout = "dendrites", len(live), layout
     return module.requires_grad_(False), record

@@ -47,6 +47,16 @@ def test_fold_matches_unfolded(name, activation, layout):
     assert not any(p.requires_grad for p in folded.parameters())
 
 
+def test_folded_mlp_stores_exactly_what_it_uses():
+    from dendrite_convert import count_parameters
+
+    model = _dendritic(mlp)  # no BatchNorm: every dendrite tensor is used, nothing else is added
+    assert count_parameters(fold_model(model)) == count_parameters(model)
+    with torch.no_grad():
+        dendrite_layers(model)["0"].dendrite_cascade[2].zero_()  # two links fewer in the first layer
+    assert count_parameters(fold_model(model)) == count_parameters(model) - 2 * 16
+
+
 def test_grouped_and_depthwise_keep_group_assignment_in_concat():
     model = _dendritic(cnn)
     folded = fold_model(model, gemm_layout="concat")
