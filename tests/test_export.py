@@ -192,9 +192,10 @@ def test_cli_zero_dendrites_directory(tmp_path):
     path = tmp_path / "conv"
     convert(mlp(), factory="tests.helpers_export:mlp", example_inputs=[MODELS["mlp"][1]]).save(path)
     out = tmp_path / "m.onnx"
-    result = runner.invoke(export_app, [str(path), "--onnx", "-o", str(out), "--no-latency"])
+    result = runner.invoke(export_app, [str(path), "--onnx", "-o", str(out), "--no-latency", "--opset", "18"])
     assert result.exit_code == 0, result.output
     assert _ops(out)["Gemm"] + _ops(out)["MatMul"] == 3
+    assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {18}
 
 
 def test_cli_bad_inputs(saved_cnn, tmp_path):
