@@ -32,11 +32,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="Trainer output_dir (default: a temporary folder)")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--patience", type=int, default=2, help="evaluations without improvement before a switch")
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--onnx", default=None, help="also export the best model to this ONNX file (needs [onnx])")
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="dendrite-trainer-")
     start = time.perf_counter()
+    torch.set_num_threads(1)  # a 20k-parameter model: more threads only add overhead (and thrash on a busy CPU)
 
     torch.manual_seed(0)
     base = transformers.BertForSequenceClassification(tiny_bert_config())
@@ -46,9 +50,11 @@ def main(argv=None) -> dict:
 
     train, val, test = (as_records(*make_reviews(n, seed)) for n, seed in ((2048, 1), (512, 2), (512, 3)))
     training_args = transformers.TrainingArguments(
-        out, eval_strategy="steps", eval_steps=20, save_steps=100, save_total_limit=2, max_steps=args.steps,
-        per_device_train_batch_size=32, per_device_eval_batch_size=512, learning_rate=3e-3, warmup_steps=20,
-        logging_steps=100, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        out, eval_strategy="steps", eval_steps=args.eval_steps,  # evaluations drive the dendrite schedule
+        save_steps=4 * args.eval_steps, save_total_limit=2,  # checkpoints carry dendrite_structure.json
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=512,
+        learning_rate=args.lr, warmup_steps=20, logging_steps=100, report_to=[], use_cpu=True, disable_tqdm=True,
+        seed=0,
     )
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                                    compute_metrics=accuracy)
