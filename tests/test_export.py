@@ -16,7 +16,7 @@ from dendrite_convert.cli import app
 from dendrite_convert.cli.export import app as export_app
 from dendrite_convert.fold import strip_dendrites
 from dendrite_convert.verify import ort_session
-from tests.helpers_export import add_dendrites, cnn, conv1d_net, mlp, tiny_bert_classifier, unfoldable_bn
+from tests.helpers_export import add_dendrites, cnn, conv1d_net, mlp, tiny_bert_classifier, tiny_gpt2, unfoldable_bn
 
 runner = CliRunner()
 EXPORT = sys.modules["dendrite_convert.export"]  # the package re-exports the function under the module's name
@@ -29,6 +29,7 @@ MODELS = {  # name -> factory, example input spec, fresh inputs at another batch
     "cnn": (cnn, {"shape": [2, 3, 16, 16], "dtype": "float32"}, lambda: (torch.randn(5, 3, 16, 16),)),
     "bert_cls": (tiny_bert_classifier, {"shape": [2, 8], "dtype": "int64", "high": 100},
                  lambda: (torch.randint(0, 100, (4, 6)),)),
+    "gpt2": (tiny_gpt2, {"shape": [2, 8], "dtype": "int64", "high": 100}, lambda: (torch.randint(0, 100, (5, 11)),)),
 }
 
 
