@@ -6,6 +6,6 @@ here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-$(mktemp -d)}"
 python "$here/make_model.py" "$work/tiny_bert"
 dendrite-convert "$work/tiny_bert" -o "$work/converted" --force
-dendrite-train "$work/converted" --adapter "$here/adapter.py" -o "$work/run" --patience 2 --max-epochs 6 --force
+dendrite-train "$work/converted" --adapter "$here/adapter.py" -o "$work/run" --patience 2 --max-epochs 20 --force
 dendrite-export "$work/run/best" --onnx -o "$work/model.onnx" --force --no-latency
 echo "outputs in $work"
