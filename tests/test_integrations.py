@@ -20,7 +20,6 @@ from dendrite_convert.growth import (
 from dendrite_convert.schedule import ScheduleConfig
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These models are tiny: one intra-op thread is faster, and does not thrash a shared CPU."""
@@ -269,6 +268,18 @@ def test_trainer_saves_tied_weights_of_a_converted_masked_lm(tmp_path):
         keys = set(f.keys())
     assert "cls.predictions.decoder.base_layer.weight" not in keys
     assert "bert.embeddings.word_embeddings.weight" in keys
+    # it reloads: structure inferred from the weight names, tied tensors filled through the tie
+    from safetensors.torch import load_file
+
+    fresh = _tiny_bert("BertForMaskedLM")
+    assert set(restore_structure(fresh, tmp_path / "final").values()) == set(dendrite_counts(trainer.model).values())
+    result = fresh.load_state_dict(load_file(str(tmp_path / "final" / "model.safetensors")), strict=False)
+    assert set(result.missing_keys) <= {"cls.predictions.decoder.base_layer.weight",
+                                        "cls.predictions.decoder.base_layer.bias"} and not result.unexpected_keys
+    probe = torch.stack([b["input_ids"] for b in data[:4]])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(input_ids=probe).logits, trainer.model(input_ids=probe).logits)
 
 
 def test_trainer_callback_refuses_arguments_it_cannot_work_with(tmp_path):
