@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
-from .layers import ACTIVATIONS, DendriteLayer, _is_hf_conv1d
+from .layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d
 
 LAYOUTS = ("auto", "separate", "concat")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_TRANSPOSED = tuple(_CONV_T.values())
 
 
 class FoldedDendrites(nn.Module):
@@ -88,14 +90,20 @@ class FoldedDendrites(nn.Module):
         """What `from_spec` needs to rebuild this module empty (shapes and hyper-parameters, no weights)."""
         main = self.main if self.layout == "separate" else None
         template = main if main is not None else self.fused
-        return {"kind": "dendrites", "layer": _layer_spec(template, self.out_channels), "activation": self.activation,
+        spec = {"kind": "dendrites", "layer": _layer_spec(template, self.out_channels), "activation": self.activation,
                 "layout": self.layout, "links": self.links, "emits": self.emits, "dendrites": self.k}
+        if self.layout == "separate":  # low-rank branches are two small layers
+            spec["branches"] = [[_layer_spec(m) for m in _layers_and_norm(b)[0]] for b in self.branches]
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict) -> FoldedDendrites:
         k, layer, links, emits = spec["dendrites"], spec["layer"], spec["links"], spec["emits"]
         row = (layer["out_channels"],) + (1,) * layer["spatial_dims"]
         make = [layer_from_spec(layer) for _ in range(k + 1)]
+        if "branches" in spec:
+            make[1:] = [layer_from_spec(b[0]) if len(b) == 1 else nn.Sequential(*map(layer_from_spec, b))
+                        for b in spec["branches"]]
         return cls(make[0], make[1:], spec["activation"], torch.zeros((len(emits),) + row),
                    torch.zeros((sum(map(len, links)),) + row), links, emits,
                    layout="separate" if spec["layout"] == "separate" else "concat")
@@ -126,16 +134,40 @@ class FoldResult:
 
 # ---- equivalent weights -------------------------------------------------------------------------------------
 
-def equivalent_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of a target or of a (target, eval BatchNorm) pair, in nn.Linear / nn.ConvNd layout."""
+def _layers_and_norm(module: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """A neuron or dendrite as its layers (one; two for a low-rank dendrite) and its paired norm, if any."""
     norm = None
-    if isinstance(module, nn.Sequential):
-        module, norm = module[0], module[1]
-    if _is_hf_conv1d(module):
-        weight = module.weight.detach().t()
-    else:
-        weight = module.weight.detach()
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else weight.new_zeros(weight.shape[0])
+    if isinstance(module, nn.Sequential) and isinstance(module[-1], NORM_LAYERS):
+        module, norm = (module[0] if len(module) == 2 else nn.Sequential(*module[:-1])), module[-1]
+    return (list(module) if isinstance(module, nn.Sequential) else [module]), norm
+
+
+def _out_major(layer: nn.Module) -> torch.Tensor:
+    """The weight as [out, in/groups, *kernel]: Conv1D is stored transposed, ConvTransposeNd as [in, out/groups, ...]."""
+    weight = layer.weight.detach()
+    if _is_hf_conv1d(layer):
+        return weight.t()
+    if isinstance(layer, _TRANSPOSED):
+        return _swap_in_out(weight, layer.groups)
+    return weight
+
+
+def _swap_in_out(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """[a, b/groups, *k] <-> [b, a/groups, *k] per group: ConvTransposeNd's layout and back (an involution)."""
+    return weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
+
+
+def equivalent_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a target, a (target, eval BatchNorm) pair or a low-rank dendrite, W in [out, in/groups, *k]."""
+    layers, norm = _layers_and_norm(module)
+    weight = _out_major(layers[0])
+    first_bias = getattr(layers[0], "bias", None)
+    bias = first_bias.detach() if first_bias is not None else weight.new_zeros(weight.shape[0])
+    if len(layers) == 2:  # low rank: the 1x1 / Linear second factor composed with the first
+        second = _out_major(layers[1]).flatten(1)
+        weight, bias = torch.einsum("or,r...->o...", second, weight), second @ bias
+        if layers[1].bias is not None:
+            bias = bias + layers[1].bias.detach()
     return _fold_norm(weight, bias, norm) if norm is not None else (weight.clone(), bias.clone())
 
 
@@ -154,6 +186,19 @@ def _fold_norm(weight, bias, norm: nn.Module):
     return weight * _per_out(scale, weight), bias * scale + shift
 
 
+def _plain_branch(dendrite: nn.Module, template: nn.Module) -> nn.Module:
+    """A nonlinear dendrite as standard layers: one layer, or a low-rank pair kept as two small layers."""
+    layers, norm = _layers_and_norm(dendrite)
+    if len(layers) == 1:
+        return _plain_layer(template, *equivalent_weight_bias(dendrite))
+    first, second = layers
+    w2 = _out_major(second)
+    b2 = second.bias.detach() if second.bias is not None else w2.new_zeros(w2.shape[0])
+    if norm is not None:
+        w2, b2 = _fold_norm(w2, b2, norm)
+    return nn.Sequential(_plain_layer(first, _out_major(first), None), _plain_layer(second, w2, b2))
+
+
 def _neuron_module(layer: DendriteLayer) -> nn.Module:
     return layer.base_layer if layer.norm is None else nn.Sequential(layer.base_layer, layer.norm)
 
@@ -167,38 +212,47 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _layer_spec(layer: nn.Module, out_channels: int | None = None) -> dict:
+    bias = getattr(layer, "bias", None) is not None
     if isinstance(layer, nn.Linear):
         return {"type": "Linear", "in_features": layer.in_features, "out_channels": out_channels or layer.out_features,
-                "spatial_dims": 0}
+                "spatial_dims": 0, "bias": bias}
     dims = layer.weight.ndim - 2
-    return {"type": f"Conv{dims}d", "in_channels": layer.in_channels, "out_channels": out_channels or layer.out_channels,
+    spec = {"type": f"Conv{dims}d", "in_channels": layer.in_channels, "out_channels": out_channels or layer.out_channels,
             "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
             "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
             "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
-            "spatial_dims": dims}
+            "spatial_dims": dims, "bias": bias}
+    if isinstance(layer, _TRANSPOSED):
+        spec.update(type=f"ConvTranspose{dims}d", output_padding=list(layer.output_padding))
+    return spec
 
 
 def layer_from_spec(spec: dict, out_channels: int | None = None) -> nn.Module:
-    """An empty nn.Linear/ConvNd (with bias) from `_layer_spec`; weights are loaded afterwards."""
-    out = out_channels or spec["out_channels"]
+    """An empty nn.Linear/ConvNd/ConvTransposeNd from `_layer_spec`; weights are loaded afterwards."""
+    out, bias = out_channels or spec["out_channels"], spec.get("bias", True)
     if spec["type"] == "Linear":
-        return nn.Linear(spec["in_features"], out)
+        return nn.Linear(spec["in_features"], out, bias=bias)
     padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
-    return _CONV[spec["spatial_dims"]](
-        spec["in_channels"], out, tuple(spec["kernel_size"]), stride=tuple(spec["stride"]), padding=padding,
-        dilation=tuple(spec["dilation"]), groups=spec["groups"], padding_mode=spec["padding_mode"])
+    options = dict(stride=tuple(spec["stride"]), padding=padding, dilation=tuple(spec["dilation"]),
+                   groups=spec["groups"], padding_mode=spec["padding_mode"], bias=bias)
+    if spec["type"].startswith("ConvTranspose"):
+        return _CONV_T[spec["spatial_dims"]](spec["in_channels"], out, tuple(spec["kernel_size"]),
+                                             output_padding=tuple(spec["output_padding"]), **options)
+    return _CONV[spec["spatial_dims"]](spec["in_channels"], out, tuple(spec["kernel_size"]), **options)
 
 
-def _plain_layer(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """A standard nn.Linear/ConvNd with the template's hyper-parameters and the given weights."""
+def _plain_layer(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A standard layer with the template's hyper-parameters and the given [out, in/groups, *k] weights."""
     if _is_hf_conv1d(template):
         spec = {"type": "Linear", "in_features": weight.shape[1], "out_channels": weight.shape[0], "spatial_dims": 0}
     else:
         spec = _layer_spec(template)
+    spec["bias"] = bias is not None
     layer = layer_from_spec(spec, out_channels=weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
+        layer.weight.copy_(_swap_in_out(weight, layer.groups) if isinstance(layer, _TRANSPOSED) else weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
     return layer.requires_grad_(False)
 
 
@@ -262,7 +316,9 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
         record.folded = len(live)
         return _plain_layer(template, weight, bias), record
     main = _plain_layer(template, weight, bias)
-    branches = [_plain_layer(template, w, b) for w, b in branch_wb]
+    branches = [_plain_branch(layer.dendrite_layers[i], template) for i in live]
+    if any(isinstance(b, nn.Sequential) or isinstance(b, _TRANSPOSED) for b in branches):
+        layout = "separate"  # low-rank pairs and transposed convs do not concatenate along output channels
     links = [[m for m, j in enumerate(live[:n]) if bool(cascade[i][j].abs().max() > 0)] for n, i in enumerate(live)]
     emits = [n for n, i in enumerate(live) if emitting(i)]
     c = weight.shape[0]

@@ -52,3 +52,58 @@ def test_rank_is_recorded_and_rebuilt(tmp_path):
     loaded = dc.load(converted.save(tmp_path / "lr")).eval()
     assert isinstance(loaded[0].dendrite_layers[0], nn.Sequential)
     assert torch.equal(loaded(x), expected)
+
+
+def _randomized(model, config, bn=False):
+    from conftest import randomize_dendrites
+
+    converted = dc.convert(model, config)
+    converted.model.eval()
+    randomize_dendrites(converted.model)
+    if bn:
+        with torch.no_grad():
+            for m in converted.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+    return converted
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn+bn"])
+def test_low_rank_fold_matches_unfolded(kind, activation):
+    if kind == "mlp":
+        model, x = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 6)), torch.randn(5, 24)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))
+        x = torch.randn(2, 3, 8, 8)
+    converted = _randomized(model, dc.DendriteConfig(dendrites=3, rank=2, activation=activation), bn=True)
+    reference = converted.model(x)
+    folded = dc.fold_model(converted.model)
+    assert not dc.dendrite_layers(folded)
+    torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
+    first = folded[0]
+    if activation == "identity":  # a low-rank stack still folds exactly into one plain layer
+        assert isinstance(first, (nn.Linear, nn.Conv2d))
+    else:  # each dendrite stays two small layers: in -> rank -> out
+        assert [tuple(b[0].weight.shape[:2]) for b in first.branches] == [(2, first.main.weight.shape[1])] * 3
+
+
+def test_low_rank_adds_what_the_formula_predicts_and_exports(tmp_path):
+    """Parameters and FLOPs of the folded model, and onnxruntime parity, for rank-R dendrites."""
+    from dendrite_convert.latency import count_flops
+
+    n_in, n_out, rank, k, batch = 64, 48, 4, 3, 8
+    base = nn.Sequential(nn.Linear(n_in, n_out))
+    converted = _randomized(base, dc.DendriteConfig(dendrites=k, rank=rank))
+    x = torch.randn(batch, n_in)
+    folded = dc.fold_model(converted.model)
+    plain = n_in * n_out + n_out
+    per_dendrite = added_parameters(nn.Linear(n_in, n_out), rank)  # rank*in + out*rank + out
+    assert per_dendrite == rank * n_in + n_out * rank + n_out
+    cascade_rows = k * (k - 1) // 2
+    assert dc.count_parameters(folded) == plain + k * per_dendrite + (k + cascade_rows) * n_out
+    assert count_flops(folded, (x,)) == 2 * batch * (n_in * n_out + k * (rank * n_in + n_out * rank))
+    report = dc.export(converted, tmp_path / "lr.onnx", dc.ExportConfig(input_shape=[2, n_in], atol=1e-5, rtol=1e-5))
+    assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
