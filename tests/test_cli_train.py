@@ -63,3 +63,5 @@ def test_quiet_prints_nothing_and_umbrella_command_and_resume_of_a_finished_run(
         k: v for k, v in before.items() if k != "wall_seconds"}
     result = runner.invoke(app, ["--resume", str(out), "-o", str(tmp_path / "elsewhere")])
     assert result.exit_code == 2 and "leave out -o/--output" in result.output
+    result = runner.invoke(app, [str(converted), "--resume", str(out)])
+    assert result.exit_code == 2 and "leave out CONVERTED" in result.output

@@ -26,7 +26,7 @@ def train(
     max_epochs: Annotated[int, typer.Option(min=1, help="Stop after this many epochs in all.", rich_help_panel=_SCHEDULE)] = 100,
     capacity_test: Annotated[bool, typer.Option("--capacity-test", help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
     seed: Annotated[int, typer.Option(help="Seeds torch, numpy and random; the same seed gives the same run on CPU.", rich_help_panel=_RUN)] = 0,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch.", rich_help_panel=_RUN, show_default=False)] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch (its recorded model, options and adapter; --adapter replaces the adapter).", rich_help_panel=_RUN, show_default=False)] = None,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -48,6 +48,8 @@ def train(
     if resume is not None:
         if output is not None and output.resolve() != resume.resolve():
             raise UsageError("--resume RUN continues RUN in place; leave out -o/--output.")
+        if converted is not None:
+            raise UsageError("--resume RUN continues with the model recorded in RUN/checkpoint; leave out CONVERTED.")
         run_dir = resume
     else:
         if converted is None:
