@@ -89,16 +89,23 @@ class _Inputs:
     specs: list[dict]
 
 
-def _make(spec: dict, batch: int, seq_extra: int = 0, generator=None) -> torch.Tensor:
+def spec_axes(spec: dict) -> dict[int, str]:
+    """The dynamic axes of an input spec: its own `axes` ({"0": "nodes"}), else batch (and sequence for tokens)."""
+    if "axes" in spec:
+        return {int(axis): str(name) for axis, name in spec["axes"].items()}
+    tokens = not _DTYPES.get(spec.get("dtype", "float32"), torch.float32).is_floating_point
+    return {0: "batch", 1: "sequence"} if tokens and len(spec["shape"]) >= 2 else {0: "batch"}
+
+
+def _make(spec: dict, sizes: dict[str, int], generator) -> torch.Tensor:
     shape = list(spec["shape"])
-    shape[0] = batch
+    for axis, name in spec_axes(spec).items():
+        shape[axis] = sizes.get(name, shape[axis])
     dtype = _DTYPES.get(spec.get("dtype", "float32"))
     if dtype is None:
         raise UsageError(f"example input dtype {spec.get('dtype')!r} is not one of {', '.join(_DTYPES)}.")
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator).to(dtype)
-    if len(shape) > 1:
-        shape[1] += seq_extra
     return torch.randint(0, int(spec.get("high", 2)), shape, dtype=dtype, generator=generator)
 
 
@@ -106,10 +113,12 @@ def _from_specs(specs: list[dict]) -> _Inputs:
     for spec in specs:
         if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or not spec["shape"]:
             raise LoadError(f"a recorded example input {spec!r} has no shape; pass --input-shape.")
-    batch = max(2, specs[0]["shape"][0])  # a batch of 1 lets the exporter specialise the batch axis
+    sizes = {name: spec["shape"][axis] for spec in specs for axis, name in spec_axes(spec).items()}
+    if "batch" in sizes:
+        sizes["batch"] = max(2, sizes["batch"])  # a batch of 1 lets the exporter specialise the batch axis
     gen = torch.Generator().manual_seed(0)
-    example = tuple(_make(s, batch, 0, gen) for s in specs)
-    fresh = tuple(_make(s, batch + 1, 1, gen) for s in specs)  # another batch, and sequence for token inputs
+    example = tuple(_make(s, sizes, gen) for s in specs)
+    fresh = tuple(_make(s, {n: v + 1 for n, v in sizes.items()}, gen) for s in specs)  # every dynamic axis grows
     return _Inputs(example, fresh, specs)
 
 
@@ -157,13 +166,11 @@ def _check_runs(model: nn.Module, inputs: _Inputs) -> None:
                          "pass a matching --input-shape.") from exc
 
 
-def _dynamic_shapes(inputs: tuple | dict):
-    def axes(t: torch.Tensor) -> dict:
-        return {0: "batch", 1: "sequence"} if not t.is_floating_point() and t.ndim >= 2 else {0: "batch"}
-
-    if isinstance(inputs, dict):
-        return {k: axes(v) for k, v in inputs.items()}
-    return tuple(axes(t) for t in inputs)
+def _dynamic_shapes(inputs: _Inputs):
+    axes = [spec_axes(spec) for spec in inputs.specs]
+    if isinstance(inputs.example, dict):
+        return dict(zip(inputs.example, axes))
+    return tuple(axes)
 
 
 # ---- the verb -----------------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs
         paths = {name: tmp if len(candidates) == 1 else tmp.with_name(f"{tmp.name}.{name}") for name in candidates}
         try:
             for name, folded in candidates.items():
-                _torch_export(folded, paths[name], inputs.example, config, report)
+                _torch_export(folded, paths[name], inputs, config, report)
             chosen = next(iter(candidates))
             if len(candidates) > 1:
                 times = median_ms({n: onnx_runner(p, inputs.fresh) for n, p in paths.items()}, budget_s=0.5)
@@ -269,7 +276,8 @@ def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs
     return chosen
 
 
-def _torch_export(folded: nn.Module, path: Path, example, config: ExportConfig, report: ExportReport) -> None:
+def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: ExportConfig, report: ExportReport) -> None:
+    example = inputs.example
     size = sum(t.numel() * t.element_size() for t in [*folded.parameters(), *folded.buffers()])
     if size > _PROTOBUF_LIMIT:
         raise ConversionError(f"the folded model holds {size / 1024**3:.2f} GiB of weights, above the 2 GB limit of a "
@@ -283,7 +291,7 @@ def _torch_export(folded: nn.Module, path: Path, example, config: ExportConfig, 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
             warnings.simplefilter("ignore")
             torch.onnx.export(folded, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
-                              verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(example),
+                              verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(inputs),
                               output_names=_output_names(folded, example), optimize=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

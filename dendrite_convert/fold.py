@@ -63,6 +63,11 @@ class FoldedDendrites(nn.Module):
         else:
             self.fused = _concat_layers([main, *branches], self.groups)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The main layer's weight (model code reads `.weight.dtype`/`.device`, as for DendriteLayer)."""
+        return self.main.weight if self.layout == "separate" else self.fused.weight
+
     def _split(self, z: torch.Tensor) -> list[torch.Tensor]:
         axis = z.ndim - self.spatial_dims - 1
         if self.groups == 1:

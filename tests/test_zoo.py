@@ -49,3 +49,22 @@ def test_family_trains_through_a_capacity_test(family, tmp_path):
     assert all(math.isfinite(float(r.split(",")[4])) for r in rows if r.split(",")[4])
     best = dc.load(tmp_path / "run" / "best")
     assert {layer.num_dendrites for layer in dc.dendrite_layers(best).values()} == {3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(ZOO))
+def test_family_exports_to_onnx_within_1e_5(family, tmp_path):
+    """3 dendrites with random scales and cascade, folded, exported, and run in onnxruntime at other sizes."""
+    from conftest import randomize_dendrites
+    from fixtures.zoo import example_specs
+
+    build, _, _ = ZOO[family]
+    converted = dc.convert(build(), dc.DendriteConfig(dendrites=3), factory=f"fixtures.zoo:{build.__name__}",
+                           example_inputs=example_specs(family))
+    converted.model.eval()
+    randomize_dendrites(converted.model)
+    report = dc.export(converted, tmp_path / "model.onnx", dc.ExportConfig(atol=1e-5, rtol=1e-5, latency=False))
+    assert report.verify.ok
+    assert max(o.max_abs for o in report.verify.outputs) <= 1e-5
+    assert report.verify.input_shapes != [s["shape"] for s in example_specs(family)]  # checked at other sizes
+    assert (tmp_path / "model.onnx").is_file() and not (tmp_path / "model.onnx.data").exists()
