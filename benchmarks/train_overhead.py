@@ -35,8 +35,8 @@ def score(outputs, batch): return (outputs.argmax(-1) == batch[1]).float().mean(
 
 WORKLOADS = {
     # name: (samples, features, width, batch, epochs); tiny epochs need more of them to amortise setup
-    "mlp-256 (20k samples, 250 steps/epoch)": (20_000, 64, 256, 64, 5),
-    "digits-size mlp-8 (1.4k samples, 18 steps/epoch)": (1_400, 64, 8, 64, 40),
+    "mlp-256 (20k samples, 250 steps/epoch)": (20_000, 64, 256, 64, 10),
+    "digits-size mlp-8 (1.4k samples, 18 steps/epoch)": (1_400, 64, 8, 64, 100),
 }
 
 
@@ -76,7 +76,7 @@ def dendrite_loop(converted_dir: Path, adapter_path: Path, out: Path, epochs: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 5 and 40)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 10 and 100)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a busy machine)")
     args = parser.parse_args()

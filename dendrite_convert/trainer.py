@@ -243,11 +243,13 @@ class _Run:
             )
         return data
 
-    def _apply_trainable(self) -> None:
-        for p in self.model.parameters():
+    def _apply_trainable(self, model: nn.Module | None = None) -> None:
+        """Everything trains, except correlation dendrites: they are frozen once inserted."""
+        model = self.model if model is None else model
+        for p in model.parameters():
             p.requires_grad_(True)
         if self.config.objective == "correlation":
-            freeze_dendrites(self.model, first=self.initial_dendrites)
+            freeze_dendrites(model, first=self.initial_dendrites)
 
     def setup_phase(self) -> None:
         """The one place that builds what a phase trains with: the network that runs the training steps
@@ -582,7 +584,7 @@ class _Run:
         run.nonfinite = state["nonfinite"]
         if (ckpt / "best").is_dir():
             run.best_model = load_converted(ckpt / "best").model
-            run._set_trainable(run.best_model)
+            run._apply_trainable(run.best_model)
         run._apply_trainable()
         run.setup_phase()
         blob = torch.load(ckpt / "training_state.pt", weights_only=True)
@@ -598,11 +600,6 @@ class _Run:
         np_state = state["numpy_rng"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         return run
-
-    def _set_trainable(self, model: nn.Module) -> None:
-        model_before, self.model = self.model, model
-        self._apply_trainable()
-        self.model = model_before
 
 
 @contextlib.contextmanager
