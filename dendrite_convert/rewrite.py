@@ -310,7 +310,38 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
             params_before=before, params_after=count_parameters(layer),
         ))
     report.params_after = count_parameters(model)
+    retie_weight_keys(model)  # transformers' save_pretrained then finds tied weights inside dendrite layers
     return model, report
+
+
+def retie_weight_keys(model: nn.Module) -> None:
+    """Point transformers' tied-weight declarations at the weights inside dendrite layers.
+
+    After conversion `cls.predictions.decoder` is a DendriteLayer whose weight lives at
+    `decoder.base_layer.weight`; `save_pretrained` de-duplicates tied tensors only under the declared
+    names, so without this it refuses to save (shared tensors "not properly defined").
+    """
+    def retarget(root: nn.Module, name: str) -> str:
+        parent, _, leaf = name.rpartition(".")
+        try:
+            module = root.get_submodule(parent) if parent else root
+        except AttributeError:
+            return name  # a regex pattern or a name this model does not have: leave it
+        if isinstance(module, DendriteLayer) and leaf in ("weight", "bias"):
+            return f"{parent}.base_layer.{leaf}" if parent else f"base_layer.{leaf}"
+        return name
+
+    for module in model.modules():
+        for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+            keys = getattr(module, attr, None)
+            if isinstance(keys, dict) and keys:
+                renamed = {retarget(module, k): retarget(module, v) for k, v in keys.items()}
+            elif isinstance(keys, (list, tuple)) and keys:  # transformers 4.x: a list of target names
+                renamed = [retarget(module, k) for k in keys]
+            else:
+                continue
+            if renamed != keys:
+                setattr(module, attr, renamed)  # an instance attribute: the class is untouched
 
 
 def refresh_report(model: nn.Module, report: ConversionReport) -> ConversionReport:

@@ -130,3 +130,24 @@ def test_transformers_every_linear_and_conv1d_found(build, vocab_targets, tmp_pa
     assert converted.report.fallbacks  # transformers v5 models never trace whole: partial tracing
     with torch.no_grad():
         assert torch.equal(converted.model(input_ids=ids).logits, expected)
+
+
+def test_converted_transformers_model_with_tied_weights_saves_with_save_pretrained(tmp_path):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = dc.convert(transformers.BertForMaskedLM(config).eval(), dc.DendriteConfig(dendrites=1)).model
+    decoder = model.cls.predictions.decoder
+    assert decoder.base_layer.weight is model.bert.embeddings.word_embeddings.weight
+    model.save_pretrained(tmp_path / "mlm")  # refuses shared tensors unless the tied keys point inside the layer
+    ids = torch.randint(0, 100, (2, 7))
+    reloaded = dc.convert(transformers.BertForMaskedLM(config).eval(), dc.DendriteConfig(dendrites=1)).model
+    from safetensors.torch import load_file
+
+    missing, unexpected = reloaded.load_state_dict(load_file(tmp_path / "mlm" / "model.safetensors"), strict=False)
+    tied = {"cls.predictions.decoder.base_layer.weight", "cls.predictions.decoder.base_layer.bias"}
+    assert not unexpected and set(missing) <= tied  # only the tied copies are stored once
+    reloaded.tie_weights()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
