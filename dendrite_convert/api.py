@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
-from .loading import Source, load_source
+from .loading import Source, absolute_factory, load_source
 from .rewrite import convert_model
 
 
@@ -32,7 +32,8 @@ def convert(
     """
     config = config or DendriteConfig()
     if isinstance(model, nn.Module):
-        source = Source("factory", factory=factory, factory_kwargs=factory_kwargs or {}) if factory else Source("module")
+        source = (Source("factory", factory=absolute_factory(factory), factory_kwargs=factory_kwargs or {})
+                  if factory else Source("module"))
     else:
         model, source = load_source(model, factory, factory_kwargs, trust_pickle)
     example_inputs = list(example_inputs or []) or _known_example_inputs(model)

@@ -105,6 +105,16 @@ def _import_file(file: Path):
     return module
 
 
+def absolute_factory(spec: str | None) -> str | None:
+    """`file.py:fn` with the file made absolute, so a converted directory rebuilds from any working directory."""
+    if not spec:
+        return spec
+    target, sep, attr = spec.rpartition(":")
+    if sep and (target.endswith(".py") or "/" in target) and Path(target).is_file():
+        return f"{Path(target).resolve()}:{attr}"
+    return spec
+
+
 def build_from_factory(spec: str, kwargs: dict) -> nn.Module:
     fn = resolve_factory(spec)
     try:
@@ -208,7 +218,7 @@ def load_source(
             raise LoadError(f"{path} is not a loadable TorchScript file ({type(exc).__name__}).") from exc
         model = build_from_factory(factory, kwargs)
         load_weights_into(model, state, path, f"--factory {factory}")
-        return model, Source("torchscript", str(path.resolve()), digest, factory, kwargs)
+        return model, Source("torchscript", str(path.resolve()), digest, absolute_factory(factory), kwargs)
     if kind == "safetensors":
         obj = _load_safetensors(path)
     else:
@@ -223,7 +233,7 @@ def load_source(
         raise LoadError(f"{path} is a state dict (weights only); pass --factory module:fn that builds the model.")
     model = build_from_factory(factory, kwargs)
     load_weights_into(model, state, path, f"--factory {factory}")
-    return model, Source("state_dict", str(path.resolve()), digest, factory, kwargs)
+    return model, Source("state_dict", str(path.resolve()), digest, absolute_factory(factory), kwargs)
 
 
 def _check_unpickled(model: nn.Module, path: Path) -> None:

@@ -12,6 +12,7 @@ from dendrite_convert.cli import app
 from dendrite_convert.cli.convert import app as convert_app
 
 runner = CliRunner()
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def _convert(*args):
@@ -157,3 +158,17 @@ def test_trust_is_never_read_from_a_converted_directory(tmp_path):
         assert dc.load(tmp_path / "b", trust_pickle=True) is not None
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_a_relative_factory_file_is_recorded_absolute(fixture_files, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(ROOT_DIR)
+    out = tmp_path / "conv"
+    assert _convert(fixture_files["state dict"]["path"], "-o", out, "--factory", "fixtures/models.py:small_cnn").exit_code == 0
+    factory = json.loads((out / "dendrite_config.json").read_text())["source"]["factory"]
+    assert factory == f"{ROOT_DIR / 'fixtures' / 'models.py'}:small_cnn"
+    monkeypatch.chdir(tmp_path)
+    import dendrite_convert as dc
+
+    assert dc.load(out) is not None
