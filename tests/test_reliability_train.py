@@ -135,3 +135,15 @@ def test_a_constant_score_stops_after_the_retry_with_the_reason(converted, tmp_p
     assert summary["best_val"] == 50.0 and summary["epochs"] < 30
     assert "did not beat the best score" in summary["stop_reason"]
     assert summary["dendrites"] == 0  # nothing beat the first model, so the best model has no dendrite
+
+
+def test_resume_puts_back_a_checkpoint_moved_aside_by_a_killed_replace(converted, tmp_path):
+    run = tmp_path / "run"
+    dc.train(converted, DIGITS / "adapter.py", run, dc.TrainConfig(switch_every=2, max_dendrites=1, max_epochs=2))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.replace(run / "checkpoint", run / f".checkpoint.old-{dead.pid}")  # SIGKILL between the two renames
+    (run / f".checkpoint.tmp-{dead.pid}").mkdir()
+    summary = dc.train(None, None, run, resume=True)
+    assert summary["finished"] and (run / "checkpoint" / "state.json").is_file()
+    assert not list(run.glob(".*"))
