@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,10 +30,10 @@ def remove_stale(path: Path) -> None:
     new one never arrived, so an interrupted `--force` never loses what was there.
     """
     for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
-        kind, _, pid = leftover.name.rpartition("-")
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        match = re.fullmatch(r"\.(tmp|old)-(\d+)(\..*)?", leftover.name[len(path.name) + 1:])  # .tmp-PID[.part]
+        if not match or int(match[2]) == os.getpid() or _alive(int(match[2])):
             continue
-        if kind.endswith(".old") and not path.exists():
+        if match[1] == "old" and not path.exists():
             os.replace(leftover, path)
         elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
