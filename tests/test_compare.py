@@ -64,3 +64,23 @@ def _digits_converted(tmp_path: Path) -> Path:
     torch.save(module.build().state_dict(), tmp_path / "model.pt")
     return dc.convert(tmp_path / "model.pt", factory=str(ROOT / "examples/digits/model.py") + ":build").save(
         tmp_path / "converted")
+
+
+def test_cli_seeds_and_baseline(tmp_path):
+    from typer.testing import CliRunner
+
+    from dendrite_convert.cli.train import app
+
+    converted = _digits_converted(tmp_path)
+    result = CliRunner().invoke(app, [str(converted), "--adapter", str(ROOT / "examples/digits/adapter.py"),
+                                      "-o", str(tmp_path / "cmp"), "--seeds", "2", "--baseline", "--max-epochs", "3",
+                                      "--patience", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [a["arm"] for a in data["arms"]] == ["dendrites", "baseline"] and data["p_value"] is not None
+    assert "Welch's t-test p =" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        "baseline", "comparison.csv", "comparison.json", "comparison.png", "dendrites"]
+    again = CliRunner().invoke(app, [str(converted), "--adapter", str(ROOT / "examples/digits/adapter.py"),
+                                     "-o", str(tmp_path / "cmp"), "--seeds", "2"])
+    assert again.exit_code == 2 and "--force" in again.stderr

@@ -10,7 +10,7 @@ import typer
 
 from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, print_json
 
-_SCHEDULE, _OBJECTIVE, _RUN = "Schedule", "Dendrite objective", "Run"
+_SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
 
 
 @handle_errors
@@ -27,6 +27,9 @@ def train(
     capacity_test: Annotated[bool, typer.Option("--capacity-test", help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
     seed: Annotated[int, typer.Option(help="Seeds torch, numpy and random; the same seed gives the same run on CPU.", rich_help_panel=_RUN)] = 0,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch (its recorded model, options and adapter; --adapter replaces the adapter).", rich_help_panel=_RUN, show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Train this many seeds (from --seed) and report mean ± std: RUN/dendrites/seed_N/.", rich_help_panel=_COMPARE)] = 1,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also train every seed without dendrites (RUN/baseline/) and test whether the difference is beyond noise (Welch's t-test).", rich_help_panel=_COMPARE)] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="With --seeds/--baseline: runs in this many parallel processes.", rich_help_panel=_COMPARE)] = 1,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -63,6 +66,11 @@ def train(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
         max_dendrites=max_dendrites, max_epochs=max_epochs, capacity_test=capacity_test, seed=seed,
     )
+    if seeds > 1 or baseline:
+        if resume is not None:
+            raise UsageError("--seeds/--baseline start new runs; they cannot be combined with --resume.")
+        _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet)
+        return
     with _Progress(max_epochs, quiet) as progress:
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
                             on_epoch=progress.epoch)
@@ -71,6 +79,18 @@ def train(
         print_json(summary)
     if summary.get("nonfinite"):
         raise typer.Exit(1)
+
+
+def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet) -> None:
+    """K seeds with (and without) dendrites: comparison.csv/.json/.png and a table with the significance."""
+    from ..compare import compare, render
+
+    result = compare(converted, adapter, run_dir, config, seeds=seeds, baseline=baseline, jobs=jobs, force=force)
+    if not quiet:
+        render(result, console)
+        console.print(f"wrote {run_dir / 'comparison.csv'}, comparison.json, comparison.png and one run per seed")
+    if json_out:
+        print_json(result.to_dict())
 
 
 def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
