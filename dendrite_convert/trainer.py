@@ -32,6 +32,7 @@ from torch import nn
 from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, freeze_dendrites
 from .errors import LoadError, UsageError
+from . import distributed
 from .files import atomic_directory, check_writable, remove_stale, replace_path
 from .layers import DendriteLayer, count_parameters
 from .modeldir import ConvertedModel, load_converted
@@ -114,20 +115,27 @@ def train(
         summary = train("converted/", "adapter.py", "run/", TrainConfig(max_epochs=30))
     """
     output = Path(output)
-    if resume:
-        run = _Run.from_checkpoint(output, adapter, on_epoch)
-    else:
-        if converted is None or adapter is None:
-            raise UsageError("train needs a converted model and an adapter (or resume=True).")
-        check_writable(output, force)
-        if not isinstance(converted, ConvertedModel):
-            converted = load_converted(converted)
-        if not isinstance(adapter, Adapter):
-            adapter = load_adapter(adapter)
-        _clear_outputs(output)
-        run = _Run(converted, adapter, output, config or TrainConfig(), on_epoch)
-        run.start()
-    return run.loop()
+    joined = distributed.init()  # under torchrun: this rank's device; None otherwise
+    try:
+        if resume:
+            run = _Run.from_checkpoint(output, adapter, on_epoch)
+        else:
+            if converted is None or adapter is None:
+                raise UsageError("train needs a converted model and an adapter (or resume=True).")
+            check_writable(output, force)
+            if not isinstance(converted, ConvertedModel):
+                converted = load_converted(converted)
+            if not isinstance(adapter, Adapter):
+                adapter = load_adapter(adapter)
+            if distributed.is_main():
+                _clear_outputs(output)
+            distributed.barrier()
+            run = _Run(converted, adapter, output, config or TrainConfig(), on_epoch)
+            run.start()
+        return run.loop()
+    finally:
+        if joined is not None:
+            distributed.shutdown()
 
 
 def seed_everything(seed: int) -> None:
@@ -200,6 +208,8 @@ class _Run:
         self.config = config
         self.on_epoch = on_epoch
         self.model = converted.model
+        if distributed.active() and torch.cuda.is_available():
+            self.model.to(torch.device("cuda", torch.cuda.current_device()))
         self.device = next(self.model.parameters()).device
         self.schedule = Schedule(config.schedule_config(adapter.maximize))
         self.rows: list[dict] = []
@@ -227,9 +237,11 @@ class _Run:
 
     def _build_data(self) -> None:
         a = self.adapter
-        self.train_loader = self._call_data("train_data", a.train_data)
-        self.val_loader = self._call_data("val_data", a.val_data)
-        self.test_loader = self._call_data("test_data", a.test_data) if a.test_data is not None else None
+        seed = self.config.seed
+        self.train_loader = distributed.shard(self._call_data("train_data", a.train_data), seed, training=True)
+        self.val_loader = distributed.shard(self._call_data("val_data", a.val_data), seed, training=False)
+        self.test_loader = (distributed.shard(self._call_data("test_data", a.test_data), seed, training=False)
+                            if a.test_data is not None else None)
 
     def _call_data(self, name: str, fn):
         try:
@@ -247,7 +259,7 @@ class _Run:
         """Everything trains, except correlation dendrites: they are frozen once inserted."""
         model = self.model if model is None else model
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(p.numel() > 0)  # the first dendrite's [0, C] cascade holds nothing (DDP needs every grad)
         if self.config.objective == "correlation":
             freeze_dendrites(model, first=self.initial_dendrites)
 
@@ -256,7 +268,7 @@ class _Run:
         (`net`; a DDP wrapper goes here, rebuilt because each phase changes the parameters), the optimizer
         and the scheduler. `model` stays the unwrapped module that is evaluated and saved."""
         self.model.train()
-        self.net = self.model
+        self.net = distributed.wrap(self.model)  # a fresh DDP: it syncs rank 0's weights and buckets these params
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapter.build_optimizer(self.params)
         self.scheduler = self.adapter.build_scheduler(self.optimizer)
@@ -291,6 +303,7 @@ class _Run:
     def train_epoch(self) -> float:
         model, optimizer = self.model, self.optimizer
         model.train()
+        distributed.set_epoch([self.train_loader], len(self.rows))
         total = torch.zeros((), device=self.device)
         steps = 0
         for batch in self.train_loader:
@@ -302,7 +315,8 @@ class _Run:
             steps += 1
         if steps == 0:
             raise LoadError(f"--adapter {self.adapter.spec}: train_data() yielded no batches.")
-        return total.item() / steps
+        total_loss, all_steps = distributed.all_sum(total.item(), steps)
+        return total_loss / all_steps
 
     @torch.no_grad()
     def evaluate(self, data, name: str) -> float:
@@ -324,10 +338,11 @@ class _Run:
                 count += n
         finally:
             model.train()
+        total, count = distributed.all_sum(total + total_t.item(), count)  # every rank decides alike
         if count == 0:
             raise LoadError(f"--adapter {adapter.spec}: {name}() yielded no batches; it must give at least one "
                             "batch to score.")
-        return (total + total_t.item()) / count
+        return total / count
 
     def _score(self, outputs, batch) -> float:
         value = self.adapter.score(outputs, batch)
@@ -406,6 +421,7 @@ class _Run:
             model = self.model  # the restored best model; the phase's `net` is rebuilt below
             add_correlation_dendrites(model, _targets(model), self.train_loader,
                                       lambda batch: self.forward_loss(batch, model), self.config.correlation_config())
+            distributed.broadcast_module(model)  # every rank keeps rank 0's candidates
             self.schedule.note_dendrite_phase()
             val = self.evaluate(self.val_loader, "val_data")
             test = self.evaluate(self.test_loader, "test_data") if self.test_loader is not None else None
@@ -424,6 +440,8 @@ class _Run:
         Written every epoch, so it is kept lean: weights straight to safetensors, the directory config
         re-rendered only when the structure changes, an unchanged best/ hard-linked from the last one.
         """
+        if not distributed.is_main():  # rank 0 alone writes; every rank holds the same state
+            return
         ckpt = self.output / "checkpoint"
         now = time.monotonic()
         durable = self.schedule.done or now - self._last_durable >= DURABLE_EVERY_S
@@ -489,9 +507,11 @@ class _Run:
         return self.wall_before + time.perf_counter() - self.session_start
 
     def write_outputs(self) -> None:
+        self.last_summary = self.summary()
+        if not distributed.is_main():
+            return
         _write_csv(self.output / "scores.csv", SCORE_COLUMNS, self.rows)
         _write_csv(self.output / "best_test_scores.csv", BEST_COLUMNS, self.best_test_scores())
-        self.last_summary = self.summary()
         _write_text(self.output / "summary.json", json.dumps(self.last_summary, indent=2) + "\n")
 
     def best_test_scores(self) -> list[dict]:
@@ -526,6 +546,7 @@ class _Run:
             "nonfinite": self.nonfinite,
             "stop_reason": s.stop_reason or None,
             "switches": s.switches,
+            "world_size": distributed.world_size(),
         }
 
     def _best_row(self) -> dict | None:
@@ -537,7 +558,8 @@ class _Run:
     def finish(self) -> dict:
         if self.best_model is not None:
             self.model = self.best_model
-        if self.config.plot:
+        distributed.check_replicas(self.model)
+        if self.config.plot and distributed.is_main():
             self._plot()
         self.write_outputs()
         return self.last_summary
@@ -559,8 +581,10 @@ class _Run:
     def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
                         on_epoch: Callable[[dict], None] | None) -> _Run:
         ckpt = output / "checkpoint"
-        remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
-        remove_stale(output / "best")
+        if distributed.is_main():
+            remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
+            remove_stale(output / "best")
+        distributed.barrier()
         if not (ckpt / "state.json").is_file():
             raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
         try:

@@ -46,7 +46,11 @@ def train(
 
         sys.stdout.write(TEMPLATE)
         return
+    from ..distributed import launched_rank
     from ..trainer import TrainConfig, train as train_api
+
+    if launched_rank() != 0:  # under torchrun rank 0 alone shows progress and prints results
+        quiet, json_out = True, False
 
     if resume is not None:
         if output is not None and output.resolve() != resume.resolve():
