@@ -67,3 +67,40 @@ def test_two_process_gloo_run_adds_dendrites_and_only_rank_0_writes(tmp_path, ob
             correct += (model(x).argmax(-1) == y).sum().item()
             total += len(y)
     assert 100 * correct / total == pytest.approx(summary["best_val"], abs=1e-4)  # the adapter scores in float32
+
+
+@pytest.mark.slow
+def test_distributed_resume_after_sigkill_matches_an_uninterrupted_distributed_run(tmp_path):
+    import signal
+    import time
+
+    sys.path.insert(0, str(DIGITS))
+    from model import build
+
+    torch.manual_seed(0)
+    converted = dc.convert(build(8), factory=f"{DIGITS / 'model.py'}:build").save(tmp_path / "conv")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+              str(Path(sys.executable).parent / "dendrite-train")]
+    args = ["--adapter", str(DIGITS / "adapter.py"), "--switch-every", "2", "--max-dendrites", "2",
+            "--max-epochs", "8", "--seed", "2", "--quiet"]
+    subprocess.run([*launch, str(converted), *args, "-o", str(tmp_path / "full")], env=env, check=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*launch, str(converted), *args, "-o", str(killed)], env=env, start_new_session=True)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(state.read_text())["rows"]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    subprocess.run([*launch, "--resume", str(killed), "--quiet"], env=env, check=True, timeout=600)
+    got, expected = (json.loads((d / "summary.json").read_text()) for d in (killed, tmp_path / "full"))
+    for summary in (got, expected):
+        summary.pop("wall_seconds")
+    assert got == expected
