@@ -101,6 +101,8 @@ class DendriteLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.neuron(x)
+        if not self.dendrite_layers:  # a converted model without dendrites costs one extra call, nothing more
+            return y
         for scale, h in zip(self.dendrite_scales, self.dendrite_outputs(x)):
             y = y + self.per_channel(scale, h) * h
         return y

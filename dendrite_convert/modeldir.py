@@ -18,7 +18,6 @@ from torch import nn
 from .config import DendriteConfig
 from .errors import DendriteError, LoadError, UsageError
 from .files import atomic_directory
-from .layers import DendriteLayer
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
@@ -125,11 +124,10 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     if found != set(expected):
         diff = sorted(found.symmetric_difference(expected))[:5]
         raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded recipe ({', '.join(diff)}).")
-    for name, target in expected.items():
-        layer = layers[name]
-        assert isinstance(layer, DendriteLayer)
-        for _ in range(target.dendrites):
-            layer.add_dendrite()
+    with torch.random.fork_rng(devices=[]):  # the weights drawn here are overwritten: keep the caller's RNG as it was
+        for name, target in expected.items():
+            for _ in range(target.dendrites):
+                layers[name].add_dendrite()
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:

@@ -350,6 +350,5 @@ def refresh_report(model: nn.Module, report: ConversionReport) -> ConversionRepo
     targets = []
     for t in report.targets:
         layer = layers[t.name]
-        assert isinstance(layer, DendriteLayer)
         targets.append(replace(t, dendrites=layer.num_dendrites, params_after=count_parameters(layer)))
     return replace(report, targets=targets, params_after=count_parameters(model))

@@ -2,15 +2,13 @@
 
 import typer
 
-from .convert import convert, inspect
-from .export import export
-from .train import train
+from . import convert as _convert, export as _export, train as _train
 
 app = typer.Typer(
     add_completion=False, rich_markup_mode="rich", no_args_is_help=True, pretty_exceptions_show_locals=False,
     help="Add dendrites to PyTorch models, train them, and export plain inference artifacts.",
 )
-app.command("convert")(convert)
-app.command("inspect")(inspect)
-app.command("export")(export)
-app.command("train")(train)
+app.command("convert")(_convert.convert)
+app.command("inspect")(_convert.inspect)
+app.command("train")(_train.train)
+app.command("export")(_export.export)
