@@ -1,0 +1,32 @@
+"""The cost-frontier benchmark (issue 9) in its reduced CI mode: complete, consistent outputs."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_frontier_quick_mode(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/cost_frontier.py"), "--quick", "--ranks", "1",
+                           "--tasks", "digits (MLP)", "-o", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
+    assert {r["arm"] for r in rows} == {"plain", "full", "rank 1", "plain widened"} and len(rows) == 8
+    for row in rows:
+        summary = json.loads((Path(row["run"]) / "summary.json").read_text())
+        assert float(row["test_at_best"]) == summary["test_at_best"] and int(row["dendrites"]) == summary["dendrites"]
+        if row["seed"] == "0":
+            assert float(row["ort_ms"]) > 0
+    plain = int(next(r["flops"] for r in rows if r["arm"] == "plain"))
+    per_dendrite = {arm: [(int(r["flops"]) - plain) / int(r["dendrites"]) for r in rows
+                          if r["arm"] == arm and int(r["dendrites"]) > 0] for arm in ("full", "rank 1")}
+    assert per_dendrite["full"] and per_dendrite["rank 1"]
+    assert max(per_dendrite["rank 1"]) < 0.25 * min(per_dendrite["full"])  # a rank-1 dendrite is far cheaper
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert (tmp_path / "frontier.md").read_text().count("\n| digits") == 4
