@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
 from dendrite_convert.compare import run_all  # noqa: E402
-from dendrite_convert.latency import count_flops, latency_table  # noqa: E402
+from dendrite_convert.latency import count_flops  # noqa: E402
 from dendrite_convert.trainer import TrainConfig  # noqa: E402
 from tasks import models  # noqa: E402
 

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .api import convert
 from .config import DendriteConfig
-from .export import ExportConfig, export, load_folded
+from .export import ExportConfig, export
+from .foldeddir import load_folded
 from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from .fold import fold_model
 from .layers import DendriteLayer, count_parameters, dendrite_layers

@@ -22,7 +22,7 @@ from torch import nn
 from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from .files import atomic_file, check_writable
 from .fold import LAYOUTS, FoldedDendrites, FoldRecord, fold, strip_dendrites
-from .foldeddir import load_folded, save_folded  # noqa: F401  (load_folded is public API)
+from .foldeddir import save_folded
 from .modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
 

@@ -20,13 +20,6 @@ from dendrite_convert.growth import (
 from dendrite_convert.schedule import ScheduleConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and does not thrash a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- growth: the in-place operations both callbacks use --------------------------------------------

@@ -48,8 +48,6 @@ import logging
 import os
 from pathlib import Path
 
-from torch import nn
-
 from . import missing_extra
 
 try:
