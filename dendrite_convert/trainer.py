@@ -34,7 +34,7 @@ from .correlation import CorrelationConfig, add_correlation_dendrites, freeze_de
 from .errors import LoadError, UsageError
 from . import distributed
 from .files import atomic_directory, check_writable, remove_stale, replace_path
-from .layers import DendriteLayer, count_parameters
+from .layers import count_parameters, dendrite_layers
 from .modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
 
@@ -169,14 +169,6 @@ def base_parameter_count(model: nn.Module) -> int:
     return total
 
 
-def _targets(model: nn.Module) -> dict[str, DendriteLayer]:
-    found: dict[int, tuple[str, DendriteLayer]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, DendriteLayer) and id(m) not in found:
-            found[id(m)] = (name, m)
-    return dict(found.values())
-
-
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -275,7 +267,7 @@ class _Run:
 
     @staticmethod
     def _dendrite_count(model: nn.Module) -> int:
-        return max((m.num_dendrites for m in _targets(model).values()), default=0)
+        return max((m.num_dendrites for m in dendrite_layers(model).values()), default=0)
 
     # ---- one epoch -----------------------------------------------------------------------------------
     def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
@@ -415,11 +407,11 @@ class _Run:
             return
         start = time.perf_counter()
         if self.config.objective == "gradient":
-            for layer in _targets(self.model).values():
+            for layer in dendrite_layers(self.model).values():
                 layer.add_dendrite()
         else:
             model = self.model  # the restored best model; the phase's `net` is rebuilt below
-            add_correlation_dendrites(model, _targets(model), self.train_loader,
+            add_correlation_dendrites(model, dendrite_layers(model), self.train_loader,
                                       lambda batch: self.forward_loss(batch, model), self.config.correlation_config())
             distributed.broadcast_module(model)  # every rank keeps rank 0's candidates
             self.schedule.note_dendrite_phase()
@@ -474,7 +466,7 @@ class _Run:
 
         path.mkdir()
         save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        key = tuple(layer.num_dendrites for layer in _targets(model).values())
+        key = tuple(layer.num_dendrites for layer in dendrite_layers(model).values())
         if key not in self._config_text:
             self._config_text[key] = json.dumps(self._converted(model).to_json(), indent=2) + "\n"
         (path / CONFIG_FILE).write_text(self._config_text[key])
