@@ -369,6 +369,14 @@ def test_lightning_callback_adds_dendrites_checkpoints_and_restores_the_best(tmp
     assert callback.best_value in values and min(values) >= callback.best_value * (1 - 1e-3) - 1e-5
     assert trainer.validate(model, val, verbose=False)[0]["val_loss"] == pytest.approx(callback.best_value, rel=1e-6)
 
+    # the trained dendritic network exports to ONNX and onnxruntime reproduces it
+    import dendrite_convert as dc
+
+    model.net.eval()
+    assert max(layer.num_dendrites for layer in dc.dendrite_layers(model.net).values()) >= 1
+    report = dc.export(model.net, tmp_path / "lightning.onnx", dc.ExportConfig(input_shape=[2, 6], latency=False))
+    assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-4
+
     # a checkpoint written with dendrites reloads into a fresh converted module
     grown = [p for p in sorted(tmp_path.glob("*.ckpt"))
              if max(restore_structure(module(), p).values()) >= 1]
