@@ -1,0 +1,49 @@
+"""Inference latency of full vs low-rank dendrites where it matters: a FLOP-bound 1024-wide MLP (issue 9).
+
+    .venv/bin/python benchmarks/cheap_latency.py
+
+Each structure gets random non-zero dendrite scales, is folded, exported to ONNX (verified against the
+unfolded model) and timed at batch 64 on one thread, side by side in one process.
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dendrite_convert as dc  # noqa: E402
+
+STRUCTURES = [("no dendrites", None, 0), ("1 full dendrite", None, 1), ("1 rank-8 dendrite", 8, 1),
+              ("1 rank-32 dendrite", 32, 1), ("3 full dendrites", None, 3), ("3 rank-8 dendrites", 8, 3)]
+
+
+def latency(rank: int | None, dendrites: int, out: Path) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    converted = dc.convert(model, dc.DendriteConfig(rank=rank, dendrites=dendrites))
+    with torch.no_grad():
+        for layer in dc.dendrite_layers(converted.model).values():
+            for scale in layer.dendrite_scales:
+                scale.normal_()
+    report = dc.export(converted.model, out, dc.ExportConfig(input_shape=[64, 1024], force=True))
+    return {row.name: row for row in report.latency}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"MLP 1024-1024-1024-10, batch 64, 1 thread, torch {torch.__version__}: onnxruntime median ms")
+    print(f"{'structure':22s} {'params':>10s} {'MFLOPs':>8s} {'ORT ms':>8s} {'added ms':>9s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = None
+        for name, rank, dendrites in STRUCTURES:
+            rows = latency(rank, dendrites, Path(tmp) / "m.onnx")
+            ort = rows["onnxruntime"]
+            base = ort.ms if base is None else base
+            print(f"{name:22s} {ort.params:10,d} {ort.flops / 1e6:8.1f} {ort.ms:8.3f} {ort.ms - base:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
