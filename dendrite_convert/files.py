@@ -52,15 +52,19 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, force: bool = False):
-    """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
+def atomic_directory(path: str | Path, force: bool = False, durable: bool = True):
+    """Yield an empty temporary directory that replaces `path` only if the block succeeds.
+
+    `durable=False` skips the per-file fsync: the rename is still atomic, so a process crash leaves the old
+    or the new directory, but a power loss may not (for outputs rewritten often and recoverable otherwise).
+    """
     path = Path(path)
     tmp = _prepare(path, force)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        for file in tmp.rglob("*"):
+        for file in tmp.rglob("*") if durable else ():
             if file.is_file():
                 _fsync(file)
         replace_path(tmp, path)
@@ -82,15 +86,17 @@ def replace_path(new: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, force: bool = True):
-    """Yield a temporary file path that replaces `path` only if the block succeeds."""
+def atomic_file(path: str | Path, force: bool = True, durable: bool = True):
+    """Yield a temporary file path that replaces `path` only if the block succeeds (fsynced unless not `durable`)."""
     path = Path(path)
     tmp = _prepare(path, force)
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

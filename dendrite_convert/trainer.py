@@ -10,7 +10,6 @@ the loss is read back once per epoch. Everything else happens between epochs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -33,7 +32,7 @@ from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, freeze_dendrites
 from .errors import LoadError, UsageError
 from . import distributed
-from .files import atomic_directory, check_writable, remove_stale, replace_path
+from .files import atomic_directory, atomic_file, check_writable, remove_stale
 from .layers import count_parameters, dendrite_layers
 from .modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
@@ -439,7 +438,7 @@ class _Run:
         durable = self.schedule.done or now - self._last_durable >= DURABLE_EVERY_S
         if durable:
             self._last_durable = now
-        with _atomic_dir(ckpt, durable) as tmp:
+        with atomic_directory(ckpt, force=True, durable=durable) as tmp:
             self._write_model_dir(tmp / "model", self.model)
             if self.best_model is not None:
                 if self.best_changed or not (ckpt / "best").is_dir():
@@ -453,7 +452,7 @@ class _Run:
             (tmp / "training_state.pt").write_bytes(buffer.getvalue())
             (tmp / "state.json").write_text(json.dumps(self._state(), separators=(",", ":")) + "\n")
         if self.best_changed and self.best_model is not None:
-            with _atomic_dir(self.output / "best", durable) as tmp:
+            with atomic_directory(self.output / "best", force=True, durable=durable) as tmp:
                 for file in (ckpt / "best").iterdir():
                     _link_or_copy(file, tmp / file.name)
             self.best_changed = False
@@ -618,24 +617,6 @@ class _Run:
         return run
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path, durable: bool):
-    """files.atomic_directory, optionally without the per-file fsync (the rename is atomic either way)."""
-    if durable:
-        with atomic_directory(path, force=True) as tmp:
-            yield tmp
-        return
-    remove_stale(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        replace_path(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
@@ -661,8 +642,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic (temporary name + rename) but not fsynced: these files are derived from the fsynced
-    checkpoint and rewritten from it on resume, so durability costs nothing per epoch here."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic but not fsynced: these files are derived from the fsynced checkpoint and rewritten from it
+    on resume, so durability costs nothing per epoch here."""
+    with atomic_file(path, durable=False) as tmp:
+        tmp.write_text(text)
