@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
-from .layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d
+from .layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d, dendrite_layer_paths
 
 LAYOUTS = ("auto", "separate", "concat")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -349,24 +349,16 @@ def fold(model: nn.Module, prune_below: float = 0.0, gemm_layout: str = "separat
         raise ValueError(f"prune_below must be 0 or more, not {prune_below}")
     model = copy.deepcopy(model).eval()
     layer_inputs = _capture_inputs(model, example_inputs) if gemm_layout == "auto" and example_inputs is not None else {}
-    paths: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, DendriteLayer):
-            paths.setdefault(id(m), []).append(path)
     records = []
-    for names in paths.values():
-        layer = model.get_submodule(names[0]) if names[0] else model
+    for name, paths in dendrite_layer_paths(model).items():
+        layer = model.get_submodule(name)
         layout = gemm_layout
         if layout == "auto":
             layout = _choose_layout(layer, prune_below, layer_inputs.get(id(layer)))
-        folded, record = fold_layer(layer, prune_below, layout, names[0])
+        folded, record = fold_layer(layer, prune_below, layout, name)
         records.append(record)
-        for path in names:
-            if not path:
-                return FoldResult(folded.eval(), records)
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, folded)
-    return FoldResult(model.requires_grad_(False), records)
+        model = replace_layer(model, paths, folded)
+    return FoldResult(model.eval().requires_grad_(False), records)
 
 
 def fold_model(model: nn.Module, prune_below: float = 0.0, gemm_layout: str = "separate", example_inputs=None) -> nn.Module:
@@ -377,12 +369,17 @@ def fold_model(model: nn.Module, prune_below: float = 0.0, gemm_layout: str = "s
 def strip_dendrites(model: nn.Module) -> nn.Module:
     """A copy of `model` with every DendriteLayer replaced by its neuron: the model without dendrites."""
     model = copy.deepcopy(model).eval()
-    for path, m in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(m, DendriteLayer):
-            if not path:
-                return _neuron_module(m)
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, _neuron_module(m))
+    for name, paths in dendrite_layer_paths(model).items():
+        model = replace_layer(model, paths, _neuron_module(model.get_submodule(name)))
+    return model
+
+
+def replace_layer(model: nn.Module, paths: list[str], new: nn.Module) -> nn.Module:
+    """`new` at every path of one (possibly shared) layer; the root itself when the model is that layer."""
+    for path in paths:
+        if not path:
+            return new
+        model.set_submodule(path, new)
     return model
 
 

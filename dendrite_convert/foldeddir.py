@@ -17,8 +17,8 @@ from torch import nn
 
 from .errors import DendriteError, LoadError
 from .files import atomic_directory
-from .fold import FoldedDendrites, _layer_spec, layer_from_spec
-from .layers import DendriteLayer
+from .fold import FoldedDendrites, _layer_spec, layer_from_spec, replace_layer
+from .layers import dendrite_layer_paths
 from .modeldir import ConvertedModel
 from .verify import VerifyReport, compare, reference_outputs
 
@@ -33,15 +33,6 @@ def _module_spec(module: nn.Module) -> dict:
     return {"kind": "layer", "layer": _layer_spec(module)}
 
 
-def _targets(model: nn.Module, cls=DendriteLayer) -> dict[str, list[str]]:
-    """Every `cls` module by its first path, with all its paths (shared modules once)."""
-    paths: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, cls):
-            paths.setdefault(id(m), []).append(path)
-    return {names[0]: names for names in paths.values()}
-
-
 def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report, check) -> None:
     """Write the folded directory atomically; with example inputs, what `load_folded` rebuilds is verified first."""
     from safetensors.torch import save_model
@@ -49,7 +40,7 @@ def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inpu
     from . import __version__
 
     targets = {}
-    for name, paths in _targets(converted.model).items():
+    for name, paths in dendrite_layer_paths(converted.model).items():
         module = folded.get_submodule(name) if name else folded
         targets[name] = {"paths": paths, "module": _module_spec(module)}
     recipe = {
@@ -104,7 +95,7 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     except (TypeError, ValueError, KeyError, DendriteError) as exc:
         raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
     model, _ = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
-    found = _targets(model)
+    found = dendrite_layer_paths(model)
     if set(found) != set(targets):
         diff = sorted(set(found).symmetric_difference(targets))[:5]
         raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
@@ -114,12 +105,7 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
             module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
         except (TypeError, ValueError, KeyError) as exc:
             raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
-        for p in found[name]:
-            if not p:
-                model = module
-                continue
-            parent, _, leaf = p.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, module)
+        model = replace_layer(model, found[name], module)
     weights = path / FOLDED_WEIGHTS
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)

@@ -235,6 +235,15 @@ def dendrite_layers(model: nn.Module) -> dict[str, DendriteLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DendriteLayer)}
 
 
+def dendrite_layer_paths(model: nn.Module) -> dict[str, list[str]]:
+    """Every dendrite layer's first name with all the names it has (a shared layer appears once)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, DendriteLayer):
+            paths.setdefault(id(m), []).append(path)
+    return {names[0]: names for names in paths.values()}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Float parameters and buffers the model needs (BN statistics included), tied tensors once."""
     tensors = [*model.parameters(), *model.buffers()]  # both already deduplicate shared tensors
