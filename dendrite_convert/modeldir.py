@@ -18,6 +18,7 @@ from torch import nn
 from .config import DendriteConfig
 from .errors import DendriteError, LoadError, UsageError
 from .files import atomic_directory
+from .growth import set_dendrite_counts
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
@@ -116,7 +117,6 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
     model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
-    layers = dict(model.named_modules())
     expected = {t.name: t for t in recipe.targets}
     if len(expected) != len(recipe.targets):
         raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")
@@ -125,9 +125,7 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
         diff = sorted(found.symmetric_difference(expected))[:5]
         raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded recipe ({', '.join(diff)}).")
     with torch.random.fork_rng(devices=[]):  # the weights drawn here are overwritten: keep the caller's RNG as it was
-        for name, target in expected.items():
-            for _ in range(target.dendrites):
-                layers[name].add_dendrite()
+        set_dendrite_counts(model, {name: target.dendrites for name, target in expected.items()})
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:

@@ -32,6 +32,7 @@ from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, freeze_dendrites
 from .errors import LoadError, UsageError
 from . import distributed
+from .growth import add_dendrites, max_dendrites
 from .files import atomic_directory, atomic_file, check_writable, remove_stale
 from .layers import count_parameters, dendrite_layers
 from .modeldir import ConvertedModel, load_converted
@@ -206,7 +207,7 @@ class _Run:
         self.rows: list[dict] = []
         self.best_model: nn.Module | None = None
         self.best_changed = False
-        self.initial_dendrites = self._dendrite_count(self.model)
+        self.initial_dendrites = max_dendrites(self.model)
         self.base_params = base_parameter_count(self.model)
         self.wall_before = 0.0
         self.session_start = time.perf_counter()
@@ -263,10 +264,6 @@ class _Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapter.build_optimizer(self.params)
         self.scheduler = self.adapter.build_scheduler(self.optimizer)
-
-    @staticmethod
-    def _dendrite_count(model: nn.Module) -> int:
-        return max((m.num_dendrites for m in dendrite_layers(model).values()), default=0)
 
     # ---- one epoch -----------------------------------------------------------------------------------
     def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
@@ -406,8 +403,7 @@ class _Run:
             return
         start = time.perf_counter()
         if self.config.objective == "gradient":
-            for layer in dendrite_layers(self.model).values():
-                layer.add_dendrite()
+            add_dendrites(self.model)
         else:
             model = self.model  # the restored best model; the phase's `net` is rebuilt below
             add_correlation_dendrites(model, dendrite_layers(model), self.train_loader,
