@@ -19,6 +19,7 @@ class DendriteConfig:
     activation: str = "sigmoid"  # sigmoid | tanh | identity
     init_std: float = 0.01  # std of a new dendrite's weights
     rank: int | None = None  # low-rank dendrites (in -> rank -> out) instead of full copies
+    channels: float | None = None  # channel-selective: each dendrite serves this fraction of its target's channels
     include: list[str] = field(default_factory=list)  # globs on module names, or layer type names
     exclude: list[str] = field(default_factory=list)
     pair_norms: bool = True  # conv/linear -> BatchNorm is one neuron
@@ -31,6 +32,8 @@ class DendriteConfig:
             raise UsageError(f"--dendrites must be 0 or more, not {self.dendrites}.")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--dendrite-rank must be 1 or more, not {self.rank}.")
+        if self.channels is not None and not 0 < self.channels <= 1:
+            raise UsageError(f"--dendrite-channels must be a fraction in (0, 1], not {self.channels}.")
         if self.init_std <= 0:
             raise UsageError(f"--init-std must be positive, not {self.init_std}.")
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapter import batch_size
+from .channels import flat as _flat, select_channels
 from .layers import ACTIVATIONS, DendriteLayer
 
 
@@ -30,11 +31,6 @@ class CorrelationConfig:
     max_samples: int = 4096  # samples recorded per phase
     chunk: int = 256  # samples per candidate update
     lr: float = 0.05
-
-
-def _flat(t: torch.Tensor, layer: DendriteLayer) -> torch.Tensor:
-    """[..., C, ...] -> [n, C] with n over every non-channel axis."""
-    return t.movedim(layer.channel_axis(t.ndim), -1).reshape(-1, t.shape[layer.channel_axis(t.ndim)])
 
 
 def correlation_score(h: torch.Tensor, e: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -53,17 +49,16 @@ def _cascade_inputs(layer: DendriteLayer, x: torch.Tensor) -> list[torch.Tensor]
 class _Candidate(nn.Module):
     """One candidate dendrite: the module a dendrite would be, plus its cascade weights."""
 
-    def __init__(self, layer: DendriteLayer):
+    def __init__(self, layer: DendriteLayer, channels: torch.Tensor | None):
         super().__init__()
         self.dendrite = layer.new_dendrite()
+        self.channels = channels
         weight = layer.base_layer.weight
-        self.cascade = nn.Parameter(torch.zeros(layer.num_dendrites, layer.out_channels, device=weight.device,
+        self.cascade = nn.Parameter(torch.zeros(layer.num_dendrites, layer.width, device=weight.device,
                                                 dtype=weight.dtype))
 
     def forward(self, layer: DendriteLayer, x: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
-        z = self.dendrite(x)
-        for j, h in enumerate(earlier):
-            z = z + layer.per_channel(self.cascade[j], z) * h
+        z = layer.cascade_in(self.dendrite(x), self.cascade, earlier, self.channels)
         return ACTIVATIONS[layer.activation](z)
 
 
@@ -123,13 +118,18 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[t
 
 
 def train_candidates(
-    layer: DendriteLayer, pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig
+    layer: DendriteLayer, pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig,
+    channels: torch.Tensor | None = None,
 ) -> tuple[nn.Module, torch.Tensor, float]:
-    """Train N candidates for one target; the best (module, cascade, mean correlation per channel)."""
+    """Train N candidates for one target (serving `channels`, when selective); the best (module, cascade,
+    mean correlation per channel served)."""
     chunks = _chunks(pairs, config.chunk)
     # Earlier dendrites are frozen during the phase: their outputs are computed once.
-    prepared = [(x, _flat(e, layer), _cascade_inputs(layer, x)) for x, e in chunks]
-    candidates = [_Candidate(layer) for _ in range(config.candidates)]
+    errors = [_flat(e, layer) for _, e in chunks]
+    if channels is not None:
+        errors = [e[:, channels.to(e.device)] for e in errors]
+    prepared = [(x, e, _cascade_inputs(layer, x)) for (x, _), e in zip(chunks, errors)]
+    candidates = [_Candidate(layer, channels) for _ in range(config.candidates)]
     params = [p for c in candidates for p in c.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     for _ in range(config.epochs):
@@ -146,7 +146,7 @@ def train_candidates(
         total = sum(e.shape[0] for _, e, _ in prepared)
     best = max(range(len(candidates)), key=lambda i: float(scores[i]))
     chosen = candidates[best]
-    return chosen.dendrite, chosen.cascade.detach(), float(scores[best]) / total / layer.out_channels
+    return chosen.dendrite, chosen.cascade.detach(), float(scores[best]) / total / layer.width
 
 
 def add_correlation_dendrites(
@@ -160,25 +160,43 @@ def add_correlation_dendrites(
 
     Returns the best candidate's mean |correlation| per channel, per target.
     """
-    was_training = model.training
-    model.eval()  # the network is frozen: no BatchNorm statistics move, no dropout
-    try:
-        records = record_error_signals(model, layers, batches, forward_loss, config.max_samples)
-    finally:
-        model.train(was_training)
+    records = record_frozen(model, layers, batches, forward_loss, config.max_samples)
     result = {}
     for name, layer in layers.items():
         pairs = records[name]
+        channels = select_channels(layer, [e for _, e in pairs])
         if pairs:
-            dendrite, cascade, corr = train_candidates(layer, pairs, config)
+            dendrite, cascade, corr = train_candidates(layer, pairs, config, channels)
         else:  # the target does not reach the loss: a plain fresh dendrite keeps the structure uniform
             dendrite, cascade, corr = layer.new_dendrite(), None, 0.0
         dendrite.train(layer.base_layer.training)
-        layer.add_dendrite(dendrite=dendrite, cascade=cascade)
+        layer.add_dendrite(dendrite=dendrite, cascade=cascade, channels=channels)
         dendrite.requires_grad_(False)
         layer.dendrite_cascade[-1].requires_grad_(False)
         result[name] = corr
     return result
+
+
+def record_frozen(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
+                  forward_loss: Callable[[object], torch.Tensor], max_samples: int):
+    """`record_error_signals` with the network frozen: eval mode, so no BatchNorm statistic moves, no dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        return record_error_signals(model, layers, batches, forward_loss, max_samples)
+    finally:
+        model.train(was_training)
+
+
+def error_ranked_channels(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
+                          forward_loss: Callable[[object], torch.Tensor], max_samples: int) -> dict[str, torch.Tensor]:
+    """Gradient objective: the channels each channel-selective target's next dendrite serves (channels.py)."""
+    selective = {name: layer for name, layer in layers.items() if layer.dendrite_channels is not None}
+    if not selective:
+        return {}
+    records = record_frozen(model, selective, batches, forward_loss, max_samples)
+    ranked = {name: select_channels(layer, [e for _, e in records[name]]) for name, layer in selective.items()}
+    return {name: channels for name, channels in ranked.items() if channels is not None}
 
 
 def freeze_dendrites(model: nn.Module, first: int = 0) -> None:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
-from .layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d, dendrite_layer_paths
+from .layers import (ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d, add_to_channels, channel_positions,
+                     dendrite_layer_paths)
 
 LAYOUTS = ("auto", "separate", "concat")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -43,21 +44,32 @@ class FoldedDendrites(nn.Module):
     """
 
     def __init__(self, main: nn.Module, branches: list[nn.Module], activation: str, scales: torch.Tensor,
-                 cascade: torch.Tensor, links: list[list[int]], emits: list[int], layout: str = "separate"):
+                 cascade: torch.Tensor, links: list[list[int]], emits: list[int], layout: str = "separate",
+                 channels: torch.Tensor | None = None):
         super().__init__()
         if layout not in ("separate", "concat"):
             raise ValueError(f"layout must be separate or concat, not {layout!r}")
+        if channels is not None and layout != "separate":
+            raise ValueError("channel-selective dendrites have fewer channels than the layer: use layout separate")
         self.activation, self.layout, self.links, self.emits = activation, layout, links, emits
         self.k = len(branches)
         self.out_channels = _out_channels(main)
         self.spatial_dims = 0 if isinstance(main, nn.Linear) else main.weight.ndim - 2
         self.groups = getattr(main, "groups", 1)
-        row = (self.out_channels,) + (1,) * self.spatial_dims
+        width = self.out_channels if channels is None else channels.shape[1]
+        row = (width,) + (1,) * self.spatial_dims
         self.register_buffer("scales", scales.reshape((len(emits),) + row).clone())
         self.register_buffer("cascade", cascade.reshape((sum(map(len, links)),) + row).clone())
         rows = iter(range(self.cascade.shape[0]))
         self._link_rows = [[(j, next(rows)) for j in js] for js in links]
         self._emit_rows = {i: r for r, i in enumerate(emits)}
+        # channel-selective: row i lists the channels branch i serves; a link row r = (i <- j) reads h_j at
+        # link_positions[r] (channels h_j lacks have a zero cascade weight)
+        self.register_buffer("channels", None if channels is None else channels.clone())
+        positions = [channel_positions(channels[j], channels[i])[0] for i, js in enumerate(links) for j in js] \
+            if channels is not None else []
+        self.register_buffer("link_positions", torch.stack(positions) if positions else
+                             None if channels is None else channels.new_zeros(0, width))
         if layout == "separate":
             self.main, self.branches = main, nn.ModuleList(branches)
         else:
@@ -82,13 +94,16 @@ class FoldedDendrites(nn.Module):
         else:
             y, zs = self.main(x), [branch(x) for branch in self.branches]
         act = ACTIVATIONS[self.activation]
+        axis = y.ndim - self.spatial_dims - 1
         hs: list[torch.Tensor] = []
         for i, z in enumerate(zs):
             for j, r in self._link_rows[i]:
-                z = z + self.cascade[r] * hs[j]
+                h = hs[j] if self.channels is None else hs[j].index_select(axis, self.link_positions[r])
+                z = z + self.cascade[r] * h
             hs.append(act(z))
             if i in self._emit_rows:
-                y = y + self.scales[self._emit_rows[i]] * hs[i]
+                term = self.scales[self._emit_rows[i]] * hs[i]
+                y = y + term if self.channels is None else add_to_channels(y, term, self.channels[i], axis)
         return y
 
     def spec(self) -> dict:
@@ -97,6 +112,8 @@ class FoldedDendrites(nn.Module):
         template = main if main is not None else self.fused
         spec = {"kind": "dendrites", "layer": _layer_spec(template, self.out_channels), "activation": self.activation,
                 "layout": self.layout, "links": self.links, "emits": self.emits, "dendrites": self.k}
+        if self.channels is not None:
+            spec["width"] = self.channels.shape[1]
         if self.layout == "separate":  # low-rank branches are two small layers
             spec["branches"] = [[_layer_spec(m) for m in _layers_and_norm(b)[0]] for b in self.branches]
         return spec
@@ -104,14 +121,16 @@ class FoldedDendrites(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> FoldedDendrites:
         k, layer, links, emits = spec["dendrites"], spec["layer"], spec["links"], spec["emits"]
-        row = (layer["out_channels"],) + (1,) * layer["spatial_dims"]
+        width = spec.get("width")  # channel-selective branches: their channels come with the weights
+        channels = torch.zeros(k, width, dtype=torch.long) if width else None
+        row = (width or layer["out_channels"],) + (1,) * layer["spatial_dims"]
         make = [layer_from_spec(layer) for _ in range(k + 1)]
         if "branches" in spec:
             make[1:] = [layer_from_spec(b[0]) if len(b) == 1 else nn.Sequential(*map(layer_from_spec, b))
                         for b in spec["branches"]]
         return cls(make[0], make[1:], spec["activation"], torch.zeros((len(emits),) + row),
                    torch.zeros((sum(map(len, links)),) + row), links, emits,
-                   layout="separate" if spec["layout"] == "separate" else "concat")
+                   layout="separate" if spec["layout"] == "separate" else "concat", channels=channels)
 
 
 @dataclass
@@ -274,6 +293,18 @@ def _concat_layers(layers: list[nn.Module], groups: int) -> nn.Module:
     return layer.requires_grad_(False)
 
 
+def _shared_cascade(u: torch.Tensor, sets: torch.Tensor | None, i: int) -> torch.Tensor:
+    """Dendrite i's cascade weights [i, m] with zeros on channels the earlier dendrite does not serve."""
+    if sets is None or not i:
+        return u
+    return u * torch.stack([channel_positions(sets[j], sets[i])[1] for j in range(i)])
+
+
+def _spread(values: torch.Tensor, channels: torch.Tensor, c: int) -> torch.Tensor:
+    """[m, ...] rows placed at `channels` of a zero [c, ...] tensor."""
+    return values.new_zeros((c,) + values.shape[1:]).index_copy(0, channels, values)
+
+
 # ---- one layer ----------------------------------------------------------------------------------------------
 
 def _live_dendrites(scales: list[torch.Tensor], cascade: list[torch.Tensor], prune_below: float):
@@ -295,8 +326,9 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
     weight, bias = equivalent_weight_bias(_neuron_module(layer))
     template = layer.base_layer
     k = layer.num_dendrites
+    sets = layer.dendrite_channels  # None, or [k, m]: the channels each dendrite serves
     scales = [s.detach() for s in layer.dendrite_scales]
-    cascade = [u.detach() for u in layer.dendrite_cascade]
+    cascade = [_shared_cascade(u.detach(), sets, i) for i, u in enumerate(layer.dendrite_cascade)]
     live, pruned, peak = _live_dendrites(scales, cascade, prune_below)
 
     def emitting(i: int) -> bool:  # a live dendrite below prune_below only feeds later ones
@@ -308,6 +340,11 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
         return _plain_layer(template, weight, bias), record
     branch_wb = [equivalent_weight_bias(layer.dendrite_layers[i]) for i in live]
     if layer.activation == "identity":  # every h_i is linear in x: fold the whole stack into W, b
+        if sets is not None:  # in the layer's channel space, zero where a dendrite does not serve
+            c = weight.shape[0]
+            branch_wb = [(_spread(w, sets[i], c), _spread(b, sets[i], c)) for (w, b), i in zip(branch_wb, live)]
+            scales = [_spread(s, sets[i], c) for i, s in enumerate(scales)]
+            cascade = [_spread(u.t(), sets[i], c).t() for i, u in enumerate(cascade)]
         acc: list[tuple[torch.Tensor, torch.Tensor]] = []
         for n, i in enumerate(live):
             a_w, a_b = branch_wb[n]
@@ -322,15 +359,16 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
         return _plain_layer(template, weight, bias), record
     main = _plain_layer(template, weight, bias)
     branches = [_plain_branch(layer.dendrite_layers[i], template) for i in live]
-    if any(isinstance(b, nn.Sequential) or isinstance(b, _TRANSPOSED) for b in branches):
-        layout = "separate"  # low-rank pairs and transposed convs do not concatenate along output channels
+    if sets is not None or any(isinstance(b, nn.Sequential) or isinstance(b, _TRANSPOSED) for b in branches):
+        layout = "separate"  # narrow branches, low-rank pairs and transposed convs do not concatenate
     links = [[m for m, j in enumerate(live[:n]) if bool(cascade[i][j].abs().max() > 0)] for n, i in enumerate(live)]
     emits = [n for n, i in enumerate(live) if emitting(i)]
-    c = weight.shape[0]
-    s = torch.stack([scales[live[n]] for n in emits]) if emits else weight.new_zeros(0, c)
+    width = layer.width
+    s = torch.stack([scales[live[n]] for n in emits]) if emits else weight.new_zeros(0, width)
     u = [cascade[i][live[m]] for n, i in enumerate(live) for m in links[n]]
-    u = torch.stack(u) if u else weight.new_zeros(0, c)
-    module = FoldedDendrites(main, branches, layer.activation, s, u, links, emits, layout)
+    u = torch.stack(u) if u else weight.new_zeros(0, width)
+    channels = None if sets is None else sets[live]
+    module = FoldedDendrites(main, branches, layer.activation, s, u, links, emits, layout, channels)
     record.form, record.kept, record.layout = "dendrites", len(live), layout
     return module.requires_grad_(False), record
 

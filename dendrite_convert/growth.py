@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LoadError
-from .layers import DendriteLayer, dendrite_layers
+from .errors import LoadError, UsageError
+from .layers import dendrite_layers
 from .schedule import Decision, Schedule, ScheduleConfig
 
 STRUCTURE_FILE = "dendrite_structure.json"
@@ -51,25 +51,17 @@ def set_dendrite_counts(model: nn.Module, counts: Mapping[str, int] | int) -> No
                             f"{', '.join(unknown[:5])}; convert the model the same way as the saved one.")
     for name, layer in layers.items():
         want = counts if isinstance(counts, int) else counts.get(name, layer.num_dendrites)
-        _truncate(layer, want)
+        layer.truncate(want)
         while layer.num_dendrites < want:
             layer.add_dendrite()
 
 
-def _truncate(layer: DendriteLayer, k: int) -> None:
-    if layer.num_dendrites <= k:
-        return
-    del layer.dendrite_layers[k:]
-    # ParameterList has no __delitem__: rebuild it with the kept parameters (same objects).
-    layer.dendrite_scales = nn.ParameterList(list(layer.dendrite_scales)[:k])
-    layer.dendrite_cascade = nn.ParameterList(list(layer.dendrite_cascade)[:k])
-
-
-def add_dendrites(model: nn.Module) -> int:
-    """Add one fresh dendrite to every target; returns the number of targets grown."""
+def add_dendrites(model: nn.Module, channels: Mapping[str, torch.Tensor] | None = None) -> int:
+    """Add one fresh dendrite to every target (serving `channels[name]` where channel-selective);
+    returns the number of targets grown."""
     layers = dendrite_layers(model)
-    for layer in layers.values():
-        layer.add_dendrite()
+    for name, layer in layers.items():
+        layer.add_dendrite(channels=(channels or {}).get(name))
     return len(layers)
 
 
@@ -185,6 +177,10 @@ class Growth:
 
     def start(self, model: nn.Module) -> None:
         """Record the model's initial dendrite count (once; not again after a resume)."""
+        if any(layer.dendrite_channels is not None for layer in dendrite_layers(model).values()):
+            raise UsageError("channel-selective dendrites (--dendrite-channels) choose their channels from error "
+                             "signals that only dendrite-train records; train this model with dendrite-train, or "
+                             "convert it without --dendrite-channels to use the callbacks.")
         if not self._started:
             self.schedule.dendrites = self.schedule.best_dendrites = max_dendrites(model)
             self._started = True

@@ -5,6 +5,8 @@ After k dendrites a target computes, per output channel c:
     h_i = a(D_i(x) + sum_{j<i} u_ij[c] * h_j)
     y   = N(W x + b) + sum_{i<k} s_i[c] * h_i
 
+A channel-selective dendrite (cheap.py) serves only the channels c in its set S_i: h_i, s_i and u_ij
+exist for c in S_i only, and h_j reaches dendrite i on the channels the two sets share.
 `N` is an optional norm that follows the layer (conv -> BatchNorm is one neuron: each dendrite
 D_i is then a copy of the pair). A new dendrite gets weights ~ N(0, init_std^2) and a zero scale,
 so adding one leaves the network function unchanged. Families differ only in where the channel
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .cheap import low_rank_dendrite
+from .cheap import _is_hf_conv1d, dendrite_width, low_rank_dendrite, narrow_copy, out_channels
 
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
@@ -43,6 +45,7 @@ class DendriteLayer(nn.Module):
         activation: str = "sigmoid",
         init_std: float = 0.01,
         rank: int | None = None,
+        channels: float | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -52,13 +55,18 @@ class DendriteLayer(nn.Module):
         self.activation = activation
         self.init_std = init_std
         self.rank = rank  # low-rank dendrites (cheap.py) where that is cheaper than a full copy
+        self.channel_fraction = channels  # channel-selective dendrites (cheap.py): each serves this fraction
+        self.width = dendrite_width(base_layer, channels)  # m: output channels of one dendrite
         self.dendrite_layers = nn.ModuleList()
-        self.dendrite_scales = nn.ParameterList()  # entry i: [C], weight of h_i in the output
-        self.dendrite_cascade = nn.ParameterList()  # entry i: [i, C], weights of h_j (j < i) into dendrite i
+        self.dendrite_scales = nn.ParameterList()  # entry i: [m], weight of h_i in the output
+        self.dendrite_cascade = nn.ParameterList()  # entry i: [i, m], weights of h_j (j < i) into dendrite i
+        # row i: the m output channels dendrite i serves (sorted); None when every dendrite serves all C
+        selective = self.width < self.out_channels
+        self.register_buffer("dendrite_channels", torch.zeros(0, self.width, dtype=torch.long, device=base_layer.weight.device) if selective else None)
 
     @property
     def out_channels(self) -> int:
-        raise NotImplementedError
+        return out_channels(self.base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,23 +96,36 @@ class DendriteLayer(nn.Module):
         y = self.base_layer(x)
         return y if self.norm is None else self.norm(y)
 
+    def cascade_in(self, z: torch.Tensor, cascade: torch.Tensor, earlier: list[torch.Tensor],
+                   channels: torch.Tensor | None = None) -> torch.Tensor:
+        """z + sum_j u_j * h_j: the cascade into a dendrite serving `channels` (a row of dendrite_channels)."""
+        for j, h in enumerate(earlier):
+            u = cascade[j]
+            if channels is not None:  # h_j on dendrite i's channels; channels h_j lacks get no weight
+                position, shared = channel_positions(self.dendrite_channels[j], channels)
+                h, u = h.index_select(self.channel_axis(h.ndim), position), u * shared
+            z = z + self.per_channel(u, z) * h
+        return z
+
     def dendrite_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """h_0 .. h_{k-1}: each dendrite sees the layer input and the outputs of earlier dendrites."""
         act = ACTIVATIONS[self.activation]
         outputs: list[torch.Tensor] = []
-        for dendrite, cascade in zip(self.dendrite_layers, self.dendrite_cascade):
-            z = dendrite(x)
-            for j, h in enumerate(outputs):
-                z = z + self.per_channel(cascade[j], z) * h
-            outputs.append(act(z))
+        for i, (dendrite, cascade) in enumerate(zip(self.dendrite_layers, self.dendrite_cascade)):
+            channels = None if self.dendrite_channels is None else self.dendrite_channels[i]
+            outputs.append(act(self.cascade_in(dendrite(x), cascade, outputs, channels)))
         return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.neuron(x)
         if not self.dendrite_layers:  # a converted model without dendrites costs one extra call, nothing more
             return y
-        for scale, h in zip(self.dendrite_scales, self.dendrite_outputs(x)):
-            y = y + self.per_channel(scale, h) * h
+        for i, (scale, h) in enumerate(zip(self.dendrite_scales, self.dendrite_outputs(x))):
+            term = self.per_channel(scale, h) * h
+            if self.dendrite_channels is None:
+                y = y + term
+            else:
+                y = add_to_channels(y, term, self.dendrite_channels[i], self.channel_axis(y.ndim))
         return y
 
     def new_dendrite(self) -> nn.Module:
@@ -112,9 +133,9 @@ class DendriteLayer(nn.Module):
 
         With `rank`, a low-rank dendrite of the same input/output shape instead (see cheap.py).
         """
-        dendrite = low_rank_dendrite(self.base_layer, self.rank, self.init_std) if self.rank else None
+        dendrite = low_rank_dendrite(self.base_layer, self.rank, self.init_std, self.width) if self.rank else None
         if dendrite is None:
-            dendrite = copy.deepcopy(self.base_layer)
+            dendrite = narrow_copy(self.base_layer, self.width)
             with torch.no_grad():
                 for p in dendrite.parameters():
                     p.normal_(0.0, self.init_std)
@@ -122,45 +143,81 @@ class DendriteLayer(nn.Module):
         if self.norm is None:
             return dendrite
         norm = copy.deepcopy(self.norm)
+        if self.width < self.out_channels:
+            weight = self.base_layer.weight
+            norm = type(norm)(self.width, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
+                              device=weight.device, dtype=weight.dtype).train(self.norm.training)
         for reset in ("reset_parameters", "reset_running_stats"):
             if hasattr(norm, reset):
                 getattr(norm, reset)()
         norm.requires_grad_(True)
         return nn.Sequential(dendrite, norm)
 
-    def add_dendrite(self, dendrite: nn.Module | None = None, cascade: torch.Tensor | None = None) -> nn.Module:
+    def add_dendrite(self, dendrite: nn.Module | None = None, cascade: torch.Tensor | None = None,
+                     channels: torch.Tensor | None = None) -> nn.Module:
         """Append one dendrite with a zero output scale; the layer's function is unchanged.
 
         `dendrite`/`cascade` insert a trained candidate (correlation objective); by default a fresh
-        random dendrite with zero cascade weights is added.
+        random dendrite with zero cascade weights is added. A channel-selective layer takes the `width`
+        channels the dendrite serves (channels.py ranks them); without, the first `width` channels are a
+        placeholder that a state dict being loaded overwrites.
         """
         weight = self.base_layer.weight
-        k, channels = self.num_dendrites, self.out_channels
+        k, width = self.num_dendrites, self.width
         dendrite = self.new_dendrite() if dendrite is None else dendrite
         if cascade is None:
-            cascade = torch.zeros(k, channels, device=weight.device, dtype=weight.dtype)
-        if tuple(cascade.shape) != (k, channels):
-            raise ValueError(f"cascade must have shape {(k, channels)}, got {tuple(cascade.shape)}")
+            cascade = torch.zeros(k, width, device=weight.device, dtype=weight.dtype)
+        if tuple(cascade.shape) != (k, width):
+            raise ValueError(f"cascade must have shape {(k, width)}, got {tuple(cascade.shape)}")
+        if self.dendrite_channels is not None:
+            channels = torch.arange(width) if channels is None else channels
+            if channels.shape != (width,) or channels.unique().numel() != width or not 0 <= int(channels.min()) \
+                    or int(channels.max()) >= self.out_channels:
+                raise ValueError(f"channels must be {width} distinct indices below {self.out_channels}")
+            row = channels.sort().values.to(self.dendrite_channels.device, torch.long)
+            self.dendrite_channels = torch.cat([self.dendrite_channels, row[None]])
         self.dendrite_layers.append(dendrite)
-        self.dendrite_scales.append(nn.Parameter(torch.zeros(channels, device=weight.device, dtype=weight.dtype)))
+        self.dendrite_scales.append(nn.Parameter(torch.zeros(width, device=weight.device, dtype=weight.dtype)))
         self.dendrite_cascade.append(nn.Parameter(cascade.detach().clone()))
         return dendrite
 
+    def truncate(self, k: int) -> None:
+        """Keep the first `k` dendrites (the others are removed with their scales, cascades and channels)."""
+        if self.num_dendrites <= k:
+            return
+        del self.dendrite_layers[k:]
+        # ParameterList has no __delitem__: rebuild it with the kept parameters (same objects).
+        self.dendrite_scales = nn.ParameterList(list(self.dendrite_scales)[:k])
+        self.dendrite_cascade = nn.ParameterList(list(self.dendrite_cascade)[:k])
+        if self.dendrite_channels is not None:
+            self.dendrite_channels = self.dendrite_channels[:k].clone()
+
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.rank else ""
-        return f"dendrites={self.num_dendrites}, activation={self.activation}{rank}"
+        width = f", width={self.width}/{self.out_channels}" if self.dendrite_channels is not None else ""
+        return f"dendrites={self.num_dendrites}, activation={self.activation}{rank}{width}"
+
+
+def channel_positions(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each channel of `want` sits in the sorted set `have`, and whether it is there at all."""
+    position = torch.searchsorted(have, want).clamp(max=have.numel() - 1)
+    return position, have[position] == want
+
+
+def add_to_channels(y: torch.Tensor, term: torch.Tensor, channels: torch.Tensor, axis: int) -> torch.Tensor:
+    """y with `term` (m channels along `axis`) added to the channels listed in `channels` (a scatter-add:
+    onnxruntime runs it as one ScatterElements, with no transposes)."""
+    shape = [1] * term.ndim
+    shape[axis] = channels.numel()
+    return y.scatter_add(axis, channels.view(shape).expand_as(term), term)
 
 
 class DendriteLinear(DendriteLayer):
-    @property
-    def out_channels(self) -> int:
-        return self.base_layer.out_features
+    pass
 
 
 class _DendriteConvNd(DendriteLayer):
-    @property
-    def out_channels(self) -> int:
-        return self.base_layer.out_channels
+    pass
 
 
 class DendriteConv1d(_DendriteConvNd):
@@ -192,10 +249,6 @@ class DendriteConvTranspose3d(_DendriteConvNd):
 class DendriteHFConv1D(DendriteLayer):
     """transformers' `Conv1D` (GPT-2): a Linear with a transposed weight, channels last."""
 
-    @property
-    def out_channels(self) -> int:
-        return self.base_layer.nf
-
 
 TARGET_LAYERS: dict[type, type[DendriteLayer]] = {
     nn.Linear: DendriteLinear,
@@ -208,12 +261,6 @@ TARGET_LAYERS: dict[type, type[DendriteLayer]] = {
 }
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Checked by name so that importing this package never imports transformers.
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def dendrite_class_for(module: nn.Module) -> type[DendriteLayer] | None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, batch_size, load_adapter
-from .correlation import CorrelationConfig, add_correlation_dendrites, freeze_dendrites
+from .correlation import CorrelationConfig, add_correlation_dendrites, error_ranked_channels, freeze_dendrites
 from .errors import LoadError, UsageError
 from . import distributed
 from .growth import add_dendrites, max_dendrites
@@ -63,7 +63,7 @@ class TrainConfig:
     capacity_test: bool = False
     seed: int = 0
     correlation_epochs: int = 20  # candidate-training passes over the recorded samples
-    correlation_samples: int = 4096  # training samples recorded per dendrite phase
+    correlation_samples: int = 4096  # training samples recorded per dendrite phase (and to rank channels)
     plot: bool = True  # draw training.png at the end (needs matplotlib)
     # Checkpoint (and outputs) after every epoch, unless epochs are so short that this would cost more than
     # this fraction of the training time: then after every few epochs, so a crash loses at most about
@@ -403,7 +403,12 @@ class _Run:
             return
         start = time.perf_counter()
         if self.config.objective == "gradient":
-            add_dendrites(self.model)
+            channels = error_ranked_channels(self.model, dendrite_layers(self.model), self.train_loader,
+                                             lambda batch: self.forward_loss(batch, self.model),
+                                             self.config.correlation_samples)
+            add_dendrites(self.model, channels)
+            if channels:
+                distributed.broadcast_module(self.model)  # every rank serves rank 0's channels
         else:
             model = self.model  # the restored best model; the phase's `net` is rebuilt below
             add_correlation_dendrites(model, dendrite_layers(model), self.train_loader,

@@ -23,6 +23,7 @@ def convert(
     dendrites: Annotated[int, typer.Option(min=0, help="Dendrites to pre-insert in every target.", rich_help_panel=_DENDRITES)] = 0,
     activation: Annotated[str, typer.Option(help="Dendrite nonlinearity: sigmoid, tanh or identity.", rich_help_panel=_DENDRITES)] = "sigmoid",
     dendrite_rank: Annotated[int | None, typer.Option(min=1, help="Low-rank dendrites (in → R → out) instead of full copies of each layer.", rich_help_panel=_DENDRITES)] = None,
+    dendrite_channels: Annotated[float | None, typer.Option(help="Channel-selective dendrites: each new dendrite serves only this fraction of its layer's output channels, those with the largest remaining error.", rich_help_panel=_DENDRITES)] = None,
     include: Annotated[list[str] | None, typer.Option(help="Only targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Skip targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
     no_norm_pairs: Annotated[bool, typer.Option(help="Do not treat conv/linear -> BatchNorm as one neuron.", rich_help_panel=_DENDRITES)] = False,
@@ -38,7 +39,7 @@ def convert(
 
     check_writable(output, force)
     config = DendriteConfig(
-        dendrites=dendrites, activation=activation, rank=dendrite_rank, include=include or [], exclude=exclude or [],
+        dendrites=dendrites, activation=activation, rank=dendrite_rank, channels=dendrite_channels, include=include or [], exclude=exclude or [],
         pair_norms=not no_norm_pairs, strict_graph=strict_graph,
     )
     shape = parse_shape(input_shape)

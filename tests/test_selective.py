@@ -1,0 +1,226 @@
+"""Channel-selective dendrites (--dendrite-channels F): same contract as full ones, on a fraction of the channels."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dendrite_convert as dc
+from dendrite_convert.cheap import added_parameters
+from dendrite_convert.channels import select_channels
+from dendrite_convert.correlation import CorrelationConfig, add_correlation_dendrites
+from dendrite_convert.layers import count_parameters
+from fixtures.models import small_cnn
+
+MODELS = {
+    "mlp": lambda: (nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 5)), torch.randn(7, 12)),
+    "cnn+bn": lambda: (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                     nn.Conv2d(16, 8, 3)), torch.randn(2, 3, 8, 8)),
+    "conv-transpose": lambda: (nn.Sequential(nn.ConvTranspose2d(3, 10, 2, stride=2), nn.ReLU()), torch.randn(2, 3, 4, 4)),
+    # BN pairs, grouped and depthwise convs (they keep full-width dendrites) and a Conv1d; saved by its factory
+    "small-cnn": lambda: (small_cnn(), torch.randn(2, 3, 8, 8)),
+}
+
+
+def _dendritic(kind: str, fraction: float = 0.3, rank=None, activation="sigmoid", k=3):
+    """A converted model with k dendrites per target on random channel sets, every weight non-trivial."""
+    torch.manual_seed(0)
+    model, x = MODELS[kind]()
+    factory = "fixtures.models:small_cnn" if kind == "small-cnn" else None
+    converted = dc.convert(model, dc.DendriteConfig(channels=fraction, rank=rank, activation=activation), factory=factory)
+    converted.model.eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in dc.dendrite_layers(converted.model).values():
+            for _ in range(k):
+                chosen = torch.randperm(layer.out_channels, generator=generator)[:layer.width]
+                layer.add_dendrite(channels=chosen if layer.dendrite_channels is not None else None)
+                for p in layer.dendrite_layers[-1].parameters():
+                    p.normal_(0, 0.3)
+            for p in [*layer.dendrite_scales, *layer.dendrite_cascade]:
+                p.normal_(0, 0.5)
+        for m in converted.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return converted, x
+
+
+def _full_space_reference(layer, x):
+    """The layer computed with every dendrite in the full channel space, zero where it does not serve."""
+    y = layer.neuron(x)
+    served = [torch.zeros(layer.out_channels).index_fill(0, row, 1.0) for row in layer.dendrite_channels]
+    spread = [lambda v, i=i: torch.zeros(layer.out_channels).index_copy(0, layer.dendrite_channels[i], v)
+              for i in range(layer.num_dendrites)]
+    axis, hs = layer.channel_axis(y.ndim), []
+    for i, (dendrite, cascade) in enumerate(zip(layer.dendrite_layers, layer.dendrite_cascade)):
+        z = torch.zeros_like(y).index_copy(axis, layer.dendrite_channels[i], dendrite(x))
+        for j, h in enumerate(hs):
+            z = z + layer.per_channel(spread[i](cascade[j]) * served[j], z) * h
+        hs.append(torch.sigmoid(z) * layer.per_channel(served[i], z))
+        y = y + layer.per_channel(spread[i](layer.dendrite_scales[i]), y) * hs[-1]
+    return y
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_selective_layer_is_the_full_space_computation_restricted_to_its_channels(kind):
+    converted, x = _dendritic(kind)
+    model = converted.model
+    layer = next(iter(dc.dendrite_layers(model).values()))
+    assert layer.dendrite_channels.shape == (3, layer.width) and layer.width < layer.out_channels
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _full_space_reference(layer, x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base,shape,fraction,rank,expected", [
+    (nn.Linear(64, 32), (4, 64), 0.25, None, 64 * 8 + 8),
+    (nn.Linear(64, 32), (4, 64), 0.25, 2, 2 * 64 + 8 * 2 + 8),
+    (nn.Conv2d(16, 32, 3, padding=1), (2, 16, 6, 6), 0.5, None, 16 * 16 * 9 + 16),
+    (nn.Conv1d(8, 10, 5, bias=False), (2, 8, 20), 0.25, None, 3 * 8 * 5),  # ceil(2.5) = 3 channels
+])
+def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, rank, expected):
+    layer = dc.layers.dendrite_class_for(base)(base, rank=rank, channels=fraction)
+    x = torch.randn(shape)
+    y0 = layer(x)
+    before = count_parameters(layer)
+    layer.add_dendrite(channels=torch.arange(layer.width) * 2 % layer.out_channels)
+    assert torch.equal(layer(x), y0)  # zero-scale start
+    assert added_parameters(base, rank, fraction) == expected
+    assert count_parameters(layer) - before == expected + layer.width  # + its scale
+    with torch.no_grad():
+        layer.dendrite_scales[0].fill_(1.0)
+    changed = (layer(x) - y0).abs().movedim(layer.channel_axis(y0.ndim), 0).flatten(1).amax(1) > 0
+    assert changed.nonzero().flatten().tolist() == layer.dendrite_channels[0].tolist()  # only its channels
+
+
+def test_bad_channel_sets_and_fractions_are_refused():
+    layer = dc.layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channels=0.25)
+    for bad in (torch.tensor([1, 1]), torch.tensor([0, 8]), torch.tensor([0, 1, 2])):
+        with pytest.raises(ValueError, match="2 distinct indices below 8"):
+            layer.add_dendrite(channels=bad)
+    for fraction in (0, 1.5, -0.1):
+        with pytest.raises(dc.UsageError, match="--dendrite-channels"):
+            dc.DendriteConfig(channels=fraction)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_selective_fold_matches_unfolded(kind, activation, rank):
+    converted, x = _dendritic(kind, rank=rank, activation=activation)
+    with torch.no_grad():
+        reference = converted.model(x)
+        folded = dc.fold_model(converted.model)
+        assert not dc.dendrite_layers(folded)
+        torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
+    first = folded.stem if kind == "small-cnn" else folded[0]
+    if activation == "identity":  # a selective stack is still linear: one plain layer, no extra cost
+        assert not any(isinstance(m, dc.fold.FoldedDendrites) for m in folded.modules())
+    else:
+        first = first if kind != "small-cnn" else folded.stem
+        assert isinstance(first, dc.fold.FoldedDendrites) and first.channels.shape == (3, first.scales.shape[1])
+
+
+def test_zero_overlap_cascade_is_dropped_by_the_fold():
+    layer = dc.layers.dendrite_class_for(nn.Linear(6, 8))(nn.Linear(6, 8), channels=0.25).eval()
+    layer.add_dendrite(channels=torch.tensor([0, 1]))
+    layer.add_dendrite(channels=torch.tensor([5, 6]))
+    with torch.no_grad():
+        layer.dendrite_scales[1].fill_(1.0)
+        layer.dendrite_cascade[1].fill_(3.0)  # reads h_0 on channels 5, 6: h_0 has none, so it reads nothing
+    folded, record = dc.fold.fold_layer(layer)
+    assert record.kept == 1 and record.dropped == 1 and folded.links == [[]]
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(folded(x), layer(x), rtol=0, atol=1e-6)
+
+
+def test_selective_flops_and_onnx_export(tmp_path):
+    """Folded FLOPs are the formula's, and onnxruntime matches torch within 1e-5."""
+    from dendrite_convert.latency import count_flops
+
+    n_in, n_out, fraction, k, batch = 64, 48, 0.25, 3, 8
+    torch.manual_seed(0)
+    converted = dc.convert(nn.Sequential(nn.Linear(n_in, n_out)), dc.DendriteConfig(channels=fraction))
+    layer = converted.model[0]
+    for i in range(k):
+        layer.add_dendrite(channels=torch.arange(12) + 4 * i)  # overlapping: every cascade link is used
+    from conftest import randomize_dendrites
+
+    randomize_dendrites(converted.model)
+    folded = dc.fold_model(converted.model)
+    width = 12
+    assert count_flops(folded, (torch.randn(batch, n_in),)) == 2 * batch * (n_in * n_out + k * n_in * width)
+    cascade_rows = k * (k - 1) // 2
+    assert dc.count_parameters(folded) == n_in * n_out + n_out + k * (n_in * width + width) + (k + cascade_rows) * width
+    report = dc.export(converted, tmp_path / "sel.onnx", dc.ExportConfig(input_shape=[2, n_in], atol=1e-5, rtol=1e-5))
+    assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
+    converted, x = _dendritic("small-cnn")
+    path = tmp_path / ("cnn.onnx" if fmt == "onnx" else "folded")
+    report = dc.export(converted, path, dc.ExportConfig(format=fmt, input_shape=list(x.shape), atol=1e-5, rtol=1e-5))
+    assert report.verify.ok
+    if fmt == "safetensors":  # the plain-torch artifact rebuilds with the channel sets it was saved with
+        from dendrite_convert.foldeddir import load_folded
+
+        with torch.no_grad():
+            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+
+
+def test_selective_structure_is_saved_and_reloaded(tmp_path):
+    converted, x = _dendritic("small-cnn")
+    with torch.no_grad():
+        expected = converted.model(x)
+    loaded = dc.load(converted.save(tmp_path / "converted")).eval()
+    original_layers, loaded_layers = dc.dendrite_layers(converted.model), dc.dendrite_layers(loaded)
+    selective = [name for name, layer in original_layers.items() if layer.dendrite_channels is not None]
+    assert selective == ["stem", "temporal", "head"]  # grouped and depthwise convs keep full-width dendrites
+    for name in selective:
+        assert torch.equal(loaded_layers[name].dendrite_channels, original_layers[name].dendrite_channels)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def _error_concentrated_task():
+    """A 8-channel layer whose loss depends only on channels 2 and 5: they carry all the remaining error."""
+    torch.manual_seed(0)
+    model = dc.convert(nn.Sequential(nn.Linear(6, 8)), dc.DendriteConfig(channels=0.25)).model
+    batches = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
+
+    def forward_loss(batch):
+        x, target = batch
+        return (model(x)[:, [2, 5]] - target).square().mean()
+
+    return model, batches, forward_loss
+
+
+def test_channels_with_the_largest_error_variance_are_chosen():
+    layer = dc.layers.dendrite_class_for(nn.Linear(2, 4))(nn.Linear(2, 4), channels=0.5)
+    errors = [torch.randn(100, 4) * torch.tensor([0.1, 3.0, 0.2, 2.0]) + torch.tensor([50.0, 0, 0, 0])]
+    assert select_channels(layer, errors).tolist() == [1, 3]  # a constant error (channel 0) is the bias's job
+
+
+@pytest.mark.parametrize("objective", ["gradient", "correlation"])
+def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
+    from dendrite_convert.correlation import error_ranked_channels
+    from dendrite_convert.growth import add_dendrites
+
+    model, batches, forward_loss = _error_concentrated_task()
+    layers = dc.dendrite_layers(model)
+    if objective == "gradient":
+        add_dendrites(model, error_ranked_channels(model, layers, batches, forward_loss, 1000))
+    else:
+        add_correlation_dendrites(model, layers, batches, forward_loss, CorrelationConfig(candidates=2, epochs=2))
+    assert model[0].dendrite_channels.tolist() == [[2, 5]]
+
+
+def test_callbacks_refuse_selective_models():
+    from dendrite_convert.growth import Growth
+    from dendrite_convert.schedule import ScheduleConfig
+
+    model, _, _ = _error_concentrated_task()
+    with pytest.raises(dc.UsageError, match="dendrite-train"):
+        Growth(ScheduleConfig()).start(copy.deepcopy(model))
