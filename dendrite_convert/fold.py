@@ -106,6 +106,14 @@ class FoldedDendrites(nn.Module):
                 y = y + term if self.channels is None else add_to_channels(y, term, self.channels[i], axis)
         return y
 
+    def indices_in_range(self) -> bool:
+        """Whether the channel indices (loaded from a file) address existing channels, so that a damaged
+        file fails on load rather than at run time."""
+        if self.channels is None:
+            return True
+        bounds = ((self.channels, self.out_channels), (self.link_positions, self.channels.shape[1]))
+        return all(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < bound) for t, bound in bounds)
+
     def spec(self) -> dict:
         """What `from_spec` needs to rebuild this module empty (shapes and hyper-parameters, no weights)."""
         main = self.main if self.layout == "separate" else None

@@ -114,4 +114,8 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     if missing or unexpected:
         raise LoadError(f"{weights} does not match the rebuilt folded model: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}.")
+    for name, paths in found.items():
+        module = model.get_submodule(paths[0])
+        if isinstance(module, FoldedDendrites) and not module.indices_in_range():
+            raise LoadError(f"{weights}: the channel indices of {name} are out of range; the file is damaged.")
     return model.eval().requires_grad_(False)

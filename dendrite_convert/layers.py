@@ -170,16 +170,19 @@ class DendriteLayer(nn.Module):
         if tuple(cascade.shape) != (k, width):
             raise ValueError(f"cascade must have shape {(k, width)}, got {tuple(cascade.shape)}")
         if self.dendrite_channels is not None:
-            channels = torch.arange(width) if channels is None else channels
-            if channels.shape != (width,) or channels.unique().numel() != width or not 0 <= int(channels.min()) \
-                    or int(channels.max()) >= self.out_channels:
+            row = torch.arange(width) if channels is None else channels.sort().values
+            if not self.serves_valid_channels(row):
                 raise ValueError(f"channels must be {width} distinct indices below {self.out_channels}")
-            row = channels.sort().values.to(self.dendrite_channels.device, torch.long)
-            self.dendrite_channels = torch.cat([self.dendrite_channels, row[None]])
+            self.dendrite_channels = torch.cat([self.dendrite_channels, row[None].to(self.dendrite_channels)])
         self.dendrite_layers.append(dendrite)
         self.dendrite_scales.append(nn.Parameter(torch.zeros(width, device=weight.device, dtype=weight.dtype)))
         self.dendrite_cascade.append(nn.Parameter(cascade.detach().clone()))
         return dendrite
+
+    def serves_valid_channels(self, row: torch.Tensor) -> bool:
+        """Whether `row` is a channel set a dendrite may serve: `width` increasing indices below C."""
+        return (row.shape == (self.width,) and not row.is_floating_point() and bool((row[1:] > row[:-1]).all())
+                and 0 <= int(row[0]) and int(row[-1]) < self.out_channels)
 
     def truncate(self, k: int) -> None:
         """Keep the first `k` dendrites (the others are removed with their scales, cascades and channels)."""

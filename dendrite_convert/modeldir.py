@@ -19,6 +19,7 @@ from .config import DendriteConfig
 from .errors import DendriteError, LoadError, UsageError
 from .files import atomic_directory
 from .growth import set_dendrite_counts
+from .layers import dendrite_layers
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
@@ -134,6 +135,10 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
         raise LoadError(
             f"{weights} does not match the rebuilt model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
+    for name, layer in dendrite_layers(model).items():
+        if layer.dendrite_channels is not None and not all(map(layer.serves_valid_channels, layer.dendrite_channels)):
+            raise LoadError(f"{weights}: {name}.dendrite_channels is not a set of distinct increasing channels below "
+                            f"{layer.out_channels}; the file is damaged.")
     return ConvertedModel(model, source, config, refresh_report(model, report), list(data.get("example_inputs") or []))
 
 

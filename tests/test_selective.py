@@ -164,10 +164,17 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
     report = dc.export(converted, path, dc.ExportConfig(format=fmt, input_shape=list(x.shape), atol=1e-5, rtol=1e-5))
     assert report.verify.ok
     if fmt == "safetensors":  # the plain-torch artifact rebuilds with the channel sets it was saved with
+        from safetensors.torch import load_file, save_file
+
         from dendrite_convert.foldeddir import load_folded
 
         with torch.no_grad():
             torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+        weights = load_file(path / "model.safetensors")
+        weights["stem.channels"][1, 2] = 16
+        save_file(weights, path / "model.safetensors")
+        with pytest.raises(dc.LoadError, match="channel indices of stem are out of range"):
+            load_folded(path)
 
 
 def test_selective_structure_is_saved_and_reloaded(tmp_path):
@@ -224,3 +231,55 @@ def test_callbacks_refuse_selective_models():
     model, _, _ = _error_concentrated_task()
     with pytest.raises(dc.UsageError, match="dendrite-train"):
         Growth(ScheduleConfig()).start(copy.deepcopy(model))
+
+
+def test_cli_pipeline_trains_and_exports_selective_dendrites(fixture_files, tmp_path):
+    """convert --dendrite-channels -> train (both objectives rank channels by error) -> ONNX within 1e-5."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from dendrite_convert.cli.convert import app as convert_app
+    from dendrite_convert.cli.export import app as export_app
+    from dendrite_convert.cli.train import app as train_app
+
+    digits = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    sys.path.insert(0, str(digits))
+    from model import build
+
+    torch.manual_seed(0)
+    torch.save(build(8).state_dict(), tmp_path / "digits.pt")
+    runner = CliRunner()
+    result = runner.invoke(convert_app, [str(tmp_path / "digits.pt"), "-o", str(tmp_path / "conv"), "--factory",
+                                         f"{digits / 'model.py'}:build", "--dendrite-channels", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "conv" / "dendrite_config.json").read_text())["dendrite_config"]["channels"] == 0.25
+    result = runner.invoke(train_app, [str(tmp_path / "conv"), "--adapter", str(digits / "adapter.py"), "-o",
+                                       str(tmp_path / "run"), "--switch-every", "3", "--max-dendrites", "2",
+                                       "--max-epochs", "9"])
+    assert result.exit_code == 0, result.output
+    trained = dc.load(tmp_path / "run" / "best")
+    rows = [layer.dendrite_channels for layer in dc.dendrite_layers(trained).values()]
+    assert all(r.shape[0] >= 1 for r in rows)
+    assert any(not torch.equal(r, torch.arange(r.shape[1]).expand_as(r)) for r in rows)  # ranked, not placeholders
+    result = runner.invoke(export_app, [str(tmp_path / "run" / "best"), "--onnx", "-o", str(tmp_path / "m.onnx"),
+                                        "--atol", "1e-5", "--rtol", "1e-5", "--no-latency", "--input-shape", "4,64"])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(convert_app, [str(tmp_path / "digits.pt"), "-o", str(tmp_path / "bad"), "--factory",
+                                      f"{digits / 'model.py'}:build", "--dendrite-channels", "1.5"])
+    assert bad.exit_code == 2 and "--dendrite-channels must be a fraction" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_damaged_channel_sets_are_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    converted, _ = _dendritic("small-cnn")
+    path = converted.save(tmp_path / "converted")
+    weights = load_file(path / "model.safetensors")
+    weights["stem.dendrite_channels"][0, 0] = 99
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(dc.LoadError, match=r"stem\.dendrite_channels .* damaged"):
+        dc.load(path)
