@@ -1,4 +1,4 @@
-"""Inference latency of full vs low-rank dendrites where it matters: a FLOP-bound 1024-wide MLP (issue 9).
+"""Inference latency of full vs low-rank and channel-selective dendrites where it matters: a FLOP-bound 1024-wide MLP (issue 9).
 
     .venv/bin/python benchmarks/cheap_latency.py
 
@@ -15,15 +15,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dendrite_convert as dc  # noqa: E402
 
-STRUCTURES = [("no dendrites", None, 0), ("1 full dendrite", None, 1), ("1 rank-8 dendrite", 8, 1),
-              ("1 rank-32 dendrite", 32, 1), ("3 full dendrites", None, 3), ("3 rank-8 dendrites", 8, 3)]
+STRUCTURES = [  # name, rank, channel fraction, dendrites per target
+    ("no dendrites", None, None, 0), ("1 full dendrite", None, None, 1), ("1 rank-8 dendrite", 8, None, 1),
+    ("1 rank-32 dendrite", 32, None, 1), ("1 dendrite, 1/8 chans", None, 0.125, 1),
+    ("1 dendrite, 1/4 chans", None, 0.25, 1), ("3 full dendrites", None, None, 3), ("3 rank-8 dendrites", 8, None, 3),
+    ("3 dendrites, 1/8 chans", None, 0.125, 3),
+]
 
 
-def latency(rank: int | None, dendrites: int, out: Path) -> dict[str, float]:
+def latency(rank: int | None, fraction: float | None, dendrites: int, out: Path) -> dict[str, float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
                                 torch.nn.ReLU(), torch.nn.Linear(1024, 10))
-    converted = dc.convert(model, dc.DendriteConfig(rank=rank, dendrites=dendrites))
+    converted = dc.convert(model, dc.DendriteConfig(rank=rank, channels=fraction, dendrites=dendrites))
     with torch.no_grad():
         for layer in dc.dendrite_layers(converted.model).values():
             for scale in layer.dendrite_scales:
@@ -38,8 +42,8 @@ def main() -> None:
     print(f"{'structure':22s} {'params':>10s} {'MFLOPs':>8s} {'ORT ms':>8s} {'added ms':>9s}")
     with tempfile.TemporaryDirectory() as tmp:
         base = None
-        for name, rank, dendrites in STRUCTURES:
-            rows = latency(rank, dendrites, Path(tmp) / "m.onnx")
+        for name, rank, fraction, dendrites in STRUCTURES:
+            rows = latency(rank, fraction, dendrites, Path(tmp) / "m.onnx")
             ort = rows["onnxruntime"]
             base = ort.ms if base is None else base
             print(f"{name:22s} {ort.params:10,d} {ort.flops / 1e6:8.1f} {ort.ms:8.3f} {ort.ms - base:9.3f}")

@@ -1,10 +1,10 @@
-"""Accuracy vs inference cost of cheap (low-rank) dendrites against full ones (issue 9).
+"""Accuracy vs inference cost of cheap (low-rank and channel-selective) dendrites against full ones (issue 9).
 
-    .venv/bin/python benchmarks/cost_frontier.py            # full: 5 seeds, ranks 1 2 4, two tasks
+    .venv/bin/python benchmarks/cost_frontier.py            # full: 5 seeds, ranks 1 2 4, channels 1/4 1/2, two tasks
     .venv/bin/python benchmarks/cost_frontier.py --quick    # CI: 2 seeds, short budgets, same outputs
 
-Per task: the plain model, full dendrites, rank-R dendrites (gradient objective, same budget and early
-stopping), and a plain model widened to the full dendritic model's inference FLOPs. For every run the best
+Per task: the plain model, full dendrites, rank-R dendrites, dendrites serving a fraction F of each layer's
+channels (gradient objective, same budget and early stopping), and a plain model widened to the full dendritic model's inference FLOPs. For every run the best
 model is folded and its inference FLOPs counted; each arm's structure with one dendrite per target is also
 exported to ONNX and timed in onnxruntime (1 thread). Writes benchmarks/results/frontier.{csv,md,png}.
 """
@@ -42,11 +42,13 @@ def _flops(model: torch.nn.Module, shape: list[int]) -> int:
     return count_flops(dc.fold_model(model), (torch.randn(shape),))
 
 
-def _ort_ms(factory: str, width: int, rank: int | None, dendrites: int, shape: list[int], tmp: Path) -> float:
+def _ort_ms(factory: str, width: int, rank: int | None, fraction: float | None, dendrites: int, shape: list[int],
+            tmp: Path) -> float:
     """onnxruntime latency of the arm's structure with `dendrites` per target (random non-zero scales), so the
     figure is the cost of the architecture, not of whichever structure one seed happened to keep."""
     torch.manual_seed(0)
-    converted = dc.convert(getattr(models, factory)(width), dc.DendriteConfig(rank=rank, dendrites=dendrites))
+    config = dc.DendriteConfig(rank=rank, channels=fraction, dendrites=dendrites)
+    converted = dc.convert(getattr(models, factory)(width), config)
     with torch.no_grad():
         for layer in dc.dendrite_layers(converted.model).values():
             for scale in layer.dendrite_scales:
@@ -55,25 +57,28 @@ def _ort_ms(factory: str, width: int, rank: int | None, dendrites: int, shape: l
     return next(r.ms for r in report.latency if r.name == "onnxruntime")
 
 
-def _converted(out: Path, factory: str, width: int, rank: int | None) -> Path:
-    path = out / f"converted_w{width}_r{rank or 0}"
+def _converted(out: Path, factory: str, width: int, rank: int | None, fraction: float | None) -> Path:
+    path = out / f"converted_w{width}_r{rank or 0}_c{fraction or 1}"
     if not path.exists():
         torch.manual_seed(0)
-        dc.convert(getattr(models, factory)(width), dc.DendriteConfig(rank=rank),
+        dc.convert(getattr(models, factory)(width), dc.DendriteConfig(rank=rank, channels=fraction),
                    factory=f"{ROOT / 'benchmarks/tasks/models.py'}:{factory}", factory_kwargs={"width": width}).save(path)
     return path
 
 
-def run_task(name: str, out: Path, seeds: int, ranks: list[int], jobs: int, quick: bool) -> list[dict]:
+def run_task(name: str, out: Path, seeds: int, ranks: list[int], fractions: list[float], jobs: int,
+             quick: bool) -> list[dict]:
     factory, width, adapter, shape, config = TASKS[name]
     if quick:  # a capacity test: every dendritic run ends with 3 dendrites, so costs are measured on something
         config = replace(config, patience=1, max_epochs=4)
     task_dir = out / "frontier_runs" / factory
-    arms = {"plain": (width, None, 0), "full": (width, None, None)} | {f"rank {r}": (width, r, None) for r in ranks}
+    cheap = {f"rank {r}": (r, None) for r in ranks} | {f"channels {f:g}": (None, f) for f in fractions}
+    arms = {"plain": (None, None, 0), "full": (None, None, None)} | {a: (*rf, None) for a, rf in cheap.items()}
     plan = []
-    for arm, (w, rank, max_d) in arms.items():
+    for arm, (rank, fraction, max_d) in arms.items():
         cfg = replace(config, capacity_test=quick) if max_d is None else replace(config, max_dendrites=max_d)
-        plan += [(arm, s, _converted(task_dir, factory, w, rank), replace(cfg, seed=s)) for s in range(seeds)]
+        converted = _converted(task_dir, factory, width, rank, fraction)
+        plan += [(arm, s, converted, replace(cfg, seed=s)) for s in range(seeds)]
     runs = [task_dir / arm.replace(" ", "") / f"seed_{s}" for arm, s, *_ in plan]
     summaries = run_all([(c, adapter, run, cfg) for (_, _, c, cfg), run in zip(plan, runs)], jobs)
     rows = [{"task": name, "arm": arm, "seed": s, "params": sm["params"], "dendrites": sm["dendrites"],
@@ -81,17 +86,17 @@ def run_task(name: str, out: Path, seeds: int, ranks: list[int], jobs: int, quic
              "run": str(run)} for (arm, s, *_), run, sm in zip(plan, runs, summaries)]
     full_flops = statistics.fmean(r["flops"] for r in rows if r["arm"] == "full")
     wide = next(w for w in range(width, 16 * width) if _flops(getattr(models, factory)(w), shape) >= full_flops)
-    wide_dir = _converted(task_dir, factory, wide, None)
+    wide_dir = _converted(task_dir, factory, wide, None, None)
     wide_runs = [task_dir / "widened" / f"seed_{s}" for s in range(seeds)]
     wide_summaries = run_all([(wide_dir, adapter, run, replace(config, max_dendrites=0, seed=s))
                               for s, run in enumerate(wide_runs)], jobs)
     rows += [{"task": name, "arm": "plain widened", "seed": s, "params": sm["params"], "dendrites": 0,
               "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best"), shape), "ort_ms": None,
               "run": str(run)} for s, (run, sm) in enumerate(zip(wide_runs, wide_summaries))]
-    structures = {"plain": (width, None, 0), "plain widened": (wide, None, 0), "full": (width, None, 1)}
-    structures |= {f"rank {r}": (width, r, 1) for r in ranks}
+    structures = {"plain": (width, None, None, 0), "plain widened": (wide, None, None, 0), "full": (width, None, None, 1)}
+    structures |= {arm: (width, rank, fraction, 1) for arm, (rank, fraction) in cheap.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        ms = {arm: _ort_ms(factory, w, rank, d, shape, Path(tmp)) for arm, (w, rank, d) in structures.items()}
+        ms = {arm: _ort_ms(factory, *structure, shape, Path(tmp)) for arm, structure in structures.items()}
     for row in rows:
         row["ort_ms"] = ms[row["arm"]]
     return rows
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
@@ -153,7 +159,8 @@ def main() -> None:
     seeds = args.seeds or (2 if args.quick else 5)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = [row for task in args.tasks for row in run_task(task, args.output, seeds, args.ranks, args.jobs, args.quick)]
+    rows = [row for task in args.tasks for row in run_task(task, args.output, seeds, args.ranks, args.fractions, args.jobs,
+                                                   args.quick)]
     with (args.output / "frontier.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()

@@ -13,19 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_frontier_quick_mode(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/cost_frontier.py"), "--quick", "--ranks", "1",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/cost_frontier.py"), "--quick", "--ranks", "1", "--fractions", "0.25",
                            "--tasks", "digits (MLP)", "-o", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
-    assert {r["arm"] for r in rows} == {"plain", "full", "rank 1", "plain widened"} and len(rows) == 8
+    assert {r["arm"] for r in rows} == {"plain", "full", "rank 1", "channels 0.25", "plain widened"} and len(rows) == 10
     for row in rows:
         summary = json.loads((Path(row["run"]) / "summary.json").read_text())
         assert float(row["test_at_best"]) == summary["test_at_best"] and int(row["dendrites"]) == summary["dendrites"]
         assert float(row["ort_ms"]) > 0
     plain = int(next(r["flops"] for r in rows if r["arm"] == "plain"))
     per_dendrite = {arm: [(int(r["flops"]) - plain) / int(r["dendrites"]) for r in rows
-                          if r["arm"] == arm and int(r["dendrites"]) > 0] for arm in ("full", "rank 1")}
-    assert per_dendrite["full"] and per_dendrite["rank 1"]
+                          if r["arm"] == arm and int(r["dendrites"]) > 0] for arm in ("full", "rank 1", "channels 0.25")}
+    assert all(per_dendrite.values())
     assert max(per_dendrite["rank 1"]) < 0.25 * min(per_dendrite["full"])  # a rank-1 dendrite is far cheaper
+    # a quarter of the channels: about a quarter of the FLOPs (ceil rounding makes it a little more)
+    assert 0.2 < max(per_dendrite["channels 0.25"]) / min(per_dendrite["full"]) < 0.3
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
-    assert (tmp_path / "frontier.md").read_text().count("\n| digits") == 4
+    assert (tmp_path / "frontier.md").read_text().count("\n| digits") == 5
