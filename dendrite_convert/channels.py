@@ -1,7 +1,7 @@
 """Which output channels a channel-selective dendrite serves: those with the largest remaining error.
 
 With the network frozen, the error signal e = dloss/dy of a target is recorded over training batches
-(correlation.record_error_signals). A dendrite added to channel c with the best scale can remove at most
+(correlation.each_error_signal). A dendrite added to channel c with the best scale can remove at most
 corr(h, e_c)^2 · var(e_c) of that channel's error, so with no candidate trained yet the channels worth a
 dendrite are those where var(e_c) is largest: the denominator of the correlation statistic the candidates
 then maximise. Means are removed because a constant error is the bias's job, not a dendrite's.
@@ -20,19 +20,32 @@ def flat(t: torch.Tensor, layer: DendriteLayer) -> torch.Tensor:
     return t.movedim(axis, -1).reshape(-1, t.shape[axis])
 
 
-def error_variance(layer: DendriteLayer, errors: list[torch.Tensor]) -> torch.Tensor:
-    """Per output channel, the variance of the recorded error signals (over samples and positions)."""
-    count, total, squares = 0, 0.0, 0.0
-    for e in errors:
-        e = flat(e, layer).double()
-        count, total, squares = count + e.shape[0], total + e.sum(0), squares + e.square().sum(0)
-    mean = total / count
-    return squares / count - mean.square()
+class ErrorMoments:
+    """Per-channel count, sum and sum of squares of a target's error signals: their variance, computed
+    batch by batch, without keeping the signals (the gradient objective only needs this)."""
+
+    def __init__(self, layer: DendriteLayer):
+        self.layer = layer
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+
+    def add(self, e: torch.Tensor) -> None:
+        e = flat(e, self.layer).double()
+        self.count, self.total, self.squares = self.count + e.shape[0], self.total + e.sum(0), self.squares + e.square().sum(0)
+
+    def top_channels(self) -> torch.Tensor | None:
+        """The `layer.width` channels with the largest error variance, sorted; None before any signal (a
+        target that does not reach the loss keeps the placeholder channels of `add_dendrite`)."""
+        if not self.count:
+            return None
+        variance = self.squares / self.count - (self.total / self.count).square()
+        return variance.topk(self.layer.width).indices.sort().values
 
 
 def select_channels(layer: DendriteLayer, errors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The `layer.width` channels with the largest error variance, sorted; None for a layer that is not
-    channel-selective or that recorded no error (it then keeps the placeholder of `add_dendrite`)."""
-    if layer.dendrite_channels is None or not errors:
+    """`ErrorMoments.top_channels` of recorded error signals; None for a layer that is not channel-selective."""
+    if layer.dendrite_channels is None:
         return None
-    return error_variance(layer, errors).topk(layer.width).indices.sort().values
+    moments = ErrorMoments(layer)
+    for e in errors:
+        moments.add(e)
+    return moments.top_channels()

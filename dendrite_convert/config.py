@@ -34,6 +34,10 @@ class DendriteConfig:
             raise UsageError(f"--dendrite-rank must be 1 or more, not {self.rank}.")
         if self.channels is not None and not 0 < self.channels <= 1:
             raise UsageError(f"--dendrite-channels must be a fraction in (0, 1], not {self.channels}.")
+        if self.channels is not None and self.channels < 1 and self.dendrites:
+            raise UsageError("--dendrites cannot be combined with --dendrite-channels: a channel-selective dendrite "
+                             "serves the channels with the largest error, known only in training; let dendrite-train "
+                             "add them.")
         if self.init_std <= 0:
             raise UsageError(f"--init-std must be positive, not {self.init_std}.")
 

@@ -14,13 +14,14 @@ frozen; the next neuron phase trains the network and the scales.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapter import batch_size
-from .channels import flat as _flat, select_channels
+from .channels import ErrorMoments, flat, select_channels
 from .layers import ACTIVATIONS, DendriteLayer
 
 
@@ -62,15 +63,16 @@ class _Candidate(nn.Module):
         return ACTIVATIONS[layer.activation](z)
 
 
-def record_error_signals(
+def each_error_signal(
     model: nn.Module,
     layers: dict[str, DendriteLayer],
     batches: Iterable,
     forward_loss: Callable[[object], torch.Tensor],
     max_samples: int,
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per target, (x, e = dloss/dy) pairs from training batches; no parameter is changed."""
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    visit: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Run training batches forward and backward and call `visit(target, x, e = dloss/dy)` for every call
+    of a target that reaches the loss, until `max_samples` samples; no parameter is changed."""
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def hook(name):
@@ -88,7 +90,7 @@ def record_error_signals(
             grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True)
             for (name, x, _), e in zip(calls, grads):
                 if e is not None:
-                    records[name].append((x, e.detach()))
+                    visit(name, x, e.detach())
             seen += batch_size(batch)
             if seen >= max_samples:
                 break
@@ -96,6 +98,15 @@ def record_error_signals(
         for h in handles:
             h.remove()
         calls.clear()
+
+
+def record_error_signals(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
+                         forward_loss: Callable[[object], torch.Tensor],
+                         max_samples: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per target, the (x, e = dloss/dy) pairs of `each_error_signal`."""
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    each_error_signal(model, layers, batches, forward_loss, max_samples,
+                      lambda name, x, e: records[name].append((x, e)))
     return records
 
 
@@ -125,7 +136,7 @@ def train_candidates(
     mean correlation per channel served)."""
     chunks = _chunks(pairs, config.chunk)
     # Earlier dendrites are frozen during the phase: their outputs are computed once.
-    errors = [_flat(e, layer) for _, e in chunks]
+    errors = [flat(e, layer) for _, e in chunks]
     if channels is not None:
         errors = [e[:, channels.to(e.device)] for e in errors]
     prepared = [(x, e, _cascade_inputs(layer, x)) for (x, _), e in zip(chunks, errors)]
@@ -134,13 +145,13 @@ def train_candidates(
     optimizer = torch.optim.Adam(params, lr=config.lr)
     for _ in range(config.epochs):
         for x, e, earlier in prepared:
-            objective = sum(correlation_score(_flat(c(layer, x, earlier), layer), e) for c in candidates)
+            objective = sum(correlation_score(flat(c(layer, x, earlier), layer), e) for c in candidates)
             optimizer.zero_grad(set_to_none=True)
             (-objective).backward()
             optimizer.step()
     with torch.no_grad():
         scores = [
-            sum(correlation_score(_flat(c(layer, x, earlier), layer), e) * e.shape[0] for x, e, earlier in prepared)
+            sum(correlation_score(flat(c(layer, x, earlier), layer), e) * e.shape[0] for x, e, earlier in prepared)
             for c in candidates
         ]
         total = sum(e.shape[0] for _, e, _ in prepared)
@@ -160,7 +171,8 @@ def add_correlation_dendrites(
 
     Returns the best candidate's mean |correlation| per channel, per target.
     """
-    records = record_frozen(model, layers, batches, forward_loss, config.max_samples)
+    with frozen(model):
+        records = record_error_signals(model, layers, batches, forward_loss, config.max_samples)
     result = {}
     for name, layer in layers.items():
         pairs = records[name]
@@ -177,25 +189,27 @@ def add_correlation_dendrites(
     return result
 
 
-def record_frozen(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
-                  forward_loss: Callable[[object], torch.Tensor], max_samples: int):
-    """`record_error_signals` with the network frozen: eval mode, so no BatchNorm statistic moves, no dropout."""
+@contextmanager
+def frozen(model: nn.Module):
+    """Eval mode while error signals are recorded: no BatchNorm statistic moves, no dropout."""
     was_training = model.training
     model.eval()
     try:
-        return record_error_signals(model, layers, batches, forward_loss, max_samples)
+        yield
     finally:
         model.train(was_training)
 
 
 def error_ranked_channels(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
                           forward_loss: Callable[[object], torch.Tensor], max_samples: int) -> dict[str, torch.Tensor]:
-    """Gradient objective: the channels each channel-selective target's next dendrite serves (channels.py)."""
-    selective = {name: layer for name, layer in layers.items() if layer.dendrite_channels is not None}
-    if not selective:
-        return {}
-    records = record_frozen(model, selective, batches, forward_loss, max_samples)
-    ranked = {name: select_channels(layer, [e for _, e in records[name]]) for name, layer in selective.items()}
+    """Gradient objective: the channels each channel-selective target's next dendrite serves (channels.py),
+    from running error moments, so no recorded signal is kept."""
+    moments = {name: ErrorMoments(layer) for name, layer in layers.items() if layer.dendrite_channels is not None}
+    if moments:
+        with frozen(model):
+            each_error_signal(model, {name: layers[name] for name in moments}, batches, forward_loss, max_samples,
+                              lambda name, x, e: moments[name].add(e))
+    ranked = {name: m.top_channels() for name, m in moments.items()}
     return {name: channels for name, channels in ranked.items() if channels is not None}
 
 

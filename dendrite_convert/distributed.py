@@ -127,8 +127,7 @@ def check_replicas(model: nn.Module) -> None:
     if not active():
         return
     with torch.no_grad():
-        local = sum(float(t.double().sum()) + float(t.double().square().sum()) for t in model.state_dict().values()
-                    if t.is_floating_point())
+        local = sum(float(t.double().sum()) + float(t.double().square().sum()) for t in model.state_dict().values())
     low, high = _min_max(local)
     if low != high:
         raise RuntimeError(f"the replicas of the model differ across ranks (checksums {low!r} vs {high!r})")

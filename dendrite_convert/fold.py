@@ -63,13 +63,13 @@ class FoldedDendrites(nn.Module):
         rows = iter(range(self.cascade.shape[0]))
         self._link_rows = [[(j, next(rows)) for j in js] for js in links]
         self._emit_rows = {i: r for r, i in enumerate(emits)}
-        # channel-selective: row i lists the channels branch i serves; a link row r = (i <- j) reads h_j at
-        # link_positions[r] (channels h_j lacks have a zero cascade weight)
+        # channel-selective: row i lists the channels branch i serves (saved); a link row r = (i <- j) reads h_j
+        # at link_positions[r], derived from the rows whenever they change (channels h_j lacks have a zero weight)
         self.register_buffer("channels", None if channels is None else channels.clone())
-        positions = [channel_positions(channels[j], channels[i])[0] for i, js in enumerate(links) for j in js] \
-            if channels is not None else []
-        self.register_buffer("link_positions", torch.stack(positions) if positions else
-                             None if channels is None else channels.new_zeros(0, width))
+        self.register_buffer("link_positions", None, persistent=False)
+        if channels is not None:
+            self._derive_link_positions()
+            self.register_load_state_dict_post_hook(lambda module, keys: module._derive_link_positions())
         if layout == "separate":
             self.main, self.branches = main, nn.ModuleList(branches)
         else:
@@ -106,13 +106,17 @@ class FoldedDendrites(nn.Module):
                 y = y + term if self.channels is None else add_to_channels(y, term, self.channels[i], axis)
         return y
 
-    def indices_in_range(self) -> bool:
-        """Whether the channel indices (loaded from a file) address existing channels, so that a damaged
-        file fails on load rather than at run time."""
-        if self.channels is None:
-            return True
-        bounds = ((self.channels, self.out_channels), (self.link_positions, self.channels.shape[1]))
-        return all(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < bound) for t, bound in bounds)
+    def _derive_link_positions(self) -> None:
+        rows = [channel_positions(self.channels[j], self.channels[i])[0]
+                for i, js in enumerate(self.links) for j in js]
+        self.link_positions = torch.stack(rows) if rows else self.channels.new_zeros(0, self.channels.shape[1])
+
+    def valid_channels(self) -> bool:
+        """Whether every channel row (loaded from a file) lists increasing indices of existing channels, so
+        that a damaged file fails on load rather than computing wrong outputs."""
+        rows = self.channels
+        return rows is None or rows.numel() == 0 or bool(
+            (rows[:, 1:] > rows[:, :-1]).all() and int(rows.min()) >= 0 and int(rows.max()) < self.out_channels)
 
     def spec(self) -> dict:
         """What `from_spec` needs to rebuild this module empty (shapes and hyper-parameters, no weights)."""
@@ -130,6 +134,8 @@ class FoldedDendrites(nn.Module):
     def from_spec(cls, spec: dict) -> FoldedDendrites:
         k, layer, links, emits = spec["dendrites"], spec["layer"], spec["links"], spec["emits"]
         width = spec.get("width")  # channel-selective branches: their channels come with the weights
+        if width is not None and not (type(width) is int and 0 < width <= layer["out_channels"]):
+            raise ValueError(f"width must be a channel count in [1, {layer['out_channels']}], not {width!r}")
         channels = torch.zeros(k, width, dtype=torch.long) if width else None
         row = (width or layer["out_channels"],) + (1,) * layer["spatial_dims"]
         make = [layer_from_spec(layer) for _ in range(k + 1)]

@@ -116,6 +116,7 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
                         f"unexpected {sorted(unexpected)[:5]}.")
     for name, paths in found.items():
         module = model.get_submodule(paths[0])
-        if isinstance(module, FoldedDendrites) and not module.indices_in_range():
-            raise LoadError(f"{weights}: the channel indices of {name} are out of range; the file is damaged.")
+        if isinstance(module, FoldedDendrites) and not module.valid_channels():
+            raise LoadError(f"{weights}: the channel sets of {name} are not increasing indices below "
+                            f"{module.out_channels}; the file is damaged.")
     return model.eval().requires_grad_(False)

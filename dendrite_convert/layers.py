@@ -159,8 +159,8 @@ class DendriteLayer(nn.Module):
 
         `dendrite`/`cascade` insert a trained candidate (correlation objective); by default a fresh
         random dendrite with zero cascade weights is added. A channel-selective layer takes the `width`
-        channels the dendrite serves (channels.py ranks them); without, the first `width` channels are a
-        placeholder that a state dict being loaded overwrites.
+        channels the dendrite serves, in increasing order as the dendrite's outputs are (channels.py ranks
+        them); without, the first `width` channels are a placeholder that a state dict being loaded overwrites.
         """
         weight = self.base_layer.weight
         k, width = self.num_dendrites, self.width
@@ -169,10 +169,12 @@ class DendriteLayer(nn.Module):
             cascade = torch.zeros(k, width, device=weight.device, dtype=weight.dtype)
         if tuple(cascade.shape) != (k, width):
             raise ValueError(f"cascade must have shape {(k, width)}, got {tuple(cascade.shape)}")
+        if self.dendrite_channels is None and channels is not None:
+            raise ValueError("channels are for channel-selective layers; this one's dendrites serve every channel")
         if self.dendrite_channels is not None:
-            row = torch.arange(width) if channels is None else channels.sort().values
+            row = torch.arange(width) if channels is None else channels.cpu()
             if not self.serves_valid_channels(row):
-                raise ValueError(f"channels must be {width} distinct indices below {self.out_channels}")
+                raise ValueError(f"channels must be {width} increasing indices below {self.out_channels}")
             self.dendrite_channels = torch.cat([self.dendrite_channels, row[None].to(self.dendrite_channels)])
         self.dendrite_layers.append(dendrite)
         self.dendrite_scales.append(nn.Parameter(torch.zeros(width, device=weight.device, dtype=weight.dtype)))

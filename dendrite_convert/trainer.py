@@ -407,8 +407,7 @@ class _Run:
                                              lambda batch: self.forward_loss(batch, self.model),
                                              self.config.correlation_samples)
             add_dendrites(self.model, channels)
-            if channels:
-                distributed.broadcast_module(self.model)  # every rank serves rank 0's channels
+            distributed.broadcast_module(self.model)  # every rank starts the phase from rank 0's dendrites and channels
         else:
             model = self.model  # the restored best model; the phase's `net` is rebuilt below
             add_correlation_dendrites(model, dendrite_layers(model), self.train_loader,

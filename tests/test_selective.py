@@ -1,6 +1,7 @@
 """Channel-selective dendrites (--dendrite-channels F): same contract as full ones, on a fraction of the channels."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _dendritic(kind: str, fraction: float = 0.3, rank=None, activation="sigmoid"
     with torch.no_grad():
         for layer in dc.dendrite_layers(converted.model).values():
             for _ in range(k):
-                chosen = torch.randperm(layer.out_channels, generator=generator)[:layer.width]
+                chosen = torch.randperm(layer.out_channels, generator=generator)[:layer.width].sort().values
                 layer.add_dendrite(channels=chosen if layer.dendrite_channels is not None else None)
                 for p in layer.dendrite_layers[-1].parameters():
                     p.normal_(0, 0.3)
@@ -96,12 +97,19 @@ def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, ran
 
 def test_bad_channel_sets_and_fractions_are_refused():
     layer = dc.layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channels=0.25)
-    for bad in (torch.tensor([1, 1]), torch.tensor([0, 8]), torch.tensor([0, 1, 2])):
-        with pytest.raises(ValueError, match="2 distinct indices below 8"):
+    for bad in (torch.tensor([1, 1]), torch.tensor([0, 8]), torch.tensor([0, 1, 2]), torch.tensor([3, 1])):
+        with pytest.raises(ValueError, match="2 increasing indices below 8"):  # unsorted would misplace outputs
             layer.add_dendrite(channels=bad)
+    assert layer.num_dendrites == 0
+    full = dc.layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8))
+    with pytest.raises(ValueError, match="serve every channel"):
+        full.add_dendrite(channels=torch.tensor([0, 1]))
     for fraction in (0, 1.5, -0.1):
         with pytest.raises(dc.UsageError, match="--dendrite-channels"):
             dc.DendriteConfig(channels=fraction)
+    with pytest.raises(dc.UsageError, match="--dendrites"):  # pre-inserted dendrites could not rank channels
+        dc.DendriteConfig(channels=0.5, dendrites=1)
+    assert dc.DendriteConfig(channels=1.0, dendrites=1).dendrites == 1  # F = 1 serves every channel
 
 
 @pytest.mark.parametrize("rank", [None, 2])
@@ -171,10 +179,20 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
         with torch.no_grad():
             torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
         weights = load_file(path / "model.safetensors")
-        weights["stem.channels"][1, 2] = 16
+        assert not any("link_positions" in key for key in weights)  # derived from the channel sets on load
+        for row, column, value in ((1, 2, 16), (1, 0, int(weights["stem.channels"][1, 1]))):  # out of range, repeated
+            damaged = {key: t.clone() for key, t in weights.items()}
+            damaged["stem.channels"][row, column] = value
+            save_file(damaged, path / "model.safetensors")
+            with pytest.raises(dc.LoadError, match="channel sets of stem are not increasing indices below 8"):
+                load_folded(path)
         save_file(weights, path / "model.safetensors")
-        with pytest.raises(dc.LoadError, match="channel indices of stem are out of range"):
-            load_folded(path)
+        config = json.loads((path / "folded_config.json").read_text())
+        for width in (-1, "4", 9):
+            config["targets"]["stem"]["module"]["width"] = width
+            (path / "folded_config.json").write_text(json.dumps(config))
+            with pytest.raises(dc.LoadError, match="stem.*malformed module spec.*width"):
+                load_folded(path)
 
 
 def test_selective_structure_is_saved_and_reloaded(tmp_path):
