@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dendrite_convert as dc  # noqa: E402
+from dendrite_convert.growth import add_dendrites  # noqa: E402
 
 STRUCTURES = [  # name, rank, channel fraction, dendrites per target
     ("no dendrites", None, None, 0), ("1 full dendrite", None, None, 1), ("1 rank-8 dendrite", 8, None, 1),
@@ -23,17 +24,27 @@ STRUCTURES = [  # name, rank, channel fraction, dendrites per target
 ]
 
 
-def latency(rank: int | None, fraction: float | None, dendrites: int, out: Path) -> dict[str, float]:
+def structure_latency(model: torch.nn.Module, rank: int | None, fraction: float | None, dendrites: int,
+                      shape: list[int], out: Path) -> dict:
+    """Latency rows (by runtime) of `model` converted with `dendrites` per target and random non-zero scales:
+    the cost of the architecture. Selective dendrites serve the placeholder channels; which ones does not
+    change the cost."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
-                                torch.nn.ReLU(), torch.nn.Linear(1024, 10))
-    converted = dc.convert(model, dc.DendriteConfig(rank=rank, channels=fraction, dendrites=dendrites))
+    converted = dc.convert(model, dc.DendriteConfig(rank=rank, channel_fraction=fraction))
+    for _ in range(dendrites):
+        add_dendrites(converted.model)
     with torch.no_grad():
         for layer in dc.dendrite_layers(converted.model).values():
             for scale in layer.dendrite_scales:
                 scale.normal_()
-    report = dc.export(converted.model, out, dc.ExportConfig(input_shape=[64, 1024], force=True))
+    report = dc.export(converted.model, out, dc.ExportConfig(input_shape=shape, force=True))
     return {row.name: row for row in report.latency}
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                               torch.nn.ReLU(), torch.nn.Linear(1024, 10))
 
 
 def main() -> None:
@@ -43,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = None
         for name, rank, fraction, dendrites in STRUCTURES:
-            rows = latency(rank, fraction, dendrites, Path(tmp) / "m.onnx")
+            rows = structure_latency(mlp(), rank, fraction, dendrites, [64, 1024], Path(tmp) / "m.onnx")
             ort = rows["onnxruntime"]
             base = ort.ms if base is None else base
             print(f"{name:22s} {ort.params:10,d} {ort.flops / 1e6:8.1f} {ort.ms:8.3f} {ort.ms - base:9.3f}")

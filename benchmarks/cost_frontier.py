@@ -29,6 +29,7 @@ import dendrite_convert as dc  # noqa: E402
 from dendrite_convert.compare import run_all  # noqa: E402
 from dendrite_convert.latency import count_flops  # noqa: E402
 from dendrite_convert.trainer import TrainConfig  # noqa: E402
+from cheap_latency import structure_latency  # noqa: E402
 from tasks import models  # noqa: E402
 
 TASKS = {  # name -> factory, width, adapter, input shape, budget
@@ -44,24 +45,17 @@ def _flops(model: torch.nn.Module, shape: list[int]) -> int:
 
 def _ort_ms(factory: str, width: int, rank: int | None, fraction: float | None, dendrites: int, shape: list[int],
             tmp: Path) -> float:
-    """onnxruntime latency of the arm's structure with `dendrites` per target (random non-zero scales), so the
-    figure is the cost of the architecture, not of whichever structure one seed happened to keep."""
-    torch.manual_seed(0)
-    config = dc.DendriteConfig(rank=rank, channels=fraction, dendrites=dendrites)
-    converted = dc.convert(getattr(models, factory)(width), config)
-    with torch.no_grad():
-        for layer in dc.dendrite_layers(converted.model).values():
-            for scale in layer.dendrite_scales:
-                scale.normal_()
-    report = dc.export(converted.model, tmp / "frontier.onnx", dc.ExportConfig(input_shape=shape, force=True))
-    return next(r.ms for r in report.latency if r.name == "onnxruntime")
+    """onnxruntime latency of the arm's structure with `dendrites` per target, so the figure is the cost of
+    the architecture, not of whichever structure one seed happened to keep."""
+    rows = structure_latency(getattr(models, factory)(width), rank, fraction, dendrites, shape, tmp / "frontier.onnx")
+    return rows["onnxruntime"].ms
 
 
 def _converted(out: Path, factory: str, width: int, rank: int | None, fraction: float | None) -> Path:
     path = out / f"converted_w{width}_r{rank or 0}_c{fraction or 1}"
     if not path.exists():
         torch.manual_seed(0)
-        dc.convert(getattr(models, factory)(width), dc.DendriteConfig(rank=rank, channels=fraction),
+        dc.convert(getattr(models, factory)(width), dc.DendriteConfig(rank=rank, channel_fraction=fraction),
                    factory=f"{ROOT / 'benchmarks/tasks/models.py'}:{factory}", factory_kwargs={"width": width}).save(path)
     return path
 

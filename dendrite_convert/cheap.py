@@ -18,12 +18,13 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVS_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     # Checked by name so that importing this package never imports transformers.
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
@@ -32,12 +33,14 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 def out_channels(base: nn.Module) -> int:
     if isinstance(base, nn.Linear):
         return base.out_features
-    return base.nf if _is_hf_conv1d(base) else base.out_channels
+    return base.nf if is_hf_conv1d(base) else base.out_channels
 
 
 def narrowable(base: nn.Module) -> bool:
-    """Whether a dendrite of `base` can compute a subset of its output channels (grouped convs cannot)."""
-    return isinstance(base, nn.Linear) or _is_hf_conv1d(base) or getattr(base, "groups", 0) == 1
+    """Whether a dendrite of `base` can compute a subset of its output channels (grouped convs and
+    parametrized weights, such as weight norm, cannot: their dendrites serve every channel)."""
+    plain = not parametrize.is_parametrized(base)
+    return plain and (isinstance(base, nn.Linear) or is_hf_conv1d(base) or getattr(base, "groups", 0) == 1)
 
 
 def dendrite_width(base: nn.Module, fraction: float | None) -> int:
@@ -50,16 +53,16 @@ def dendrite_width(base: nn.Module, fraction: float | None) -> int:
 
 def narrow_copy(base: nn.Module, width: int) -> nn.Module:
     """A copy of `base` with only its first `width` output channels (the weights are re-drawn by the caller)."""
-    layer = copy.deepcopy(base)
     if width == out_channels(base):
-        return layer
-    axis = 1 if _is_hf_conv1d(base) or isinstance(base, _CONVS_T) else 0  # Conv1D and ConvTransposeNd: [in, out, ...]
-    layer.weight = nn.Parameter(layer.weight.detach().narrow(axis, 0, width).clone())
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[:width].clone())
+        return copy.deepcopy(base)
+    axis = 1 if is_hf_conv1d(base) or isinstance(base, _CONVS_T) else 0  # Conv1D and ConvTransposeNd: [in, out, ...]
+    narrowed = {id(base.weight): nn.Parameter(base.weight.detach().narrow(axis, 0, width).clone())}
+    if base.bias is not None:
+        narrowed[id(base.bias)] = nn.Parameter(base.bias.detach()[:width].clone())
+    layer = copy.deepcopy(base, memo=narrowed)  # the memo hands deepcopy the narrow tensors: the full ones are never copied
     if isinstance(base, nn.Linear):
         layer.out_features = width
-    elif _is_hf_conv1d(base):
+    elif is_hf_conv1d(base):
         layer.nf = width
     else:
         layer.out_channels = width
@@ -72,7 +75,7 @@ def low_rank_dendrite(base: nn.Module, rank: int, init_std: float, width: int | 
     factory = {"device": weight.device, "dtype": weight.dtype}
     has_bias = getattr(base, "bias", None) is not None
     n_out = width or out_channels(base)
-    if isinstance(base, nn.Linear) or _is_hf_conv1d(base):
+    if isinstance(base, nn.Linear) or is_hf_conv1d(base):
         n_in = base.in_features if isinstance(base, nn.Linear) else weight.shape[0]
         if rank * (n_in + n_out) >= n_in * n_out:
             return None

@@ -19,7 +19,7 @@ class DendriteConfig:
     activation: str = "sigmoid"  # sigmoid | tanh | identity
     init_std: float = 0.01  # std of a new dendrite's weights
     rank: int | None = None  # low-rank dendrites (in -> rank -> out) instead of full copies
-    channels: float | None = None  # channel-selective: each dendrite serves this fraction of its target's channels
+    channel_fraction: float | None = None  # channel-selective: each dendrite serves this fraction of its target's channels
     include: list[str] = field(default_factory=list)  # globs on module names, or layer type names
     exclude: list[str] = field(default_factory=list)
     pair_norms: bool = True  # conv/linear -> BatchNorm is one neuron
@@ -32,9 +32,9 @@ class DendriteConfig:
             raise UsageError(f"--dendrites must be 0 or more, not {self.dendrites}.")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--dendrite-rank must be 1 or more, not {self.rank}.")
-        if self.channels is not None and not 0 < self.channels <= 1:
-            raise UsageError(f"--dendrite-channels must be a fraction in (0, 1], not {self.channels}.")
-        if self.channels is not None and self.channels < 1 and self.dendrites:
+        if self.channel_fraction is not None and not 0 < self.channel_fraction <= 1:
+            raise UsageError(f"--dendrite-channels must be a fraction in (0, 1], not {self.channel_fraction}.")
+        if self.channel_fraction is not None and self.channel_fraction < 1 and self.dendrites:
             raise UsageError("--dendrites cannot be combined with --dendrite-channels: a channel-selective dendrite "
                              "serves the channels with the largest error, known only in training; let dendrite-train "
                              "add them.")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
-from .layers import (ACTIVATIONS, NORM_LAYERS, DendriteLayer, _is_hf_conv1d, add_to_channels, channel_positions,
+from .layers import (ACTIVATIONS, NORM_LAYERS, DendriteLayer, is_hf_conv1d, add_to_channels, channel_positions,
                      dendrite_layer_paths)
 
 LAYOUTS = ("auto", "separate", "concat")
@@ -183,7 +183,7 @@ def _layers_and_norm(module: nn.Module) -> tuple[list[nn.Module], nn.Module | No
 def _out_major(layer: nn.Module) -> torch.Tensor:
     """The weight as [out, in/groups, *kernel]: Conv1D is stored transposed, ConvTransposeNd as [in, out/groups, ...]."""
     weight = layer.weight.detach()
-    if _is_hf_conv1d(layer):
+    if is_hf_conv1d(layer):
         return weight.t()
     if isinstance(layer, _TRANSPOSED):
         return _swap_in_out(weight, layer.groups)
@@ -281,7 +281,7 @@ def layer_from_spec(spec: dict, out_channels: int | None = None) -> nn.Module:
 
 def _plain_layer(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A standard layer with the template's hyper-parameters and the given [out, in/groups, *k] weights."""
-    if _is_hf_conv1d(template):
+    if is_hf_conv1d(template):
         spec = {"type": "Linear", "in_features": weight.shape[1], "out_channels": weight.shape[0], "spatial_dims": 0}
     else:
         spec = _layer_spec(template)
@@ -449,8 +449,8 @@ def _capture_inputs(model: nn.Module, example_inputs) -> dict[int, torch.Tensor]
 
 
 def _choose_layout(layer: DendriteLayer, prune_below: float, x: torch.Tensor | None) -> str:
-    if x is None or layer.activation == "identity":
-        return "separate"
+    if x is None or layer.activation == "identity" or layer.dendrite_channels is not None:
+        return "separate"  # nothing to time: one layer, or a selective one whose branches cannot be concatenated
     separate, _ = fold_layer(layer, prune_below, "separate")
     if not isinstance(separate, FoldedDendrites):
         return "separate"

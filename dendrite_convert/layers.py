@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .cheap import _is_hf_conv1d, dendrite_width, low_rank_dendrite, narrow_copy, out_channels
+from .cheap import is_hf_conv1d, dendrite_width, low_rank_dendrite, narrow_copy, out_channels
 
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
@@ -45,7 +45,7 @@ class DendriteLayer(nn.Module):
         activation: str = "sigmoid",
         init_std: float = 0.01,
         rank: int | None = None,
-        channels: float | None = None,
+        channel_fraction: float | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -55,8 +55,8 @@ class DendriteLayer(nn.Module):
         self.activation = activation
         self.init_std = init_std
         self.rank = rank  # low-rank dendrites (cheap.py) where that is cheaper than a full copy
-        self.channel_fraction = channels  # channel-selective dendrites (cheap.py): each serves this fraction
-        self.width = dendrite_width(base_layer, channels)  # m: output channels of one dendrite
+        self.channel_fraction = channel_fraction  # channel-selective dendrites (cheap.py): each serves this fraction
+        self.width = dendrite_width(base_layer, channel_fraction)  # m: output channels of one dendrite
         self.dendrite_layers = nn.ModuleList()
         self.dendrite_scales = nn.ParameterList()  # entry i: [m], weight of h_i in the output
         self.dendrite_cascade = nn.ParameterList()  # entry i: [i, m], weights of h_j (j < i) into dendrite i
@@ -272,7 +272,7 @@ def dendrite_class_for(module: nn.Module) -> type[DendriteLayer] | None:
     """The wrapper class for a supported target layer, or None."""
     if isinstance(module, DendriteLayer):
         return None
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return DendriteHFConv1D
     if isinstance(module, LazyModuleMixin):
         return None

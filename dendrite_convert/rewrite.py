@@ -289,7 +289,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         if norm is not None and (plan.norm_calls[norm_name] != 1 or len(aliases[id(norm)]) != 1):
             norm_name, norm = None, None
         layer = dendrite_class_for(base)(base, norm=norm, activation=config.activation, init_std=config.init_std,
-                                         rank=config.rank, channels=config.channels)
+                                         rank=config.rank, channel_fraction=config.channel_fraction)
         before = count_parameters(layer)
         for _ in range(config.dendrites):
             layer.add_dendrite()

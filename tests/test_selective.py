@@ -29,7 +29,7 @@ def _dendritic(kind: str, fraction: float = 0.3, rank=None, activation="sigmoid"
     torch.manual_seed(0)
     model, x = MODELS[kind]()
     factory = "fixtures.models:small_cnn" if kind == "small-cnn" else None
-    converted = dc.convert(model, dc.DendriteConfig(channels=fraction, rank=rank, activation=activation), factory=factory)
+    converted = dc.convert(model, dc.DendriteConfig(channel_fraction=fraction, rank=rank, activation=activation), factory=factory)
     converted.model.eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_selective_layer_is_the_full_space_computation_restricted_to_its_channel
     (nn.Conv1d(8, 10, 5, bias=False), (2, 8, 20), 0.25, None, 3 * 8 * 5),  # ceil(2.5) = 3 channels
 ])
 def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, rank, expected):
-    layer = dc.layers.dendrite_class_for(base)(base, rank=rank, channels=fraction)
+    layer = dc.layers.dendrite_class_for(base)(base, rank=rank, channel_fraction=fraction)
     x = torch.randn(shape)
     y0 = layer(x)
     before = count_parameters(layer)
@@ -96,7 +96,7 @@ def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, ran
 
 
 def test_bad_channel_sets_and_fractions_are_refused():
-    layer = dc.layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channels=0.25)
+    layer = dc.layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channel_fraction=0.25)
     for bad in (torch.tensor([1, 1]), torch.tensor([0, 8]), torch.tensor([0, 1, 2]), torch.tensor([3, 1])):
         with pytest.raises(ValueError, match="2 increasing indices below 8"):  # unsorted would misplace outputs
             layer.add_dendrite(channels=bad)
@@ -106,10 +106,10 @@ def test_bad_channel_sets_and_fractions_are_refused():
         full.add_dendrite(channels=torch.tensor([0, 1]))
     for fraction in (0, 1.5, -0.1):
         with pytest.raises(dc.UsageError, match="--dendrite-channels"):
-            dc.DendriteConfig(channels=fraction)
+            dc.DendriteConfig(channel_fraction=fraction)
     with pytest.raises(dc.UsageError, match="--dendrites"):  # pre-inserted dendrites could not rank channels
-        dc.DendriteConfig(channels=0.5, dendrites=1)
-    assert dc.DendriteConfig(channels=1.0, dendrites=1).dendrites == 1  # F = 1 serves every channel
+        dc.DendriteConfig(channel_fraction=0.5, dendrites=1)
+    assert dc.DendriteConfig(channel_fraction=1.0, dendrites=1).dendrites == 1  # F = 1 serves every channel
 
 
 @pytest.mark.parametrize("rank", [None, 2])
@@ -131,7 +131,7 @@ def test_selective_fold_matches_unfolded(kind, activation, rank):
 
 
 def test_zero_overlap_cascade_is_dropped_by_the_fold():
-    layer = dc.layers.dendrite_class_for(nn.Linear(6, 8))(nn.Linear(6, 8), channels=0.25).eval()
+    layer = dc.layers.dendrite_class_for(nn.Linear(6, 8))(nn.Linear(6, 8), channel_fraction=0.25).eval()
     layer.add_dendrite(channels=torch.tensor([0, 1]))
     layer.add_dendrite(channels=torch.tensor([5, 6]))
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_selective_flops_and_onnx_export(tmp_path):
 
     n_in, n_out, fraction, k, batch = 64, 48, 0.25, 3, 8
     torch.manual_seed(0)
-    converted = dc.convert(nn.Sequential(nn.Linear(n_in, n_out)), dc.DendriteConfig(channels=fraction))
+    converted = dc.convert(nn.Sequential(nn.Linear(n_in, n_out)), dc.DendriteConfig(channel_fraction=fraction))
     layer = converted.model[0]
     for i in range(k):
         layer.add_dendrite(channels=torch.arange(12) + 4 * i)  # overlapping: every cascade link is used
@@ -212,7 +212,7 @@ def test_selective_structure_is_saved_and_reloaded(tmp_path):
 def _error_concentrated_task():
     """A 8-channel layer whose loss depends only on channels 2 and 5: they carry all the remaining error."""
     torch.manual_seed(0)
-    model = dc.convert(nn.Sequential(nn.Linear(6, 8)), dc.DendriteConfig(channels=0.25)).model
+    model = dc.convert(nn.Sequential(nn.Linear(6, 8)), dc.DendriteConfig(channel_fraction=0.25)).model
     batches = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
 
     def forward_loss(batch):
@@ -223,7 +223,7 @@ def _error_concentrated_task():
 
 
 def test_channels_with_the_largest_error_variance_are_chosen():
-    layer = dc.layers.dendrite_class_for(nn.Linear(2, 4))(nn.Linear(2, 4), channels=0.5)
+    layer = dc.layers.dendrite_class_for(nn.Linear(2, 4))(nn.Linear(2, 4), channel_fraction=0.5)
     errors = [torch.randn(100, 4) * torch.tensor([0.1, 3.0, 0.2, 2.0]) + torch.tensor([50.0, 0, 0, 0])]
     assert select_channels(layer, errors).tolist() == [1, 3]  # a constant error (channel 0) is the bias's job
 
@@ -273,7 +273,7 @@ def test_cli_pipeline_trains_and_exports_selective_dendrites(fixture_files, tmp_
     result = runner.invoke(convert_app, [str(tmp_path / "digits.pt"), "-o", str(tmp_path / "conv"), "--factory",
                                          f"{digits / 'model.py'}:build", "--dendrite-channels", "0.25"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "conv" / "dendrite_config.json").read_text())["dendrite_config"]["channels"] == 0.25
+    assert json.loads((tmp_path / "conv" / "dendrite_config.json").read_text())["dendrite_config"]["channel_fraction"] == 0.25
     result = runner.invoke(train_app, [str(tmp_path / "conv"), "--adapter", str(digits / "adapter.py"), "-o",
                                        str(tmp_path / "run"), "--switch-every", "3", "--max-dendrites", "2",
                                        "--max-epochs", "9"])
@@ -301,3 +301,12 @@ def test_damaged_channel_sets_are_refused_on_load(tmp_path):
     save_file(weights, path / "model.safetensors")
     with pytest.raises(dc.LoadError, match=r"stem\.dendrite_channels .* damaged"):
         dc.load(path)
+
+
+def test_weight_normed_and_grouped_layers_keep_full_width_dendrites():
+    """Their dendrites cannot compute a subset of channels, so they serve all of them (not selective)."""
+    for base in (nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Conv2d(4, 8, 3, groups=2)):
+        layer = dc.layers.dendrite_class_for(base)(base, channel_fraction=0.25)
+        assert (layer.width, layer.dendrite_channels) == (8, None)
+        layer.add_dendrite()
+        assert layer.dendrite_layers[0].weight.shape == base.weight.shape

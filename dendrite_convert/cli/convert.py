@@ -39,7 +39,7 @@ def convert(
 
     check_writable(output, force)
     config = DendriteConfig(
-        dendrites=dendrites, activation=activation, rank=dendrite_rank, channels=dendrite_channels, include=include or [], exclude=exclude or [],
+        dendrites=dendrites, activation=activation, rank=dendrite_rank, channel_fraction=dendrite_channels, include=include or [], exclude=exclude or [],
         pair_norms=not no_norm_pairs, strict_graph=strict_graph,
     )
     shape = parse_shape(input_shape)
