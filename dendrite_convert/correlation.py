@@ -72,7 +72,8 @@ def each_error_signal(
     visit: Callable[[str, torch.Tensor, torch.Tensor], None],
 ) -> None:
     """Run training batches forward and backward and call `visit(target, x, e = dloss/dy)` for every call
-    of a target that reaches the loss, until `max_samples` samples; no parameter is changed."""
+    of a target that reaches the loss, until `max_samples` samples; no parameter is changed. Gradients are
+    on even when called from an evaluation loop (Lightning runs callbacks there under inference mode)."""
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def hook(name):
@@ -84,16 +85,17 @@ def each_error_signal(
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     seen = 0
     try:
-        for batch in batches:
-            calls.clear()
-            loss = forward_loss(batch)
-            grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True)
-            for (name, x, _), e in zip(calls, grads):
-                if e is not None:
-                    visit(name, x, e.detach())
-            seen += batch_size(batch)
-            if seen >= max_samples:
-                break
+        with torch.inference_mode(False), torch.enable_grad():  # batches too: no inference tensors
+            for batch in batches:
+                calls.clear()
+                loss = forward_loss(batch)
+                grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True) if calls else []
+                for (name, x, _), e in zip(calls, grads):
+                    if e is not None:
+                        visit(name, x, e.detach())
+                seen += batch_size(batch)
+                if seen >= max_samples:
+                    break
     finally:
         for h in handles:
             h.remove()
@@ -201,7 +203,8 @@ def frozen(model: nn.Module):
 
 
 def error_ranked_channels(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
-                          forward_loss: Callable[[object], torch.Tensor], max_samples: int) -> dict[str, torch.Tensor]:
+                          forward_loss: Callable[[object], torch.Tensor],
+                          max_samples: int = 4096) -> dict[str, torch.Tensor]:
     """Gradient objective: the channels each channel-selective target's next dendrite serves (channels.py),
     from running error moments, so no recorded signal is kept."""
     moments = {name: ErrorMoments(layer) for name, layer in layers.items() if layer.dendrite_channels is not None}

@@ -9,7 +9,8 @@ everything here works *in place*:
 - `add_dendrites(model)`: one fresh dendrite (zero scale, so the function is unchanged) per target;
 - `dendrite_counts` / `set_dendrite_counts` / `restore_structure`: the structure a checkpoint needs
   before its weights can be loaded (from `dendrite_structure.json`, or inferred from the weight names);
-- `Growth`: drives `schedule.Schedule` on one model; both callbacks are thin wrappers around it.
+- `Growth`: drives `schedule.Schedule` on one model; both callbacks are thin wrappers around it, and give
+  it the loop's loss when the model's dendrites are channel-selective.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,18 +170,23 @@ class Growth:
     rebuilds its optimizer when `decision.action` is "add" or "retry" and stops on "stop".
     """
 
-    def __init__(self, config: ScheduleConfig):
+    def __init__(self, config: ScheduleConfig,
+                 rank_channels: Callable[[nn.Module], Mapping[str, torch.Tensor]] | None = None):
         self.schedule = Schedule(config)
+        # channel-selective models: the channels each new dendrite serves, from the loop's own loss and
+        # training batches (correlation.error_ranked_channels); the callbacks supply it
+        self.rank_channels = rank_channels
         self.best: Snapshot | None = None
         self.history: list[dict] = []  # {"step", "value", "dendrites", "action"}
         self._started = False
 
     def start(self, model: nn.Module) -> None:
         """Record the model's initial dendrite count (once; not again after a resume)."""
-        if any(layer.dendrite_channels is not None for layer in dendrite_layers(model).values()):
-            raise UsageError("channel-selective dendrites (--dendrite-channels) choose their channels from error "
-                             "signals that only dendrite-train records; train this model with dendrite-train, or "
-                             "convert it without --dendrite-channels to use the callbacks.")
+        if self.rank_channels is None and any(layer.dendrite_channels is not None
+                                              for layer in dendrite_layers(model).values()):
+            raise UsageError("channel-selective dendrites (--dendrite-channels) choose their channels from the "
+                             "training loss, which this loop does not give; train with dendrite-train or the "
+                             "DendriteCallback of transformers or Lightning.")
         if not self._started:
             self.schedule.dendrites = self.schedule.best_dendrites = max_dendrites(model)
             self._started = True
@@ -202,7 +208,7 @@ class Growth:
         if decision.action in ("add", "retry"):
             if decision.restore and self.best is not None:
                 restore(model, self.best)
-            add_dendrites(model)
+            add_dendrites(model, self.rank_channels(model) if self.rank_channels else None)
         elif decision.action == "stop" and decision.restore:
             self.restore_best(model)
         return decision

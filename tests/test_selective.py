@@ -242,13 +242,105 @@ def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
     assert model[0].dendrite_channels.tolist() == [[2, 5]]
 
 
-def test_callbacks_refuse_selective_models():
+def test_channels_are_ranked_inside_inference_mode():
+    """Callbacks run inside evaluation loops (inference mode, no grad): ranking still sees the error."""
+    from dendrite_convert.correlation import error_ranked_channels
+
+    model, batches, forward_loss = _error_concentrated_task()
+    with torch.inference_mode():
+        ranked = error_ranked_channels(model, dc.dendrite_layers(model), iter(batches), forward_loss)
+    assert ranked["0"].tolist() == [2, 5]
+
+
+def test_growth_without_a_loss_refuses_selective_models():
     from dendrite_convert.growth import Growth
     from dendrite_convert.schedule import ScheduleConfig
 
     model, _, _ = _error_concentrated_task()
-    with pytest.raises(dc.UsageError, match="dendrite-train"):
+    with pytest.raises(dc.UsageError, match="dendrite-train or the DendriteCallback"):
         Growth(ScheduleConfig()).start(copy.deepcopy(model))
+
+
+def _concentrated_samples(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 2, generator=g)
+
+
+def test_lightning_callback_ranks_channels_with_the_training_step_loss(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dendrite_convert.integrations.lightning import DendriteCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, _, _ = _error_concentrated_task()
+
+        def training_step(self, batch, _):
+            loss = (self.net(batch[0])[:, [2, 5]] - batch[1]).square().mean()
+            self.log("train_loss", loss)  # muted while the callback ranks channels outside the loop
+            return {"loss": loss}
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", (self.net(batch[0])[:, [2, 5]] - batch[1]).square().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    served: list[list[list[int]]] = []
+
+    class Recorder(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if module.net[0].num_dendrites:
+                served.append(module.net[0].dendrite_channels.tolist())
+
+    def fit(module):
+        trainer = pl.Trainer(max_epochs=3, callbacks=[DendriteCallback(switch_every=1, max_dendrites=1), Recorder()],
+                             logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=str(tmp_path))
+        loader = DataLoader(TensorDataset(*_concentrated_samples()), batch_size=32)
+        trainer.fit(module, loader, loader)
+
+    fit(Module())
+    assert served and served[0] == [[2, 5]]
+    manual = Module()
+    manual.automatic_optimization = False  # its training_step would step the optimizer during ranking
+    with pytest.raises(ValueError, match="automatic_optimization=False"):
+        fit(manual)
+
+
+def test_trainer_callback_ranks_channels_with_the_trainer_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from dendrite_convert.integrations.transformers import DendriteCallback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, _, _ = _error_concentrated_task()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)[:, [2, 5]]
+            return {"loss": (out - labels).square().mean(), "logits": out}
+
+    served: list[list[list[int]]] = []
+
+    class Recorder(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if model.net[0].num_dendrites:
+                served.append(model.net[0].dendrite_channels.tolist())
+
+    x, y = _concentrated_samples()
+    data = [{"x": a, "labels": b} for a, b in zip(x, y)]
+    args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=2, max_steps=6,
+                                          per_device_train_batch_size=32, learning_rate=0.05, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no",
+                                          seed=0)
+    trainer = transformers.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data,
+                                   callbacks=[Recorder()])
+    DendriteCallback(switch_every=1, max_dendrites=1).attach(trainer)
+    trainer.train()
+    assert served and served[0] == [[2, 5]]
 
 
 def test_cli_pipeline_trains_and_exports_selective_dendrites(fixture_files, tmp_path):

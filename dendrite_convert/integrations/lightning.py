@@ -12,7 +12,8 @@ the role of one epoch): at the end of every validation (not the sanity check) it
 `trainer.callback_metrics` (log it with `self.log("val_loss", ...)` in `validation_step`), keeps the
 best state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
 `patience` validations it restores the best state, adds one dendrite to every target of the
-LightningModule (a fresh one when retrying) and rebuilds the optimizers and LR schedulers through
+LightningModule (a fresh one when retrying; a channel-selective one serves the channels where the module's
+`training_step` loss on the training batches leaves the most error) and rebuilds the optimizers and LR schedulers through
 `trainer.strategy.setup_optimizers(trainer)`, i.e. the module's own `configure_optimizers()` on the
 new parameter set; a scheduler of the same type continues at its current step. On "stop" it sets
 `trainer.should_stop`; when fitting ends the best state is put back into the module.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from . import missing_extra
 
@@ -39,13 +41,18 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
+from ..correlation import error_ranked_channels
 from ..growth import Growth, carry_lr_schedule, dendrite_counts, restore_structure
-from ..layers import DendriteLayer
+from ..layers import DendriteLayer, dendrite_layers
 from ..schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure"]
 
 log = logging.getLogger(__name__)
+
+
+def _no_logging(*args, **kwargs) -> None:
+    """`self.log` while a ranking pass runs training_step outside the loop (Lightning refuses logging there)."""
 
 
 class DendriteCallback(pl.Callback):
@@ -71,7 +78,8 @@ class DendriteCallback(pl.Callback):
         self.growth = Growth(ScheduleConfig(
             patience=patience, switch_every=switch_every, max_dendrites=max_dendrites,
             max_epochs=max_validations or 10**9, capacity_test=capacity_test, maximize=self.mode == "max",
-        ))
+        ), self._rank_channels)
+        self._trainer: pl.Trainer | None = None
 
     @property
     def state_key(self) -> str:
@@ -87,6 +95,12 @@ class DendriteCallback(pl.Callback):
         if not any(isinstance(m, DendriteLayer) for m in pl_module.modules()):
             raise ValueError("the LightningModule has no dendrite layers: convert its network first with "
                              "dendrite_convert.convert().")
+        selective = any(layer.dendrite_channels is not None for layer in dendrite_layers(pl_module).values())
+        if selective and not pl_module.automatic_optimization:
+            raise ValueError("channel-selective dendrites rank their channels with the module's training_step loss, "
+                             "which a manually optimised module (automatic_optimization=False) steps itself; "
+                             "convert without --dendrite-channels or use automatic optimization.")
+        self._trainer = trainer
         if self.resume_from is not None:
             counts = restore_structure(pl_module, self.resume_from)
             log.info("DendriteCallback: restored the dendrite structure of %s (%d dendrites at most)",
@@ -117,6 +131,25 @@ class DendriteCallback(pl.Callback):
         if self.growth.restore_best(pl_module) and dendrite_counts(pl_module) != before:
             log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.monitor,
                      self.growth.best_value, self.growth.schedule.best_dendrites)
+
+    def _rank_channels(self, pl_module: pl.LightningModule) -> dict:
+        """Channel-selective dendrites serve the channels where the module's own `training_step` loss, on the
+        training batches, leaves the most error (correlation.error_ranked_channels); its logging is muted."""
+        loader = self._trainer.train_dataloader
+        if isinstance(loader, (Mapping, list, tuple)):
+            raise ValueError("channel-selective dendrites rank their channels on one training DataLoader; this fit "
+                             "has several: convert without --dendrite-channels or train on one loader.")
+        batches = (pl_module.transfer_batch_to_device(batch, pl_module.device, 0) for batch in loader)
+
+        def loss(batch):
+            out = pl_module.training_step(batch, 0)
+            return out["loss"] if isinstance(out, Mapping) else out
+
+        pl_module.log = pl_module.log_dict = _no_logging  # instance attributes shadow the methods meanwhile
+        try:
+            return error_ranked_channels(pl_module, dendrite_layers(pl_module), batches, loss)
+        finally:
+            del pl_module.log, pl_module.log_dict
 
     # ---- optimizers ------------------------------------------------------------------------------
     @staticmethod

@@ -14,7 +14,8 @@ the role of one epoch): after every evaluation it reads `metric` (default `eval_
 a metric whose name has no "loss" is maximised unless `maximize` says otherwise), keeps the best
 state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
 `patience` evaluations it restores the best state, adds one dendrite to every target (a fresh one
-when retrying) and rebuilds the optimizer with `Trainer.create_optimizer` (so `optim`,
+when retrying; a channel-selective one serves the channels where the Trainer's `compute_loss` on its
+training batches leaves the most error) and rebuilds the optimizer with `Trainer.create_optimizer` (so `optim`,
 `optimizer_cls_and_kwargs` or a subclass's `create_optimizer` are honoured) and the LR scheduler with
 `Trainer.create_scheduler`; the new scheduler continues at the current step (the schedule is a
 function of the global step), the optimizer state starts fresh. On "stop" it sets
@@ -57,8 +58,9 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
+from ..correlation import error_ranked_channels
 from ..growth import STRUCTURE_FILE, Growth, carry_lr_schedule, dendrite_counts, restore_structure, save_structure
-from ..layers import DendriteLayer
+from ..layers import DendriteLayer, dendrite_layers
 from ..rewrite import retie_weight_keys
 from ..schedule import ScheduleConfig
 
@@ -126,13 +128,20 @@ class DendriteCallback(TrainerCallback):
                         "`optimizer_cls_and_kwargs=` to keep your optimizer type).")
         self.trainer = trainer
         self.metric_key, self.maximize = self._resolve_metric(args)
-        self.growth = Growth(ScheduleConfig(maximize=self.maximize, **self.schedule_kwargs))
+        self.growth = Growth(ScheduleConfig(maximize=self.maximize, **self.schedule_kwargs), self._rank_channels)
         retie_weight_keys(trainer.model)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
+
+    def _rank_channels(self, model) -> dict:
+        """Channel-selective dendrites serve the channels where the Trainer's own loss, on its own training
+        batches, leaves the most error (correlation.error_ranked_channels)."""
+        trainer = self._need_trainer()
+        return error_ranked_channels(model, dendrite_layers(model), trainer.get_train_dataloader(),
+                                     lambda batch: trainer.compute_loss(model, batch))
 
     def _resolve_metric(self, args) -> tuple[str, bool]:
         metric = self.metric or args.metric_for_best_model or "loss"
