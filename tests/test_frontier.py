@@ -31,3 +31,12 @@ def test_frontier_quick_mode(tmp_path):
     assert 0.2 < max(per_dendrite["channels 0.25"]) / min(per_dendrite["full"]) < 0.3
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     assert (tmp_path / "frontier.md").read_text().count("\n| digits") == 5
+
+
+def test_gain_share_interval_reflects_seed_noise():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cost_frontier import gain_share_interval
+
+    assert gain_share_interval([90.0] * 5, [92.0] * 5, [91.5] * 5) == (0.75, 0.75)  # no noise: the exact share
+    low, high = gain_share_interval([89.0, 91.0] * 3, [91.0, 93.0] * 3, [90.5, 92.5] * 3)
+    assert low < 0.75 < high and high - low > 0.5  # seed deviations as large as the gain: a wide interval
