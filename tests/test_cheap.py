@@ -107,3 +107,6 @@ def test_low_rank_adds_what_the_formula_predicts_and_exports(tmp_path):
     assert count_flops(folded, (x,)) == 2 * batch * (n_in * n_out + k * (rank * n_in + n_out * rank))
     report = dc.export(converted, tmp_path / "lr.onnx", dc.ExportConfig(input_shape=[2, n_in], atol=1e-5, rtol=1e-5))
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
+    rows, timed = {row.name: row for row in report.latency}, report.latency_inputs[0][0]  # the table shows them
+    assert rows["onnxruntime"].flops == 2 * timed * (n_in * n_out + k * (rank * n_in + n_out * rank))
+    assert rows["onnxruntime"].params == rows["folded torch"].params == dc.count_parameters(folded)

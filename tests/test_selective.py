@@ -163,6 +163,9 @@ def test_selective_flops_and_onnx_export(tmp_path):
     assert dc.count_parameters(folded) == n_in * n_out + n_out + k * (n_in * width + width) + (k + cascade_rows) * width
     report = dc.export(converted, tmp_path / "sel.onnx", dc.ExportConfig(input_shape=[2, n_in], atol=1e-5, rtol=1e-5))
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
+    rows, timed = {row.name: row for row in report.latency}, report.latency_inputs[0][0]  # the table shows them
+    assert rows["onnxruntime"].flops == 2 * timed * (n_in * n_out + k * n_in * width)
+    assert rows["onnxruntime"].params == rows["folded torch"].params == dc.count_parameters(folded)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
