@@ -98,7 +98,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), fastest of {args.repeats} interleaved runs")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "bench_model.py").write_text(textwrap.dedent(f"""
+        (tmp / "bench_model.py").write_text(textwrap.dedent("""
             from torch import nn
             def build(features=64, width=256):
                 return nn.Sequential(nn.Linear(features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
