@@ -11,6 +11,8 @@ Per target (the math of layers.py, eval semantics):
 4. nonlinear dendrites stay as extra GEMMs/convs ("separate"), or as one layer with main and dendrite
    weights concatenated along output channels and split after ("concat"; interleaved per group so grouped
    and depthwise convs keep their group assignment), then the cascade mixes, the activation, the scales, a sum.
+   In "concat" a low-rank dendrite's first factor joins the one layer and its second runs on its slice, and a
+   channel-selective one contributes its m channels: the pass over the input (im2col) is shared.
 
 `fold_model` returns a copy; it is idempotent (a folded model has no dendrite layers left).
 """
@@ -49,8 +51,6 @@ class FoldedDendrites(nn.Module):
         super().__init__()
         if layout not in ("separate", "concat"):
             raise ValueError(f"layout must be separate or concat, not {layout!r}")
-        if channels is not None and layout != "separate":
-            raise ValueError("channel-selective dendrites have fewer channels than the layer: use layout separate")
         self.activation, self.layout, self.links, self.emits = activation, layout, links, emits
         self.k = len(branches)
         self.out_channels = _out_channels(main)
@@ -72,8 +72,11 @@ class FoldedDendrites(nn.Module):
             self.register_load_state_dict_post_hook(lambda module, keys: module._derive_link_positions())
         if layout == "separate":
             self.main, self.branches = main, nn.ModuleList(branches)
-        else:
-            self.fused = _concat_layers([main, *branches], self.groups)
+        else:  # a low-rank branch's first factor joins the one layer; its second factor runs on its slice
+            heads = [b[0] if isinstance(b, nn.Sequential) else b for b in branches]
+            self.tails = nn.ModuleList(b[1] if isinstance(b, nn.Sequential) else nn.Identity() for b in branches)
+            self.widths = [self.out_channels] + [_out_channels(h) for h in heads]
+            self.fused = _concat_layers([main, *heads], self.groups)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -83,7 +86,7 @@ class FoldedDendrites(nn.Module):
     def _split(self, z: torch.Tensor) -> list[torch.Tensor]:
         axis = z.ndim - self.spatial_dims - 1
         if self.groups == 1:
-            return list(torch.split(z, self.out_channels, dim=axis))
+            return list(torch.split(z, self.widths, dim=axis))
         per_group = self.out_channels // self.groups
         parts = z.unflatten(axis, (self.groups, self.k + 1, per_group)).unbind(axis + 1)
         return [p.flatten(axis, axis + 1) for p in parts]
@@ -91,6 +94,7 @@ class FoldedDendrites(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "concat":
             y, *zs = self._split(self.fused(x))
+            zs = [tail(z) for tail, z in zip(self.tails, zs)]
         else:
             y, zs = self.main(x), [branch(x) for branch in self.branches]
         act = ACTIVATIONS[self.activation]
@@ -128,6 +132,9 @@ class FoldedDendrites(nn.Module):
             spec["width"] = self.channels.shape[1]
         if self.layout == "separate":  # low-rank branches are two small layers
             spec["branches"] = [[_layer_spec(m) for m in _layers_and_norm(b)[0]] for b in self.branches]
+        else:  # the one layer's slices, and the second factor of each low-rank branch
+            spec["widths"] = self.widths
+            spec["tails"] = [None if isinstance(t, nn.Identity) else _layer_spec(t) for t in self.tails]
         return spec
 
     @classmethod
@@ -142,6 +149,12 @@ class FoldedDendrites(nn.Module):
         if "branches" in spec:
             make[1:] = [layer_from_spec(b[0]) if len(b) == 1 else nn.Sequential(*map(layer_from_spec, b))
                         for b in spec["branches"]]
+        elif "widths" in spec:  # concat: heads of the recorded widths (their weights live in the one layer)
+            widths, tails = spec["widths"], spec["tails"]
+            if len(widths) != k + 1 or len(tails) != k or not all(type(w) is int and w > 0 for w in widths):
+                raise ValueError(f"widths and tails must describe {k} dendrites, got {widths!r} and {len(tails)} tails")
+            heads = [layer_from_spec(layer, out_channels=w) for w in widths[1:]]
+            make[1:] = [h if t is None else nn.Sequential(h, layer_from_spec(t)) for h, t in zip(heads, tails)]
         return cls(make[0], make[1:], spec["activation"], torch.zeros((len(emits),) + row),
                    torch.zeros((sum(map(len, links)),) + row), links, emits,
                    layout="separate" if spec["layout"] == "separate" else "concat", channels=channels)
@@ -295,12 +308,17 @@ def _plain_layer(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _concat_layers(layers: list[nn.Module], groups: int) -> nn.Module:
-    """One layer computing all of `layers` (same input), channels interleaved per group: [g, 1+k, C/g]."""
-    n, first = len(layers), layers[0]
-    out = _out_channels(first)
-    weight = torch.stack([m.weight.detach().unflatten(0, (groups, out // groups)) for m in layers], 1).flatten(0, 2)
-    bias = torch.stack([m.bias.detach().unflatten(0, (groups, out // groups)) for m in layers], 1).flatten()
-    layer = layer_from_spec(_layer_spec(first), out_channels=n * out).to(device=weight.device, dtype=weight.dtype)
+    """One layer computing all of `layers` (same input): their output channels one after the other, or for
+    grouped convs (layers of equal width) interleaved per group, [g, 1+k, C/g], to keep the group assignment."""
+    first = layers[0]
+    biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(_out_channels(m)) for m in layers]
+    if groups == 1:
+        weight, bias = torch.cat([m.weight.detach() for m in layers]), torch.cat(biases)
+    else:
+        per_group = _out_channels(first) // groups
+        weight = torch.stack([m.weight.detach().unflatten(0, (groups, per_group)) for m in layers], 1).flatten(0, 2)
+        bias = torch.stack([b.unflatten(0, (groups, per_group)) for b in biases], 1).flatten()
+    layer = layer_from_spec(_layer_spec(first), out_channels=weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
@@ -373,8 +391,8 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
         return _plain_layer(template, weight, bias), record
     main = _plain_layer(template, weight, bias)
     branches = [_plain_branch(layer.dendrite_layers[i], template) for i in live]
-    if sets is not None or any(isinstance(b, nn.Sequential) or isinstance(b, _TRANSPOSED) for b in branches):
-        layout = "separate"  # narrow branches, low-rank pairs and transposed convs do not concatenate
+    if isinstance(main, _TRANSPOSED):
+        layout = "separate"  # a transposed conv's weight is [in, out, ...]: its outputs do not concatenate
     links = [[m for m, j in enumerate(live[:n]) if bool(cascade[i][j].abs().max() > 0)] for n, i in enumerate(live)]
     emits = [n for n, i in enumerate(live) if emitting(i)]
     width = layer.width
@@ -449,8 +467,8 @@ def _capture_inputs(model: nn.Module, example_inputs) -> dict[int, torch.Tensor]
 
 
 def _choose_layout(layer: DendriteLayer, prune_below: float, x: torch.Tensor | None) -> str:
-    if x is None or layer.activation == "identity" or layer.dendrite_channels is not None:
-        return "separate"  # nothing to time: one layer, or a selective one whose branches cannot be concatenated
+    if x is None or layer.activation == "identity":
+        return "separate"
     separate, _ = fold_layer(layer, prune_below, "separate")
     if not isinstance(separate, FoldedDendrites):
         return "separate"

@@ -80,14 +80,18 @@ def test_low_rank_fold_matches_unfolded(kind, activation):
         x = torch.randn(2, 3, 8, 8)
     converted = _randomized(model, dc.DendriteConfig(dendrites=3, rank=2, activation=activation), bn=True)
     reference = converted.model(x)
+    concat = dc.fold_model(converted.model, gemm_layout="concat")
     folded = dc.fold_model(converted.model)
     assert not dc.dendrite_layers(folded)
     torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(concat(x), reference, rtol=0, atol=1e-5)
     first = folded[0]
     if activation == "identity":  # a low-rank stack still folds exactly into one plain layer
         assert isinstance(first, (nn.Linear, nn.Conv2d))
     else:  # each dendrite stays two small layers: in -> rank -> out
         assert [tuple(b[0].weight.shape[:2]) for b in first.branches] == [(2, first.main.weight.shape[1])] * 3
+        # concat: the first factors join the main layer, the second factors run on their slices
+        assert concat[0].widths == [first.out_channels, 2, 2, 2] and len(concat[0].tails) == 3
 
 
 def test_low_rank_adds_what_the_formula_predicts_and_exports(tmp_path):

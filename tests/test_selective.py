@@ -119,15 +119,18 @@ def test_selective_fold_matches_unfolded(kind, activation, rank):
     converted, x = _dendritic(kind, rank=rank, activation=activation)
     with torch.no_grad():
         reference = converted.model(x)
-        folded = dc.fold_model(converted.model)
-        assert not dc.dendrite_layers(folded)
-        torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
+        for layout in ("separate", "concat"):
+            folded = dc.fold_model(converted.model, gemm_layout=layout)
+            assert not dc.dendrite_layers(folded)
+            torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
     first = folded.stem if kind == "small-cnn" else folded[0]
     if activation == "identity":  # a selective stack is still linear: one plain layer, no extra cost
         assert not any(isinstance(m, dc.fold.FoldedDendrites) for m in folded.modules())
     else:
-        first = first if kind != "small-cnn" else folded.stem
         assert isinstance(first, dc.fold.FoldedDendrites) and first.channels.shape == (3, first.scales.shape[1])
+        if kind != "conv-transpose":  # concat: the main layer and the m channels (or rank) of each dendrite
+            width = rank or first.scales.shape[1]
+            assert first.layout == "concat" and first.widths == [first.out_channels] + [width] * 3
 
 
 def test_zero_overlap_cascade_is_dropped_by_the_fold():
@@ -166,6 +169,30 @@ def test_selective_flops_and_onnx_export(tmp_path):
     rows, timed = {row.name: row for row in report.latency}, report.latency_inputs[0][0]  # the table shows them
     assert rows["onnxruntime"].flops == 2 * timed * (n_in * n_out + k * n_in * width)
     assert rows["onnxruntime"].params == rows["folded torch"].params == dc.count_parameters(folded)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_concat_layout_of_cheap_dendrites_exports_and_reloads(tmp_path, fmt, rank):
+    """One conv computes the main channels, the selected channels and the rank-R factors; its slices are split."""
+    from dendrite_convert.foldeddir import load_folded
+
+    converted, x = _dendritic("small-cnn", rank=rank)
+    path = tmp_path / ("cnn.onnx" if fmt == "onnx" else "folded")
+    report = dc.export(converted, path, dc.ExportConfig(format=fmt, input_shape=list(x.shape), atol=1e-5, rtol=1e-5,
+                                                         gemm_layout="concat", latency=False))
+    assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
+    if fmt == "safetensors":
+        recipe = json.loads((path / "folded_config.json").read_text())["targets"]["stem"]["module"]
+        assert recipe["layout"] == "concat" and recipe["widths"][1:] == [rank or recipe["width"]] * 3
+        with torch.no_grad():
+            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+        recipe["widths"] = recipe["widths"][:2]
+        config = json.loads((path / "folded_config.json").read_text())
+        config["targets"]["stem"]["module"] = recipe
+        (path / "folded_config.json").write_text(json.dumps(config))
+        with pytest.raises(dc.LoadError, match="malformed module spec.*widths"):
+            load_folded(path)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
