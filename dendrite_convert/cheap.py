@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVS_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -37,9 +36,10 @@ def out_channels(base: nn.Module) -> int:
 
 
 def narrowable(base: nn.Module) -> bool:
-    """Whether a dendrite of `base` can compute a subset of its output channels (grouped convs and
-    parametrized weights, such as weight norm, cannot: their dendrites serve every channel)."""
-    plain = not parametrize.is_parametrized(base)
+    """Whether a dendrite of `base` can compute a subset of its output channels. Grouped convs cannot, nor
+    layers whose weight is computed from other parameters (weight or spectral norm, old hook-based or
+    parametrized): their dendrites serve every channel."""
+    plain = isinstance(base.__dict__.get("_parameters", {}).get("weight"), nn.Parameter)
     return plain and (isinstance(base, nn.Linear) or is_hf_conv1d(base) or getattr(base, "groups", 0) == 1)
 
 

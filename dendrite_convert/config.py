@@ -57,4 +57,6 @@ class DendriteConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DendriteConfig:
         known = {f.name for f in fields(cls)}
+        if "channels" in data and "channel_fraction" not in data:  # its name in 0.1.0 dev builds
+            data = {**data, "channel_fraction": data["channels"]}
         return cls(**{k: v for k, v in data.items() if k in known})

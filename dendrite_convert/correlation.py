@@ -89,6 +89,8 @@ def each_error_signal(
             for batch in batches:
                 calls.clear()
                 loss = forward_loss(batch)
+                if loss is None:  # a loop may skip a batch (Lightning's training_step returning None)
+                    continue
                 grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True) if calls else []
                 for (name, x, _), e in zip(calls, grads):
                     if e is not None:

@@ -69,7 +69,6 @@ class FoldedDendrites(nn.Module):
         self.register_buffer("link_positions", None, persistent=False)
         if channels is not None:
             self._derive_link_positions()
-            self.register_load_state_dict_post_hook(lambda module, keys: module._derive_link_positions())
         if layout == "separate":
             self.main, self.branches = main, nn.ModuleList(branches)
         else:  # a low-rank branch's first factor joins the one layer; its second factor runs on its slice
@@ -109,6 +108,12 @@ class FoldedDendrites(nn.Module):
                 term = self.scales[self._emit_rows[i]] * hs[i]
                 y = y + term if self.channels is None else add_to_channels(y, term, self.channels[i], axis)
         return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "link_positions", None)  # derived, not loaded (files of 0.1.0 dev builds saved it)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.channels is not None:
+            self._derive_link_positions()
 
     def _derive_link_positions(self) -> None:
         rows = [channel_positions(self.channels[j], self.channels[i])[0]

@@ -66,6 +66,11 @@ def add_dendrites(model: nn.Module, channels: Mapping[str, torch.Tensor] | None 
     return len(layers)
 
 
+def selective(model: nn.Module) -> bool:
+    """Whether any target has channel-selective dendrites (their channels must be ranked before growing)."""
+    return any(layer.dendrite_channels is not None for layer in dendrite_layers(model).values())
+
+
 def max_dendrites(model: nn.Module) -> int:
     return max(dendrite_counts(model).values(), default=0)
 
@@ -182,8 +187,7 @@ class Growth:
 
     def start(self, model: nn.Module) -> None:
         """Record the model's initial dendrite count (once; not again after a resume)."""
-        if self.rank_channels is None and any(layer.dendrite_channels is not None
-                                              for layer in dendrite_layers(model).values()):
+        if self.rank_channels is None and selective(model):
             raise UsageError("channel-selective dendrites (--dendrite-channels) choose their channels from the "
                              "training loss, which this loop does not give; train with dendrite-train or the "
                              "DendriteCallback of transformers or Lightning.")
@@ -208,7 +212,7 @@ class Growth:
         if decision.action in ("add", "retry"):
             if decision.restore and self.best is not None:
                 restore(model, self.best)
-            add_dendrites(model, self.rank_channels(model) if self.rank_channels else None)
+            add_dendrites(model, self.rank_channels(model) if self.rank_channels and selective(model) else None)
         elif decision.action == "stop" and decision.restore:
             self.restore_best(model)
         return decision

@@ -215,6 +215,16 @@ def _all_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _uncopyable(module: nn.Module) -> str | None:
+    """Why a dendrite cannot copy `module`, or None: the old hook-based weight/spectral norm keeps a computed
+    weight that deepcopy refuses."""
+    weight = module.__dict__.get("weight")
+    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+        return ("its weight is computed by a hook (torch.nn.utils.weight_norm/spectral_norm) and cannot be copied; "
+                "use torch.nn.utils.parametrizations instead")
+    return None
+
+
 def _unreached_reason(model: nn.Module, fqn: str) -> str:
     parts = fqn.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -250,7 +260,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
     selected = []
     for name in reached:
         m = model.get_submodule(name)
-        why = config.selects(m, name)
+        why = config.selects(m, name) or _uncopyable(m)
         if why:
             report.skipped.append(SkippedRecord(name, type(m).__name__, why))
         else:

@@ -38,5 +38,7 @@ def test_gain_share_interval_reflects_seed_noise():
     from cost_frontier import gain_share_interval
 
     assert gain_share_interval([90.0] * 5, [92.0] * 5, [91.5] * 5) == (0.75, 0.75)  # no noise: the exact share
-    low, high = gain_share_interval([89.0, 91.0] * 3, [91.0, 93.0] * 3, [90.5, 92.5] * 3)
-    assert low < 0.75 < high and high - low > 0.5  # seed deviations as large as the gain: a wide interval
+    plain, full = [89.0, 91.0] * 3, [91.0, 93.0] * 3
+    assert gain_share_interval(plain, full, [90.5, 92.5] * 3) == (0.75, 0.75)  # a seed effect shared by all arms
+    low, high = gain_share_interval(plain, full, [92.5, 90.5] * 3)  # arm noise as large as the gain
+    assert low < 0.75 < high and high - low > 0.5

@@ -1,7 +1,9 @@
 """Channel-selective dendrites (--dendrite-channels F): same contract as full ones, on a fraction of the channels."""
 
 import copy
+import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -210,6 +212,14 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
             torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
         weights = load_file(path / "model.safetensors")
         assert not any("link_positions" in key for key in weights)  # derived from the channel sets on load
+        save_file({**weights, "stem.link_positions": torch.zeros(1, 2, dtype=torch.long)}, path / "model.safetensors")
+        with torch.no_grad():  # files of dev builds saved them: ignored, not loaded
+            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+        buffer = io.BytesIO()
+        torch.save(load_folded(path), buffer)  # a folded model pickles whole, as a plain torch model does
+        buffer.seek(0)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), converted.model(x), rtol=0, atol=1e-5)
         for row, column, value in ((1, 2, 16), (1, 0, int(weights["stem.channels"][1, 1]))):  # out of range, repeated
             damaged = {key: t.clone() for key, t in weights.items()}
             damaged["stem.channels"][row, column] = value
@@ -277,8 +287,9 @@ def test_channels_are_ranked_inside_inference_mode():
     from dendrite_convert.correlation import error_ranked_channels
 
     model, batches, forward_loss = _error_concentrated_task()
+    skipping = lambda batch: None if batch is batches[0] else forward_loss(batch)  # noqa: E731 - a skipped batch
     with torch.inference_mode():
-        ranked = error_ranked_channels(model, dc.dendrite_layers(model), iter(batches), forward_loss)
+        ranked = error_ranked_channels(model, dc.dendrite_layers(model), iter(batches), skipping)
     assert ranked["0"].tolist() == [2, 5]
 
 
@@ -289,6 +300,13 @@ def test_growth_without_a_loss_refuses_selective_models():
     model, _, _ = _error_concentrated_task()
     with pytest.raises(dc.UsageError, match="dendrite-train or the DendriteCallback"):
         Growth(ScheduleConfig()).start(copy.deepcopy(model))
+
+    def never(model):
+        raise AssertionError("ranked the channels of a model without selective dendrites")
+
+    plain = dc.convert(nn.Sequential(nn.Linear(6, 8)), dc.DendriteConfig()).model
+    growth = Growth(ScheduleConfig(capacity_test=True), rank_channels=never)
+    assert growth.observe(plain, 1.0).action == "add" and plain[0].num_dendrites == 1
 
 
 def _concentrated_samples(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,21 +337,34 @@ def test_lightning_callback_ranks_channels_with_the_training_step_loss(tmp_path)
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
     served: list[list[list[int]]] = []
+    seen: list[list[float]] = []  # per epoch, the first value of every training batch
 
     class Recorder(pl.Callback):
         def on_train_epoch_start(self, trainer, module):
+            seen.append([])
             if module.net[0].num_dendrites:
                 served.append(module.net[0].dendrite_channels.tolist())
 
-    def fit(module):
-        trainer = pl.Trainer(max_epochs=3, callbacks=[DendriteCallback(switch_every=1, max_dendrites=1), Recorder()],
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen[-1].append(float(batch[0][0, 0]))
+
+    def fit(module, precision="32-true"):
+        trainer = pl.Trainer(max_epochs=3, callbacks=[DendriteCallback(switch_every=1, max_dendrites=2), Recorder()],
                              logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=str(tmp_path))
-        loader = DataLoader(TensorDataset(*_concentrated_samples()), batch_size=32)
-        trainer.fit(module, loader, loader)
+                             num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                             val_check_interval=2, precision=precision)
+        data = TensorDataset(*_concentrated_samples())
+        loader = DataLoader(data, batch_size=32, num_workers=1, persistent_workers=True)  # ranking leaves it alone
+        trainer.fit(module, loader, DataLoader(data, batch_size=128))
 
     fit(Module())
-    assert served and served[0] == [[2, 5]]
+    assert served and all(row == [2, 5] for row in served[0])
+    # the loop's own iterator was left alone: epoch 0 saw its 4 batches in order, later ones (cut short when
+    # the schedule stops) the same order
+    assert len(set(seen[0])) == 4 and all(epoch == seen[0][:len(epoch)] for epoch in seen)
+    served.clear()
+    fit(Module(), precision="bf16-true")  # batches converted by the precision plugin, as in training
+    assert served and all(row == [2, 5] for row in served[0])
     manual = Module()
     manual.automatic_optimization = False  # its training_step would step the optimizer during ranking
     with pytest.raises(ValueError, match="automatic_optimization=False"):
@@ -427,8 +458,17 @@ def test_damaged_channel_sets_are_refused_on_load(tmp_path):
 
 def test_weight_normed_and_grouped_layers_keep_full_width_dendrites():
     """Their dendrites cannot compute a subset of channels, so they serve all of them (not selective)."""
-    for base in (nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Conv2d(4, 8, 3, groups=2)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old hook-based weight norm is deprecated
+        old_style = nn.utils.weight_norm(nn.Linear(6, 8))
+    for base in (nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.utils.spectral_norm(nn.Linear(6, 8)),
+                 nn.Conv2d(4, 8, 3, groups=2)):
         layer = dc.layers.dendrite_class_for(base)(base, channel_fraction=0.25)
         assert (layer.width, layer.dendrite_channels) == (8, None)
         layer.add_dendrite()
         assert layer.dendrite_layers[0].weight.shape == base.weight.shape
+    # a hook-computed weight cannot be copied into a dendrite: convert skips the layer and says why
+    converted = dc.convert(nn.Sequential(old_style, nn.ReLU(), nn.Linear(8, 2)), dc.DendriteConfig(channel_fraction=0.25))
+    assert list(dc.dendrite_layers(converted.model)) == ["2"]
+    assert any(r.name == "0" and "parametrizations" in r.reason for r in converted.report.skipped)
+    assert dc.DendriteConfig.from_dict({"channels": 0.25}).channel_fraction == 0.25  # its dev-build name

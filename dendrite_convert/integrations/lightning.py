@@ -34,6 +34,9 @@ import logging
 import os
 from collections.abc import Mapping
 
+import torch
+from torch.utils.data import DataLoader
+
 from . import missing_extra
 
 try:
@@ -134,20 +137,27 @@ class DendriteCallback(pl.Callback):
 
     def _rank_channels(self, pl_module: pl.LightningModule) -> dict:
         """Channel-selective dendrites serve the channels where the module's own `training_step` loss, on the
-        training batches, leaves the most error (correlation.error_ranked_channels); its logging is muted."""
-        loader = self._trainer.train_dataloader
-        if isinstance(loader, (Mapping, list, tuple)):
+        training data, leaves the most error (correlation.error_ranked_channels). Batches come from a private
+        single-process loader over the same dataset (the loop's iterator, workers and RNG are left alone) and go
+        through the strategy's transfer hooks and the precision plugin as in training; logging is muted."""
+        trainer = self._trainer
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
             raise ValueError("channel-selective dendrites rank their channels on one training DataLoader; this fit "
-                             "has several: convert without --dendrite-channels or train on one loader.")
-        batches = (pl_module.transfer_batch_to_device(batch, pl_module.device, 0) for batch in loader)
+                             "has another kind: convert without --dendrite-channels or train on one DataLoader.")
+        ranking = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, collate_fn=loader.collate_fn,
+                             generator=torch.Generator())
+        precision = trainer.precision_plugin
 
         def loss(batch):
-            out = pl_module.training_step(batch, 0)
+            batch = precision.convert_input(trainer.strategy.batch_to_device(batch))
+            with precision.forward_context():
+                out = pl_module.training_step(batch, 0)
             return out["loss"] if isinstance(out, Mapping) else out
 
         pl_module.log = pl_module.log_dict = _no_logging  # instance attributes shadow the methods meanwhile
         try:
-            return error_ranked_channels(pl_module, dendrite_layers(pl_module), batches, loss)
+            return error_ranked_channels(pl_module, dendrite_layers(pl_module), ranking, loss)
         finally:
             del pl_module.log, pl_module.log_dict
 

@@ -140,8 +140,14 @@ class DendriteCallback(TrainerCallback):
         """Channel-selective dendrites serve the channels where the Trainer's own loss, on its own training
         batches, leaves the most error (correlation.error_ranked_channels)."""
         trainer = self._need_trainer()
-        return error_ranked_channels(model, dendrite_layers(model), trainer.get_train_dataloader(),
-                                     lambda batch: trainer.compute_loss(model, batch))
+        loader = trainer.get_train_dataloader()  # the Trainer's columns, collator and device placement
+        try:
+            return error_ranked_channels(model, dendrite_layers(model), loader,
+                                         lambda batch: trainer.compute_loss(model, batch))
+        finally:  # accelerate keeps every loader it prepared; this one is done
+            prepared = getattr(trainer.accelerator, "_dataloaders", None)
+            if isinstance(prepared, list) and loader in prepared:
+                prepared.remove(loader)
 
     def _resolve_metric(self, args) -> tuple[str, bool]:
         metric = self.metric or args.metric_for_best_model or "loss"
