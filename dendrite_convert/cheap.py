@@ -39,7 +39,7 @@ def narrowable(base: nn.Module) -> bool:
     """Whether a dendrite of `base` can compute a subset of its output channels. Grouped convs cannot, nor
     layers whose weight is computed from other parameters (weight or spectral norm, old hook-based or
     parametrized): their dendrites serve every channel."""
-    plain = isinstance(base.__dict__.get("_parameters", {}).get("weight"), nn.Parameter)
+    plain = isinstance(base._parameters.get("weight"), nn.Parameter)
     return plain and (isinstance(base, nn.Linear) or is_hf_conv1d(base) or getattr(base, "groups", 0) == 1)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .cheap import is_hf_conv1d, dendrite_width, low_rank_dendrite, narrow_copy, out_channels
+from .cheap import dendrite_width, is_hf_conv1d, low_rank_dendrite, narrow_copy, out_channels
 
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
