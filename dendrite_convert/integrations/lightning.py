@@ -45,7 +45,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by the no-extras sub
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
 from ..correlation import error_ranked_channels
-from ..growth import Growth, carry_lr_schedule, dendrite_counts, restore_structure
+from ..growth import Growth, carry_lr_schedule, dendrite_counts, restore_structure, selective
 from ..layers import DendriteLayer, dendrite_layers
 from ..schedule import ScheduleConfig
 
@@ -98,8 +98,7 @@ class DendriteCallback(pl.Callback):
         if not any(isinstance(m, DendriteLayer) for m in pl_module.modules()):
             raise ValueError("the LightningModule has no dendrite layers: convert its network first with "
                              "dendrite_convert.convert().")
-        selective = any(layer.dendrite_channels is not None for layer in dendrite_layers(pl_module).values())
-        if selective and not pl_module.automatic_optimization:
+        if selective(pl_module) and not pl_module.automatic_optimization:
             raise ValueError("channel-selective dendrites rank their channels with the module's training_step loss, "
                              "which a manually optimised module (automatic_optimization=False) steps itself; "
                              "convert without --dendrite-channels or use automatic optimization.")
