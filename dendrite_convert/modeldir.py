@@ -18,7 +18,7 @@ from torch import nn
 from .config import DendriteConfig
 from .errors import DendriteError, LoadError, UsageError
 from .files import atomic_directory
-from .growth import set_dendrite_counts
+from .structure import set_dendrite_counts
 from .layers import dendrite_layers
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport

@@ -32,7 +32,7 @@ from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, error_ranked_channels, freeze_dendrites
 from .errors import LoadError, UsageError
 from . import distributed
-from .growth import add_dendrites, max_dendrites
+from .structure import add_dendrites, max_dendrites
 from .files import atomic_directory, atomic_file, check_writable, remove_stale
 from .layers import count_parameters, dendrite_layers
 from .modeldir import ConvertedModel, load_converted

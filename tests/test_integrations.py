@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert
-from dendrite_convert.growth import (
-    Growth, add_dendrites, dendrite_counts, restore, restore_structure, set_dendrite_counts, snapshot,
-)
+from dendrite_convert.growth import Growth
+from dendrite_convert.structure import add_dendrites, dendrite_counts, restore, restore_structure, set_dendrite_counts, snapshot
 from dendrite_convert.schedule import ScheduleConfig
 
 

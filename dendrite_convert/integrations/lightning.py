@@ -25,7 +25,7 @@ optimizer from `self.parameters()` when called (not once in `__init__`).
 Checkpoints: `ModelCheckpoint` saves the grown module as usual; this callback's state (schedule and
 best state) is saved with it. Lightning loads a checkpoint's weights before any callback runs, so the
 fresh module needs the checkpoint's dendrite structure first: pass `resume_from=` (the same path as
-`fit(ckpt_path=...)`) or call `dendrite_convert.growth.restore_structure(module, path)` yourself.
+`fit(ckpt_path=...)`) or call `dendrite_convert.core.structure.restore_structure(module, path)` yourself.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by the no-extras sub
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
 from ..correlation import error_ranked_channels
-from ..growth import Growth, carry_lr_schedule, dendrite_counts, restore_structure, selective
+from ..growth import Growth, carry_lr_schedule
+from ..structure import dendrite_counts, restore_structure, selective
 from ..layers import DendriteLayer, dendrite_layers
 from ..schedule import ScheduleConfig
 

@@ -59,7 +59,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by the no-extras sub
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
 from ..correlation import error_ranked_channels
-from ..growth import STRUCTURE_FILE, Growth, carry_lr_schedule, dendrite_counts, restore_structure, save_structure
+from ..growth import Growth, carry_lr_schedule
+from ..structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
 from ..layers import DendriteLayer, dendrite_layers
 from ..rewrite import retie_weight_keys
 from ..schedule import ScheduleConfig

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from dendrite_convert import DendriteConfig, convert, count_parameters
-from dendrite_convert.growth import dendrite_counts
+from dendrite_convert.structure import dendrite_counts
 from dendrite_convert.integrations.transformers import DendriteCallback
 from task import as_records, make_reviews, tiny_bert_config
 
