@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
-from dendrite_convert.compare import run_all  # noqa: E402
-from dendrite_convert.latency import count_flops  # noqa: E402
-from dendrite_convert.trainer import TrainConfig  # noqa: E402
+from dendrite_convert.training.compare import run_all  # noqa: E402
+from dendrite_convert.exporting.latency import count_flops  # noqa: E402
+from dendrite_convert.training.trainer import TrainConfig  # noqa: E402
 from cheap_latency import structure_latency  # noqa: E402
 from tasks import models  # noqa: E402
 

@@ -22,8 +22,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dendrite_convert import DendriteConfig, ExportConfig, convert, dendrite_layers, export  # noqa: E402
-from dendrite_convert.fold import fold_model, strip_dendrites  # noqa: E402
-from dendrite_convert.latency import latency_table  # noqa: E402
+from dendrite_convert.exporting.fold import fold_model, strip_dendrites  # noqa: E402
+from dendrite_convert.exporting.latency import latency_table  # noqa: E402
 
 
 def mlp() -> nn.Module:

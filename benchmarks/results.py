@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
-from dendrite_convert.compare import cohens_d, run_all, welch_p_value  # noqa: E402
-from dendrite_convert.trainer import TrainConfig  # noqa: E402
+from dendrite_convert.training.compare import cohens_d, run_all, welch_p_value  # noqa: E402
+from dendrite_convert.training.trainer import TrainConfig  # noqa: E402
 from tasks import models  # noqa: E402
 
 TASKS = {  # name -> (factory, width, adapter, full budget)

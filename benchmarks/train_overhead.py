@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from dendrite_convert import DendriteConfig, convert
-    from dendrite_convert.adapter import load_adapter
+    from dendrite_convert.training.adapter import load_adapter
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), fastest of {args.repeats} interleaved runs")
     with tempfile.TemporaryDirectory() as tmp:

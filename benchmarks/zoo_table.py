@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dendrite_convert as dc  # noqa: E402
 from conftest import randomize_dendrites  # noqa: E402
-from dendrite_convert.trainer import TrainConfig, train  # noqa: E402
+from dendrite_convert.training.trainer import TrainConfig, train  # noqa: E402
 from fixtures.zoo import ZOO, example_specs, zoo_adapter  # noqa: E402
 
 

@@ -2,15 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .api import convert
-from .config import DendriteConfig
-from .export import ExportConfig, export
-from .foldeddir import load_folded
-from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
-from .fold import fold_model
-from .layers import DendriteLayer, count_parameters, dendrite_layers
-from .modeldir import ConvertedModel, load, load_converted
-from .trainer import TrainConfig, train
+from .conversion.convert import convert
+from .conversion.config import DendriteConfig
+from .exporting.export import ExportConfig, export
+from .exporting.foldeddir import load_folded
+from .core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
+from .exporting.fold import fold_model
+from .core.layers import DendriteLayer, count_parameters, dendrite_layers
+from .conversion.modeldir import ConvertedModel, load, load_converted
+from .training.trainer import TrainConfig, train
 
 __all__ = [
     "ConversionError", "ConvertedModel", "DendriteConfig", "DendriteError", "DendriteLayer", "ExportConfig", "LoadError",

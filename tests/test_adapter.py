@@ -9,7 +9,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dendrite_convert import DendriteConfig, LoadError, convert
-from dendrite_convert.adapter import TEMPLATE, Adapter, batch_size, load_adapter
+from dendrite_convert.training.adapter import TEMPLATE, Adapter, batch_size, load_adapter
 from dendrite_convert.cli.train import app
 
 runner = CliRunner()

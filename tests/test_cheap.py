@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import dendrite_convert as dc
-from dendrite_convert.cheap import added_parameters
-from dendrite_convert.layers import count_parameters, dendrite_class_for
+from dendrite_convert.core.cheap import added_parameters
+from dendrite_convert.core.layers import count_parameters, dendrite_class_for
 
 
 @pytest.mark.parametrize("base,shape,rank,expected", [
@@ -96,7 +96,7 @@ def test_low_rank_fold_matches_unfolded(kind, activation):
 
 def test_low_rank_adds_what_the_formula_predicts_and_exports(tmp_path):
     """Parameters and FLOPs of the folded model, and onnxruntime parity, for rank-R dendrites."""
-    from dendrite_convert.latency import count_flops
+    from dendrite_convert.exporting.latency import count_flops
 
     n_in, n_out, rank, k, batch = 64, 48, 4, 3, 8
     base = nn.Sequential(nn.Linear(n_in, n_out))

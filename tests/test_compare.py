@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dendrite_convert.compare import cohens_d, compare, welch_p_value
+from dendrite_convert.training.compare import cohens_d, compare, welch_p_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_welch_and_cohen_match_scipy(a, b):
 def test_digits_three_seeds_with_baseline_agrees_with_summaries(tmp_path):
     import time
 
-    from dendrite_convert.trainer import TrainConfig
+    from dendrite_convert.training.trainer import TrainConfig
 
     converted = _digits_converted(tmp_path)
     start = time.perf_counter()

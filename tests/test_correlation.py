@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
-from dendrite_convert.correlation import (
+from dendrite_convert.training.correlation import (
     CorrelationConfig, add_correlation_dendrites, correlation_score, record_error_signals, train_candidates,
 )
 

@@ -57,7 +57,7 @@ def test_two_process_gloo_run_adds_dendrites_and_only_rank_0_writes(tmp_path, ob
     assert writers == {"0"}  # only rank 0 renamed anything into the run directory
     # the replicas agreed at the end (the trainer compares checksums across ranks and fails otherwise), and
     # the saved best model scores what the run recorded as its best validation score
-    from dendrite_convert.adapter import load_adapter
+    from dendrite_convert.training.adapter import load_adapter
 
     adapter = load_adapter(str(DIGITS / "adapter.py"))
     model = dc.load(run / "best").eval()

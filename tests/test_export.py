@@ -14,12 +14,12 @@ from dendrite_convert import (DendriteConfig, DendriteLayer, ExportConfig, Verif
                               load_converted, load_folded)
 from dendrite_convert.cli import app
 from dendrite_convert.cli.export import app as export_app
-from dendrite_convert.fold import strip_dendrites
-from dendrite_convert.verify import ort_session
+from dendrite_convert.exporting.fold import strip_dendrites
+from dendrite_convert.exporting.verify import ort_session
 from tests.helpers_export import add_dendrites, cnn, conv1d_net, mlp, tiny_bert_classifier, tiny_gpt2, unfoldable_bn
 
 runner = CliRunner()
-EXPORT = sys.modules["dendrite_convert.export"]  # the package re-exports the function under the module's name
+EXPORT = sys.modules["dendrite_convert.exporting.export"]  # the package re-exports the function under the module's name
 GEMMS = {"Gemm", "MatMul", "Conv"}
 TRAINING_STATE = ("dendrite", "num_batches_tracked", "running_mean", "running_var", "candidate")
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dendrite_convert as dc
-from dendrite_convert.errors import DendriteError
+from dendrite_convert.core.errors import DendriteError
 
 FILE_FORMS = ["pickled module", "state dict", "safetensors", "torch.export .pt2", "TorchScript"]
 CASES_RUN = {"files": 0, "configs": 0}

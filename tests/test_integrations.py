@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert
-from dendrite_convert.growth import Growth
-from dendrite_convert.structure import add_dendrites, dendrite_counts, restore, restore_structure, set_dendrite_counts, snapshot
-from dendrite_convert.schedule import ScheduleConfig
+from dendrite_convert.training.growth import Growth
+from dendrite_convert.core.structure import add_dendrites, dendrite_counts, restore, restore_structure, set_dendrite_counts, snapshot
+from dendrite_convert.training.schedule import ScheduleConfig
 
 
 
@@ -209,7 +209,7 @@ def test_trainer_trained_bert_exports_to_onnx(hf_run, tmp_path):
     pytest.importorskip("onnxruntime")
     from safetensors.torch import load_file
 
-    from dendrite_convert.export import ExportConfig, export
+    from dendrite_convert.exporting.export import ExportConfig, export
 
     converted = _tiny_bert(converted=True)
     folder = _grown_checkpoint(hf_run["out"], last=True)
@@ -449,7 +449,7 @@ def test_text_classification_example_adapter_drives_the_converted_bert():
     transformers = pytest.importorskip("transformers")
     from pathlib import Path
 
-    from dendrite_convert.adapter import load_adapter
+    from dendrite_convert.training.adapter import load_adapter
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "text_classification"
     adapter = load_adapter(folder / "adapter.py")

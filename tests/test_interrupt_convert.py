@@ -62,7 +62,7 @@ def test_killed_convert_leaves_complete_or_nothing(big_model, tmp_path, sig):
 
 def test_a_kill_between_the_two_renames_of_force_keeps_the_old_output(tmp_path):
     """Simulate SIGKILL after the old directory was moved aside: the next writer puts it back."""
-    from dendrite_convert.files import atomic_directory
+    from dendrite_convert.core.files import atomic_directory
 
     out = tmp_path / "best"
     out.mkdir()

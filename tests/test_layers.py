@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dendrite_convert.layers import DendriteLayer, count_parameters, dendrite_class_for
+from dendrite_convert.core.layers import DendriteLayer, count_parameters, dendrite_class_for
 
 CASES = [
     (lambda: nn.Linear(6, 4), (5, 6)),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dendrite_convert.schedule import Schedule, ScheduleConfig
+from dendrite_convert.training.schedule import Schedule, ScheduleConfig
 
 
 def run(scores, **config):

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import dendrite_convert as dc
-from dendrite_convert.cheap import added_parameters
-from dendrite_convert.channels import select_channels
-from dendrite_convert.correlation import CorrelationConfig, add_correlation_dendrites
-from dendrite_convert.layers import count_parameters
+from dendrite_convert.core.cheap import added_parameters
+from dendrite_convert.core.channels import select_channels
+from dendrite_convert.training.correlation import CorrelationConfig, add_correlation_dendrites
+from dendrite_convert.core.layers import count_parameters
 from fixtures.models import small_cnn
 
 MODELS = {
@@ -150,7 +150,7 @@ def test_zero_overlap_cascade_is_dropped_by_the_fold():
 
 def test_selective_flops_and_onnx_export(tmp_path):
     """Folded FLOPs are the formula's, and onnxruntime matches torch within 1e-5."""
-    from dendrite_convert.latency import count_flops
+    from dendrite_convert.exporting.latency import count_flops
 
     n_in, n_out, fraction, k, batch = 64, 48, 0.25, 3, 8
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_selective_flops_and_onnx_export(tmp_path):
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
 def test_concat_layout_of_cheap_dendrites_exports_and_reloads(tmp_path, fmt, rank):
     """One conv computes the main channels, the selected channels and the rank-R factors; its slices are split."""
-    from dendrite_convert.foldeddir import load_folded
+    from dendrite_convert.exporting.foldeddir import load_folded
 
     converted, x = _dendritic("small-cnn", rank=rank)
     path = tmp_path / ("cnn.onnx" if fmt == "onnx" else "folded")
@@ -206,7 +206,7 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
     if fmt == "safetensors":  # the plain-torch artifact rebuilds with the channel sets it was saved with
         from safetensors.torch import load_file, save_file
 
-        from dendrite_convert.foldeddir import load_folded
+        from dendrite_convert.exporting.foldeddir import load_folded
 
         with torch.no_grad():
             torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
@@ -270,8 +270,8 @@ def test_channels_with_the_largest_error_variance_are_chosen():
 
 @pytest.mark.parametrize("objective", ["gradient", "correlation"])
 def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
-    from dendrite_convert.correlation import error_ranked_channels
-    from dendrite_convert.growth import add_dendrites
+    from dendrite_convert.training.correlation import error_ranked_channels
+    from dendrite_convert.training.growth import add_dendrites
 
     model, batches, forward_loss = _error_concentrated_task()
     layers = dc.dendrite_layers(model)
@@ -284,7 +284,7 @@ def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
 
 def test_channels_are_ranked_inside_inference_mode():
     """Callbacks run inside evaluation loops (inference mode, no grad): ranking still sees the error."""
-    from dendrite_convert.correlation import error_ranked_channels
+    from dendrite_convert.training.correlation import error_ranked_channels
 
     model, batches, forward_loss = _error_concentrated_task()
     skipping = lambda batch: None if batch is batches[0] else forward_loss(batch)  # noqa: E731 - a skipped batch
@@ -294,8 +294,8 @@ def test_channels_are_ranked_inside_inference_mode():
 
 
 def test_growth_without_a_loss_refuses_selective_models():
-    from dendrite_convert.growth import Growth
-    from dendrite_convert.schedule import ScheduleConfig
+    from dendrite_convert.training.growth import Growth
+    from dendrite_convert.training.schedule import ScheduleConfig
 
     model, _, _ = _error_concentrated_task()
     with pytest.raises(dc.UsageError, match="dendrite-train or the DendriteCallback"):

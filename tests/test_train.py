@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dendrite_convert import TrainConfig, convert, load, load_converted, train
-from dendrite_convert.adapter import load_adapter
+from dendrite_convert.training.adapter import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -82,7 +82,7 @@ def test_outputs_agree_with_each_other(digits_converted, tmp_path):
         assert num(r["test"]) == num(rows[int(r["epoch"]) - 1]["test"])
 
     # training.png exists and marks every switch at its epoch.
-    from dendrite_convert.plots import draw_training, switch_lines
+    from dendrite_convert.training.plots import draw_training, switch_lines
 
     png = (out / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

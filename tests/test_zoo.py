@@ -37,7 +37,7 @@ def test_family_trains_through_a_capacity_test(family, tmp_path):
     """dendrite-train --capacity-test: three dendrites are added to every target and trained; losses stay finite."""
     import math
 
-    from dendrite_convert.trainer import TrainConfig, train
+    from dendrite_convert.training.trainer import TrainConfig, train
     from fixtures.zoo import zoo_adapter
 
     build, _, _ = ZOO[family]

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..errors import DendriteError, UsageError
+from ..core.errors import DendriteError, UsageError
 
 console = Console(stderr=True)
 

@@ -33,9 +33,9 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Insert dendrite layers into a saved PyTorch model by torch.fx graph rewriting."""
-    from ..api import convert as convert_api
-    from ..config import DendriteConfig
-    from ..files import check_writable
+    from ..conversion.convert import convert as convert_api
+    from ..conversion.config import DendriteConfig
+    from ..core.files import check_writable
 
     check_writable(output, force)
     config = DendriteConfig(
@@ -62,8 +62,8 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Print the conversion report of a converted-model directory again."""
-    from ..modeldir import read_config
-    from ..report import ConversionReport
+    from ..conversion.modeldir import read_config
+    from ..conversion.report import ConversionReport
 
     data = read_config(directory)
     report = ConversionReport.from_dict(data["recipe"])

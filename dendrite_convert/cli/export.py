@@ -40,9 +40,9 @@ def export(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold dendrites into plain layers and write a verified ONNX file or folded safetensors."""
-    from ..errors import UsageError
-    from ..export import ExportConfig, export as export_api
-    from ..files import check_writable
+    from ..core.errors import UsageError
+    from ..exporting.export import ExportConfig, export as export_api
+    from ..core.files import check_writable
 
     if onnx == safetensors:
         raise UsageError("choose exactly one of --onnx and --safetensors.")
@@ -67,7 +67,7 @@ def export(
 
 
 def _render(report) -> None:
-    from ..latency import render
+    from ..exporting.latency import render
 
     kept = sum(r.kept for r in report.folds)
     folded = sum(r.folded for r in report.folds)

@@ -39,15 +39,15 @@ def train(
 
     [bold]dendrite-train converted/ --adapter adapter.py -o run/[/bold]
     """
-    from ..errors import UsageError
+    from ..core.errors import UsageError
 
     if adapter_template:
-        from ..adapter import TEMPLATE
+        from ..training.adapter import TEMPLATE
 
         sys.stdout.write(TEMPLATE)
         return
-    from ..distributed import launched_rank
-    from ..trainer import TrainConfig, train as train_api
+    from ..training.distributed import launched_rank
+    from ..training.trainer import TrainConfig, train as train_api
 
     if launched_rank() != 0:  # under torchrun rank 0 alone shows progress and prints results
         quiet, json_out = True, False
@@ -87,7 +87,7 @@ def train(
 
 def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet) -> None:
     """K seeds with (and without) dendrites: comparison.csv/.json/.png and a table with the significance."""
-    from ..compare import compare, render
+    from ..training.compare import compare, render
 
     result = compare(converted, adapter, run_dir, config, seeds=seeds, baseline=baseline, jobs=jobs, force=force)
     if not quiet:

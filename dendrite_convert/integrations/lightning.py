@@ -44,11 +44,11 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
-from ..correlation import error_ranked_channels
-from ..growth import Growth, carry_lr_schedule
-from ..structure import dendrite_counts, restore_structure, selective
-from ..layers import DendriteLayer, dendrite_layers
-from ..schedule import ScheduleConfig
+from ..training.correlation import error_ranked_channels
+from ..training.growth import Growth, carry_lr_schedule
+from ..core.structure import dendrite_counts, restore_structure, selective
+from ..core.layers import DendriteLayer, dendrite_layers
+from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure"]
 

@@ -58,12 +58,12 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
-from ..correlation import error_ranked_channels
-from ..growth import Growth, carry_lr_schedule
-from ..structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
-from ..layers import DendriteLayer, dendrite_layers
-from ..rewrite import retie_weight_keys
-from ..schedule import ScheduleConfig
+from ..training.correlation import error_ranked_channels
+from ..training.growth import Growth, carry_lr_schedule
+from ..core.structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
+from ..core.layers import DendriteLayer, dendrite_layers
+from ..conversion.rewrite import retie_weight_keys
+from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure", "retie_weight_keys"]
 

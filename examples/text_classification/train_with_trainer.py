@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from dendrite_convert import DendriteConfig, convert, count_parameters
-from dendrite_convert.structure import dendrite_counts
+from dendrite_convert.core.structure import dendrite_counts
 from dendrite_convert.integrations.transformers import DendriteCallback
 from task import as_records, make_reviews, tiny_bert_config
 
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
 
 def export_onnx(converted, path: str) -> str:
     """Fold the dendrites and write an ONNX file verified by onnxruntime (what dendrite-export does)."""
-    from dendrite_convert.export import ExportConfig, export
+    from dendrite_convert.exporting.export import ExportConfig, export
 
     report = export(converted, path, ExportConfig(format="onnx", force=True, latency=False))
     return f"{path} (onnxruntime vs unfolded PyTorch: max abs error {report.verify.max_abs:.2g})"

@@ -65,7 +65,7 @@ def switch_lines(fig) -> list[tuple[str, float]]:
 
 def save_training_png(path: Path, rows: list[dict], switches: list[dict], best_epoch: int | None,
                       score_name: str = "score") -> None:
-    from .files import atomic_file
+    from ..core.files import atomic_file
 
     fig = draw_training(rows, switches, best_epoch, score_name)
     with atomic_file(path) as tmp:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
-from .errors import UsageError
-from .layers import ACTIVATIONS
+from ..core.errors import UsageError
+from ..core.layers import ACTIVATIONS
 
 
 @dataclass

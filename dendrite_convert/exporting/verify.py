@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .errors import VerificationError
+from ..core.errors import VerificationError
 
 
 @dataclass

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
-from .files import atomic_file, check_writable
+from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
+from ..core.files import atomic_file, check_writable
 from .fold import LAYOUTS, FoldedDendrites, FoldRecord, fold, strip_dendrites
 from .foldeddir import save_folded
-from .modeldir import ConvertedModel, load_converted
+from ..conversion.modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _from_specs(specs: list[dict]) -> _Inputs:
 
 
 def _from_adapter(spec: str) -> _Inputs:
-    from .adapter import load_adapter
+    from ..training.adapter import load_adapter
 
     adapter = load_adapter(spec)
     try:

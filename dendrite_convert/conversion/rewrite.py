@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import DendriteConfig
-from .errors import ConversionError
-from .layers import NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
+from ..core.errors import ConversionError
+from ..core.layers import NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
 from .report import ConversionReport, SkippedRecord, TargetRecord
 from .tracing import Fallback, TraceResult, trace
 

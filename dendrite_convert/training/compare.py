@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
-from .files import atomic_file, check_writable
+from ..core.files import atomic_file, check_writable
 from .trainer import TrainConfig, train
 
 ARMS = ("dendrites", "baseline")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .adapter import batch_size
-from .channels import ErrorMoments, flat, select_channels
-from .layers import ACTIVATIONS, DendriteLayer
+from ..core.channels import ErrorMoments, flat, select_channels
+from ..core.layers import ACTIVATIONS, DendriteLayer
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DendriteError, LoadError
-from .files import atomic_directory
+from ..core.errors import DendriteError, LoadError
+from ..core.files import atomic_directory
 from .fold import FoldedDendrites, _layer_spec, layer_from_spec, replace_layer
-from .layers import dendrite_layer_paths
-from .modeldir import ConvertedModel
+from ..core.layers import dendrite_layer_paths
+from ..conversion.modeldir import ConvertedModel
 from .verify import VerifyReport, compare, reference_outputs
 
 FOLDED_CONFIG = "folded_config.json"
@@ -37,7 +37,7 @@ def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inpu
     """Write the folded directory atomically; with example inputs, what `load_folded` rebuilds is verified first."""
     from safetensors.torch import save_model
 
-    from . import __version__
+    from .. import __version__
 
     targets = {}
     for name, paths in dendrite_layer_paths(converted.model).items():
@@ -75,9 +75,9 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .config import DendriteConfig
-    from .loading import Source, read_json, rebuild
-    from .rewrite import convert_model
+    from ..conversion.config import DendriteConfig
+    from ..conversion.loading import Source, read_json, rebuild
+    from ..conversion.rewrite import convert_model
 
     path = Path(path)
     file = path / FOLDED_CONFIG

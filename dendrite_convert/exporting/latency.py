@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import count_parameters
+from ..core.layers import count_parameters
 
 
 @dataclass

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .cheap import is_hf_conv1d
-from .errors import ConversionError
-from .layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, add_to_channels, channel_positions, dendrite_layer_paths
+from ..core.cheap import is_hf_conv1d
+from ..core.errors import ConversionError
+from ..core.layers import ACTIVATIONS, NORM_LAYERS, DendriteLayer, add_to_channels, channel_positions, dendrite_layer_paths
 
 LAYOUTS = ("auto", "separate", "concat")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

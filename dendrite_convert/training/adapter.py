@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import LoadError
-from .loading import _import_file
+from ..core.errors import LoadError
+from ..conversion.loading import _import_file
 
 # name -> (signature shown in errors, number of positional arguments it is called with)
 REQUIRED = {

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .config import DendriteConfig
-from .errors import DendriteError, LoadError, UsageError
-from .files import atomic_directory
-from .structure import set_dendrite_counts
-from .layers import dendrite_layers
+from ..core.errors import DendriteError, LoadError, UsageError
+from ..core.files import atomic_directory
+from ..core.structure import set_dendrite_counts
+from ..core.layers import dendrite_layers
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
@@ -44,7 +44,7 @@ class ConvertedModel:
         return refresh_report(self.model, self.report)
 
     def to_json(self) -> dict:
-        from . import __version__
+        from .. import __version__
 
         return {
             "schema_version": SCHEMA_VERSION,

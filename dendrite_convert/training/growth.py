@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..core.errors import UsageError
 from .schedule import Decision, Schedule, ScheduleConfig
-from .structure import Snapshot, add_dendrites, max_dendrites, restore, selective, snapshot
+from ..core.structure import Snapshot, add_dendrites, max_dendrites, restore, selective, snapshot
 
 
 class Growth:

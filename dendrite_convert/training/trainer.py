@@ -30,12 +30,12 @@ from torch import nn
 
 from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, error_ranked_channels, freeze_dendrites
-from .errors import LoadError, UsageError
+from ..core.errors import LoadError, UsageError
 from . import distributed
-from .structure import add_dendrites, max_dendrites
-from .files import atomic_directory, atomic_file, check_writable, remove_stale
-from .layers import count_parameters, dendrite_layers
-from .modeldir import ConvertedModel, load_converted
+from ..core.structure import add_dendrites, max_dendrites
+from ..core.files import atomic_directory, atomic_file, check_writable, remove_stale
+from ..core.layers import count_parameters, dendrite_layers
+from ..conversion.modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
 
 log = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ class _Run:
         """What ConvertedModel.save writes, inside a directory that is already temporary."""
         from safetensors.torch import save_model
 
-        from .modeldir import CONFIG_FILE, WEIGHTS_FILE
+        from ..conversion.modeldir import CONFIG_FILE, WEIGHTS_FILE
 
         path.mkdir()
         save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LoadError
+from ..core.errors import LoadError
 
 log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")

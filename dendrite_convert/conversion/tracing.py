@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .layers import DendriteLayer, dendrite_class_for
+from ..core.layers import DendriteLayer, dendrite_class_for
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(fx.__file__), os.path.dirname(__file__))
 
