@@ -24,7 +24,7 @@ from .report import ConversionReport, SkippedRecord, TargetRecord
 from .tracing import Fallback, TraceResult, trace
 
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # of F.linear/F.conv* (FUNCTIONAL)
-UNSUPPORTED = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear)
+UNSUPPORTED = (nn.RNNBase, nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
@@ -213,6 +213,14 @@ def _uncopyable(module: nn.Module) -> str | None:
     return None
 
 
+def _opted_out(module: nn.Module, fqn: str, config: DendriteConfig) -> str | None:
+    """Why a target of an opt-in family (Embedding) is left alone: no include pattern names it."""
+    family = dendrite_class_for(module)
+    if family.by_default or (config.include and config.selects(module, fqn) is None):
+        return None
+    return f"{type(module).__name__} layers get dendrites only when --include names them (its type, name or '*')"
+
+
 def _unreached_reason(model: nn.Module, fqn: str) -> str:
     parts = fqn.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -248,7 +256,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
     selected = []
     for name in reached:
         m = model.get_submodule(name)
-        why = config.selects(m, name) or _uncopyable(m)
+        why = config.selects(m, name) or _opted_out(m, name, config) or dendrite_class_for(m).refusal(m) or _uncopyable(m)
         if why:
             report.skipped.append(SkippedRecord(name, type(m).__name__, why))
         else:
@@ -265,9 +273,11 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         raise ConversionError("The model already holds dendrite layers; train or export it instead of converting again.")
     if not selected:
         types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
-        why = "the --include/--exclude filters left none" if reached else f"layer types found: {', '.join(types)}"
+        filtered = reached and (config.include or config.exclude)
+        why = "the --include/--exclude filters left none" if filtered else f"layer types found: {', '.join(types)}"
         raise ConversionError(
-            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}); check the model or the filters."
+            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}; Embedding layers convert when "
+            "--include names them); check the model or the filters."
         )
 
     param_names: dict[int, list[str]] = defaultdict(list)

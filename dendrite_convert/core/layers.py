@@ -1,7 +1,7 @@
 """What is a target: the table of layer families, and where the dendrite layers of a model are.
 
 A layer family is one `DendriteLayer` subclass (the interface and the shared math in dendrite.py, the
-families in families.py) plus one row of FAMILIES. Conversion asks `dendrite_class_for` which class wraps a
+families in families.py and embedding.py) plus one row of FAMILIES. Conversion asks `dendrite_class_for` which class wraps a
 layer; the fold asks `family_of` how a plain layer's weights look and `family_for_spec` how to rebuild one.
 """
 
@@ -21,10 +21,11 @@ from .families import (
     DendriteHFConv1D,
     DendriteLinear,
 )
+from .embedding import DendriteEmbedding
 
 __all__ = [
     "ACTIVATIONS", "FAMILIES", "FUNCTIONAL", "NORM_LAYERS", "DendriteConv1d", "DendriteConv2d", "DendriteConv3d",
-    "DendriteConvTranspose1d", "DendriteConvTranspose2d", "DendriteConvTranspose3d", "DendriteHFConv1D",
+    "DendriteConvTranspose1d", "DendriteConvTranspose2d", "DendriteConvTranspose3d", "DendriteEmbedding", "DendriteHFConv1D",
     "DendriteLayer", "DendriteLinear", "add_to_channels", "added_parameters", "channel_positions", "count_parameters",
     "dendrite_class_for", "dendrite_layer_paths", "dendrite_layers", "family_for_spec", "family_of", "layers_and_norm",
 ]
@@ -38,6 +39,7 @@ FAMILIES: tuple[type[DendriteLayer], ...] = (
     DendriteConvTranspose1d,
     DendriteConvTranspose2d,
     DendriteConvTranspose3d,
+    DendriteEmbedding,
 )
 
 FUNCTIONAL = {fn: family for family in FAMILIES for fn in family.functionals}  # F.conv2d -> DendriteConv2d, ...
