@@ -85,14 +85,20 @@ class DendriteLayer(nn.Module):
     def out_channels(self) -> int:
         return self.channels_of(self.base_layer)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The wrapped layer's weight: model code often reads `.weight.dtype`/`.device` (as PEFT allows)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+    def __getattr__(self, name: str):
+        """The wrapped layer's attributes read through the wrapper, as PEFT's layers allow: model code reads
+        `conv1.stride[0]`, `.padding`, `.in_features`, `.weight.dtype`. The wrapper's own attributes come first."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":  # not set yet (in __init__, or while unpickling)
+                raise
+        base = self.base_layer
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object (wrapping {type(base).__name__}) has no attribute "
+                                 f"{name!r}") from None
 
     @property
     def num_dendrites(self) -> int:

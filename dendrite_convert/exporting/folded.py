@@ -31,6 +31,8 @@ class FoldedDendrites(nn.Module):
         self.k = len(branches)
         family = family_of(main)
         self.out_channels, self.spatial_dims = family.channels_of(main), family.spatial_dims
+        with torch.device("meta"):  # a plain attribute, not a submodule: no weights, no state-dict entries
+            self.__dict__["_hyper"] = family.layer_from_spec(family.layer_spec(main))
         self.groups = getattr(main, "groups", 1)
         width = self.out_channels if channels is None else channels.shape[1]
         row = (width,) + (1,) * self.spatial_dims
@@ -57,6 +59,19 @@ class FoldedDendrites(nn.Module):
     def weight(self) -> torch.Tensor:
         """The main layer's weight (model code reads `.weight.dtype`/`.device`, as for DendriteLayer)."""
         return self.main.weight if self.layout == "separate" else self.fused.weight
+
+    def __getattr__(self, name: str):
+        """The main layer's hyper-parameters (`stride`, `padding`, `in_features`, ...) that model code reads, from
+        a weightless copy on the meta device (in the concat layout no module holds them)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "_hyper":
+                raise
+        try:
+            return getattr(self._hyper, name)
+        except AttributeError:
+            raise AttributeError(f"'FoldedDendrites' object has no attribute {name!r}") from None
 
     def _split(self, z: torch.Tensor) -> list[torch.Tensor]:
         axis = z.ndim - self.spatial_dims - 1
