@@ -228,7 +228,15 @@ class DendriteLayer(nn.Module):
 
     @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
-        """Why `module` cannot be a target although it matches, or None."""
+        """Why `module` cannot be a target although it matches, or None. A subclass that computes its output in its
+        own forward (timm's ScaledStdConv2d standardises its weight, Conv2dSame pads by the input size) would get
+        dendrites of the plain layer's math and a fold from its raw weight: a wrong export, so it is left alone."""
+        base = cls.layer_type
+        own = [name for name in ("forward", "_conv_forward")
+               if base is not None and getattr(type(module), name, None) is not getattr(base, name, None)]
+        if own:
+            return (f"{type(module).__name__} computes its output in its own {own[0]} (it overrides {base.__name__}'s), "
+                    "which dendrites and the fold cannot reproduce from its weight")
         return None
 
     @classmethod

@@ -29,7 +29,7 @@ class DendriteEmbedding(DendriteLayer):
     def refusal(cls, module: nn.Module) -> str | None:
         if module.max_norm is not None:
             return "max_norm rescales its rows in place at every lookup, so a dendrite copy would drift from it"
-        return None
+        return super().refusal(module)
 
     @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
