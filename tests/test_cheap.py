@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import dendrite_convert as dc
-from dendrite_convert.core.cheap import added_parameters
-from dendrite_convert.core.layers import count_parameters, dendrite_class_for
+from dendrite_convert.core.layers import added_parameters, count_parameters, dendrite_class_for
 
 
 @pytest.mark.parametrize("base,shape,rank,expected", [

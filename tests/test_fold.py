@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, DendriteLayer, convert, dendrite_layers
-from dendrite_convert.exporting.fold import FoldedDendrites, fold, fold_model, strip_dendrites
+from dendrite_convert.exporting.fold import fold, fold_model, strip_dendrites
+from dendrite_convert.exporting.folded import FoldedDendrites
 from tests.helpers_export import add_dendrites, cnn, conv1d_net, mlp, tiny_bert, tiny_bert_classifier, tiny_gpt2
 
 MODELS = {

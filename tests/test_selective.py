@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 import dendrite_convert as dc
-from dendrite_convert.core.cheap import added_parameters
 from dendrite_convert.core.channels import select_channels
 from dendrite_convert.training.correlation import CorrelationConfig, add_correlation_dendrites
-from dendrite_convert.core import layers
-from dendrite_convert.core.layers import count_parameters
-from dendrite_convert.exporting import fold
+from dendrite_convert.core.layers import added_parameters, count_parameters, dendrite_class_for
+from dendrite_convert.exporting.fold import fold_layer
+from dendrite_convert.exporting.folded import FoldedDendrites
 from fixtures.models import small_cnn
 
 MODELS = {
@@ -85,7 +84,7 @@ def test_selective_layer_is_the_full_space_computation_restricted_to_its_channel
     (nn.Conv1d(8, 10, 5, bias=False), (2, 8, 20), 0.25, None, 3 * 8 * 5),  # ceil(2.5) = 3 channels
 ])
 def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, rank, expected):
-    layer = layers.dendrite_class_for(base)(base, rank=rank, channel_fraction=fraction)
+    layer = dendrite_class_for(base)(base, rank=rank, channel_fraction=fraction)
     x = torch.randn(shape)
     y0 = layer(x)
     before = count_parameters(layer)
@@ -100,12 +99,12 @@ def test_selective_dendrite_parameters_and_zero_start(base, shape, fraction, ran
 
 
 def test_bad_channel_sets_and_fractions_are_refused():
-    layer = layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channel_fraction=0.25)
+    layer = dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8), channel_fraction=0.25)
     for bad in (torch.tensor([1, 1]), torch.tensor([0, 8]), torch.tensor([0, 1, 2]), torch.tensor([3, 1])):
         with pytest.raises(ValueError, match="2 increasing indices below 8"):  # unsorted would misplace outputs
             layer.add_dendrite(channels=bad)
     assert layer.num_dendrites == 0
-    full = layers.dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8))
+    full = dendrite_class_for(nn.Linear(4, 8))(nn.Linear(4, 8))
     with pytest.raises(ValueError, match="serve every channel"):
         full.add_dendrite(channels=torch.tensor([0, 1]))
     for fraction in (0, 1.5, -0.1):
@@ -129,22 +128,22 @@ def test_selective_fold_matches_unfolded(kind, activation, rank):
             torch.testing.assert_close(folded(x), reference, rtol=0, atol=1e-5)
     first = folded.stem if kind == "small-cnn" else folded[0]
     if activation == "identity":  # a selective stack is still linear: one plain layer, no extra cost
-        assert not any(isinstance(m, fold.FoldedDendrites) for m in folded.modules())
+        assert not any(isinstance(m, FoldedDendrites) for m in folded.modules())
     else:
-        assert isinstance(first, fold.FoldedDendrites) and first.channels.shape == (3, first.scales.shape[1])
+        assert isinstance(first, FoldedDendrites) and first.channels.shape == (3, first.scales.shape[1])
         if kind != "conv-transpose":  # concat: the main layer and the m channels (or rank) of each dendrite
             width = rank or first.scales.shape[1]
             assert first.layout == "concat" and first.widths == [first.out_channels] + [width] * 3
 
 
 def test_zero_overlap_cascade_is_dropped_by_the_fold():
-    layer = layers.dendrite_class_for(nn.Linear(6, 8))(nn.Linear(6, 8), channel_fraction=0.25).eval()
+    layer = dendrite_class_for(nn.Linear(6, 8))(nn.Linear(6, 8), channel_fraction=0.25).eval()
     layer.add_dendrite(channels=torch.tensor([0, 1]))
     layer.add_dendrite(channels=torch.tensor([5, 6]))
     with torch.no_grad():
         layer.dendrite_scales[1].fill_(1.0)
         layer.dendrite_cascade[1].fill_(3.0)  # reads h_0 on channels 5, 6: h_0 has none, so it reads nothing
-    folded, record = fold.fold_layer(layer)
+    folded, record = fold_layer(layer)
     assert record.kept == 1 and record.dropped == 1 and folded.links == [[]]
     x = torch.randn(4, 6)
     torch.testing.assert_close(folded(x), layer(x), rtol=0, atol=1e-6)
@@ -265,7 +264,7 @@ def _error_concentrated_task():
 
 
 def test_channels_with_the_largest_error_variance_are_chosen():
-    layer = layers.dendrite_class_for(nn.Linear(2, 4))(nn.Linear(2, 4), channel_fraction=0.5)
+    layer = dendrite_class_for(nn.Linear(2, 4))(nn.Linear(2, 4), channel_fraction=0.5)
     errors = [torch.randn(100, 4) * torch.tensor([0.1, 3.0, 0.2, 2.0]) + torch.tensor([50.0, 0, 0, 0])]
     assert select_channels(layer, errors).tolist() == [1, 3]  # a constant error (channel 0) is the bias's job
 
@@ -465,7 +464,7 @@ def test_weight_normed_and_grouped_layers_keep_full_width_dendrites():
         old_style = nn.utils.weight_norm(nn.Linear(6, 8))
     for base in (nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.utils.spectral_norm(nn.Linear(6, 8)),
                  nn.Conv2d(4, 8, 3, groups=2)):
-        layer = layers.dendrite_class_for(base)(base, channel_fraction=0.25)
+        layer = dendrite_class_for(base)(base, channel_fraction=0.25)
         assert (layer.width, layer.dendrite_channels) == (8, None)
         layer.add_dendrite()
         assert layer.dendrite_layers[0].weight.shape == base.weight.shape

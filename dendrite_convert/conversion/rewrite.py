@@ -15,26 +15,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import DendriteConfig
 from ..core.errors import ConversionError
-from ..core.layers import NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
+from ..core.layers import FUNCTIONAL, NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
 from .report import ConversionReport, SkippedRecord, TargetRecord
 from .tracing import Fallback, TraceResult, trace
 
-_ATEN = torch.ops.aten
-# functional target -> (kind, spatial dims); positional order: input, weight, bias, stride, padding, dilation, groups
-FUNCTIONAL = {
-    F.linear: ("linear", 0), _ATEN.linear.default: ("linear", 0),
-    F.conv1d: ("conv", 1), _ATEN.conv1d.default: ("conv", 1),
-    F.conv2d: ("conv", 2), _ATEN.conv2d.default: ("conv", 2),
-    F.conv3d: ("conv", 3), _ATEN.conv3d.default: ("conv", 3),
-}
-_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-UNSUPPORTED = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear)
+_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # of F.linear/F.conv* (FUNCTIONAL)
+UNSUPPORTED = (nn.RNNBase, nn.EmbeddingBag, nn.MultiheadAttention, nn.Bilinear)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
@@ -128,14 +118,13 @@ def _scan_graph(module: nn.Module, prefix: str, graph: fx.Graph, plan: _Plan) ->
             if isinstance(site, _FunctionalSite):
                 sites.append(site)
             elif site:
-                plan.skipped.append(SkippedRecord(_join(prefix, node.name), FUNCTIONAL[node.target][0], site))
+                plan.skipped.append(SkippedRecord(_join(prefix, node.name), _call_name(node), site))
     if sites:
         plan.functional[prefix] = (module, graph, sites)
 
 
 def _functional_site(module: nn.Module, node: fx.Node, index: int) -> _FunctionalSite | str:
     """A module equivalent to a functional call on the model's own Parameters, or why there is none."""
-    kind, dims = FUNCTIONAL[node.target]
     args = dict(zip(_ARG_NAMES, node.args)) | dict(node.kwargs)
     weight, bias = args["weight"], args.get("bias")
     params = []
@@ -153,17 +142,16 @@ def _functional_site(module: nn.Module, node: fx.Node, index: int) -> _Functiona
     if any(isinstance(v, fx.Node) for v in options.values()):
         return "functional convolution with computed hyper-parameters"
     w, b = params
-    if kind == "linear":
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-    else:
-        groups = options.get("groups", 1)
-        layer = _CONV[dims](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), bias=b is not None, device="meta",
-                            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()})
+    layer = FUNCTIONAL[node.target].from_functional(w, b, options)
     layer.weight = w
     if b is not None:
         layer.bias = b
     name = "fn_" + weight.target.replace(".", "_")
-    return _FunctionalSite(node, name, layer, f"{getattr(node.target, '__name__', node.target)} on {weight.target}")
+    return _FunctionalSite(node, name, layer, f"{_call_name(node)} on {weight.target}")
+
+
+def _call_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _materialize(module: nn.Module, graph: fx.Graph, sites: list[_FunctionalSite]) -> fx.GraphModule:
@@ -225,6 +213,14 @@ def _uncopyable(module: nn.Module) -> str | None:
     return None
 
 
+def _opted_out(module: nn.Module, fqn: str, config: DendriteConfig) -> str | None:
+    """Why a target of an opt-in family (Embedding) is left alone: no include pattern names it."""
+    family = dendrite_class_for(module)
+    if family.by_default or (config.include and config.selects(module, fqn) is None):
+        return None
+    return f"{type(module).__name__} layers get dendrites only when --include names them (its type, name or '*')"
+
+
 def _unreached_reason(model: nn.Module, fqn: str) -> str:
     parts = fqn.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -260,7 +256,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
     selected = []
     for name in reached:
         m = model.get_submodule(name)
-        why = config.selects(m, name) or _uncopyable(m)
+        why = config.selects(m, name) or _opted_out(m, name, config) or dendrite_class_for(m).refusal(m) or _uncopyable(m)
         if why:
             report.skipped.append(SkippedRecord(name, type(m).__name__, why))
         else:
@@ -277,9 +273,11 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         raise ConversionError("The model already holds dendrite layers; train or export it instead of converting again.")
     if not selected:
         types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
-        why = "the --include/--exclude filters left none" if reached else f"layer types found: {', '.join(types)}"
+        filtered = reached and (config.include or config.exclude)
+        why = "the --include/--exclude filters left none" if filtered else f"layer types found: {', '.join(types)}"
         raise ConversionError(
-            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}); check the model or the filters."
+            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}; Embedding layers convert when "
+            "--include names them); check the model or the filters."
         )
 
     param_names: dict[int, list[str]] = defaultdict(list)

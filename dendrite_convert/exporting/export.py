@@ -21,7 +21,8 @@ from torch import nn
 
 from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from ..core.files import atomic_file, check_writable
-from .fold import LAYOUTS, FoldedDendrites, FoldRecord, fold, strip_dendrites
+from .fold import LAYOUTS, FoldRecord, fold, strip_dendrites
+from .folded import FoldedDendrites
 from .foldeddir import save_folded
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
@@ -244,7 +245,7 @@ def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs
     """Export each candidate fold, keep the fastest in onnxruntime, check and verify it; returns its name."""
     import onnx
 
-    from .latency import median_ms, onnx_runner
+    from .latency import faster_layout, onnx_runner
 
     with atomic_file(output) as tmp:
         paths = {name: tmp if len(candidates) == 1 else tmp.with_name(f"{tmp.name}.{name}") for name in candidates}
@@ -253,8 +254,7 @@ def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs
                 _torch_export(folded, paths[name], inputs, config, report)
             chosen = next(iter(candidates))
             if len(candidates) > 1:
-                times = median_ms({n: onnx_runner(p, inputs.fresh) for n, p in paths.items()}, budget_s=0.5)
-                chosen = "concat" if times["concat"] < 0.95 * times["separate"] else "separate"
+                chosen, times = faster_layout({n: onnx_runner(p, inputs.fresh) for n, p in paths.items()}, budget_s=0.5)
                 report.notes.append("--gemm-layout auto: onnxruntime " + ", ".join(f"{n} {t:.3g} ms" for n, t in times.items())
                                     + f" -> {chosen}")
                 paths[chosen].replace(tmp)

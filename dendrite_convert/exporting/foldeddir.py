@@ -17,7 +17,8 @@ from torch import nn
 
 from ..core.errors import DendriteError, LoadError
 from ..core.files import atomic_directory
-from .fold import FoldedDendrites, _layer_spec, layer_from_spec, replace_layer
+from .fold import replace_layer
+from .folded import FoldedDendrites, layer_from_spec, layer_spec as _layer_spec
 from ..core.layers import dendrite_layer_paths
 from ..conversion.modeldir import ConvertedModel
 from .verify import VerifyReport, compare, reference_outputs
