@@ -56,3 +56,29 @@ def test_conv_error_signals_are_per_position_and_cascade_is_used():
     assert torch.equal(model(x_before), y_before)  # scale 0: the network function is unchanged
     after = dict(model.named_parameters())
     assert all(torch.equal(p, after[n]) for n, p in before.items())  # the network stayed frozen
+
+
+def test_frozen_dendrites_keep_their_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 25, 2)), DendriteConfig(dendrites=1)).model.train()
+    conv = dendrite_layers(model)["0"]
+    assert isinstance(conv.dendrite_layers[0][1], nn.BatchNorm2d)  # conv -> BN is one neuron: dendrites copy the pair
+    batches = [(torch.randn(8, 2, 5, 5) * 3 + 1, torch.randint(0, 2, (8,))) for _ in range(3)]
+
+    def forward_loss(batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    earlier = {k: v.clone() for k, v in conv.dendrite_layers[0][1].state_dict().items()}
+    add_correlation_dendrites(model, dendrite_layers(model), batches, forward_loss, CorrelationConfig(candidates=2, epochs=2))
+    # the earlier (trainable) dendrite fed the candidates' cascade without its statistics moving
+    assert all(torch.equal(v, conv.dendrite_layers[0][1].state_dict()[k]) for k, v in earlier.items())
+    frozen_norm = conv.dendrite_layers[1][1]
+    inserted = {k: v.clone() for k, v in frozen_norm.state_dict().items()}
+    network_mean = conv.norm.running_mean.clone()
+    model.train()  # what every neuron epoch does
+    for batch in batches:
+        forward_loss(batch).backward()
+    assert not torch.equal(conv.norm.running_mean, network_mean)  # the network itself trains in train mode
+    assert not frozen_norm.training
+    assert all(torch.equal(v, frozen_norm.state_dict()[k]) for k, v in inserted.items())

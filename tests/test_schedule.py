@@ -29,6 +29,20 @@ def test_thresholds_are_relative_and_absolute_and_tighten_per_dendrite():
     assert low.beats(0.9, 1.0) and not low.beats(0.9995, 1.0)
 
 
+def test_relative_threshold_holds_for_negative_scores():
+    # the default score is -loss: 0.05 % better must not count while the relative threshold asks for 0.1 %
+    high = Schedule(ScheduleConfig(maximize=True))
+    assert not high.beats(-0.9995, -1.0) and high.beats(-0.998, -1.0)
+    assert not high.beats(-1.0, -1.0) and not high.beats(-1.01, -1.0)
+    low = Schedule(ScheduleConfig(maximize=False))
+    assert not low.beats(-1.0005, -1.0) and low.beats(-1.002, -1.0)
+    assert not low.beats(-0.99, -1.0)
+    # a slowly creeping -loss keeps the network in its neuron phase no longer than patience allows
+    creeping = [-1.0 + 0.0001 * i for i in range(8)]
+    s, actions = run(creeping, patience=3, max_dendrites=1)
+    assert actions[:4] == ["continue"] * 3 + ["add"]
+
+
 def test_patience_switch_then_new_architecture_must_beat_global_best():
     # improves for 3 epochs, then flat for patience=2 -> add; the new arch improves -> accepted
     scores = [0.5, 0.6, 0.7, 0.7, 0.7, 0.65, 0.8, 0.8, 0.8]

@@ -36,7 +36,9 @@ def convert(
     from ..conversion.convert import convert as convert_api
     from ..conversion.config import DendriteConfig
     from ..core.files import check_writable
+    from ..core.outputs import check_output_location
 
+    check_output_location(output)
     check_writable(output, force)
     config = DendriteConfig(
         dendrites=dendrites, activation=activation, rank=dendrite_rank, channel_fraction=dendrite_channels, include=include or [], exclude=exclude or [],

@@ -65,6 +65,9 @@ def train(
             raise UsageError("--adapter is required (dendrite-train --adapter-template prints one to start from).")
         if output is None:
             raise UsageError("-o/--output is required: the run directory to write.")
+        from ..core.outputs import check_output_location
+
+        check_output_location(output)
         run_dir = output
     config = TrainConfig(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,

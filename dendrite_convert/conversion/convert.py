@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
+from ..core.structure import set_dendrite_counts
+from . import selfcheck
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
 from .loading import Source, absolute_factory, load_source
-from .rewrite import convert_model
+from .rewrite import convert_model, refresh_report
+from .selfcheck import derived_inputs
 
 
 def convert(
@@ -23,6 +27,8 @@ def convert(
 ) -> ConvertedModel:
     """Insert dendrite layers into a model (an `nn.Module` or a saved file/directory).
 
+    Before returning, the converted model (zero dendrites) is checked bit for bit against the original on
+    `example_inputs` (else an input derived from the first layer); a difference is a ConversionError.
     An in-memory model is converted in place; to save it later, pass `factory` (how to rebuild
     its architecture), since converted directories never pickle code.
 
@@ -36,8 +42,16 @@ def convert(
                   if factory else Source("module"))
     else:
         model, source = load_source(model, factory, factory_kwargs, trust_pickle)
-    example_inputs = list(example_inputs or []) or _known_example_inputs(model)
-    model, report = convert_model(model, config)
+    given = list(example_inputs or [])
+    example_inputs = given or _known_example_inputs(model)
+    check_inputs, description = ((example_inputs, "example input") if example_inputs
+                                 else (derived_inputs(model), "input derived from the first layer"))
+    reference = selfcheck.record(model, check_inputs, description, explicit=bool(given))
+    model, report = convert_model(model, replace(config, dendrites=0))
+    report.notes.append(selfcheck.verify(model, reference) if isinstance(reference, selfcheck.Reference) else reference)
+    if config.dendrites:  # added after the check, which proves the rewrite with zero dendrites
+        set_dendrite_counts(model, config.dendrites)
+        report = refresh_report(model, report)
     return ConvertedModel(model, source, config, report, example_inputs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import traceback
 from dataclasses import dataclass
@@ -101,3 +102,55 @@ def trace(module: nn.Module, max_leaves: int = 200) -> TraceResult:
             leaves.add(failure.module)
             fallbacks.append(failure)
     return TraceResult(None, fallbacks, Fallback("", f"more than {max_leaves} untraceable submodules", "unknown"))
+
+
+_SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format)
+_REGISTRIES = ("_parameters", "_buffers", "_modules")  # described by structure, not by value
+
+
+def _frozen(value, depth: int = 0):
+    """A hashable stand-in for `value` that is equal only for values a forward cannot tell apart.
+
+    Scalars compare by type and value (floats by repr, so -0.0 and nan stay apart), containers
+    element-wise; anything else, tensors and config objects included, by identity: only the same object
+    is the same value.
+    """
+    kind = type(value)
+    if kind in (float, complex):
+        return kind, repr(value)
+    if kind in _SCALARS:
+        return kind, value
+    if depth < 4 and kind in (tuple, list):
+        return kind, tuple(_frozen(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return kind, tuple((_frozen(k, depth + 1), _frozen(v, depth + 1)) for k, v in value.items())
+    if depth < 4 and kind in (set, frozenset):
+        return kind, frozenset(_frozen(v, depth + 1) for v in value)
+    return kind, "id", id(value)
+
+
+def _plain_state(module: nn.Module) -> tuple:
+    """Everything in the module's __dict__ that forward can read: its plain attributes, the training flag,
+    hooks, and which parameter/buffer/submodule slots exist (and are None)."""
+    registries = tuple((name, tuple((k, v is None) for k, v in module.__dict__.get(name, {}).items()))
+                       for name in _REGISTRIES)
+    plain = tuple((k, _frozen(v)) for k, v in module.__dict__.items() if k not in _REGISTRIES)
+    return registries, plain
+
+
+def forward_key(module: nn.Module) -> tuple:
+    """Equal for two modules only when fx traces them to the same graph, so that one trace can serve both.
+
+    Covers every module fx may walk into: classes, names, which modules and tensors are shared (the same
+    object under two names), tensor shapes and dtypes, and each module's plain state. Objects are compared
+    by identity, and a key is only meaningful while the modules it describes are alive.
+    """
+    first_seen: dict[int, int] = {}
+
+    def ref(obj) -> int:
+        return first_seen.setdefault(id(obj), len(first_seen))
+
+    modules = tuple((name, type(m), ref(m), _plain_state(m)) for name, m in module.named_modules(remove_duplicate=False))
+    tensors = tuple((name, ref(t), tuple(t.shape), t.dtype, t.requires_grad) for name, t in itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)))
+    return type(module), modules, tensors

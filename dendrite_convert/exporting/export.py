@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from ..core.files import atomic_file, check_writable
+from ..core.outputs import check_output_location
 from .fold import LAYOUTS, FoldRecord, fold, strip_dendrites
 from .folded import FoldedDendrites
 from .foldeddir import save_folded
@@ -187,6 +188,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     """
     config = config or ExportConfig()
     output = Path(output)
+    check_output_location(output)
     check_writable(output, config.force)
     converted = model if isinstance(model, ConvertedModel) else None
     if converted is None and not isinstance(model, nn.Module):
@@ -293,6 +295,8 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
             torch.onnx.export(folded, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(inputs),
                               output_names=_output_names(folded, example), optimize=True)
+    except OSError:
+        raise  # writing the file failed (disk full, permissions): a write error, not a failed conversion
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"torch.onnx.export could not export the folded model ({type(exc).__name__}: {first}); "

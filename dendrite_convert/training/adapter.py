@@ -78,8 +78,10 @@ def loss(outputs, batch):
 
 
 # def scheduler(optimizer):
-#     """Optional, rebuilt with the optimizer, stepped once per epoch
-#     (ReduceLROnPlateau is stepped with the validation score)."""
+#     """Optional, rebuilt with the optimizer, stepped once per epoch. ReduceLROnPlateau is stepped with
+#     the validation score in its own direction: mode='min' (its default) gets -score when MAXIMIZE is
+#     True, so with the default score it sees the loss; for a positive score such as accuracy use
+#     mode='max' (its relative threshold needs positive values)."""
 #     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
 '''
 

@@ -139,11 +139,12 @@ def train_candidates(
     """Train N candidates for one target (serving `channels`, when selective); the best (module, cascade,
     mean correlation per channel served)."""
     chunks = _chunks(pairs, config.chunk)
-    # Earlier dendrites are frozen during the phase: their outputs are computed once.
+    # Earlier dendrites are frozen during the phase: their outputs are computed once, in eval mode.
     errors = [flat(e, layer) for _, e in chunks]
     if channels is not None:
         errors = [e[:, channels.to(e.device)] for e in errors]
-    prepared = [(x, e, _cascade_inputs(layer, x)) for (x, _), e in zip(chunks, errors)]
+    with frozen(layer):
+        prepared = [(x, e, _cascade_inputs(layer, x)) for (x, _), e in zip(chunks, errors)]
     candidates = [_Candidate(layer, channels) for _ in range(config.candidates)]
     params = [p for c in candidates for p in c.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -185,9 +186,8 @@ def add_correlation_dendrites(
             dendrite, cascade, corr = train_candidates(layer, pairs, config, channels)
         else:  # the target does not reach the loss: a plain fresh dendrite keeps the structure uniform
             dendrite, cascade, corr = layer.new_dendrite(), None, 0.0
-        dendrite.train(layer.base_layer.training)
         layer.add_dendrite(dendrite=dendrite, cascade=cascade, channels=channels)
-        dendrite.requires_grad_(False)
+        _hold_frozen(dendrite)
         layer.dendrite_cascade[-1].requires_grad_(False)
         result[name] = corr
     return result
@@ -219,8 +219,23 @@ def error_ranked_channels(model: nn.Module, layers: dict[str, DendriteLayer], ba
 
 
 def freeze_dendrites(model: nn.Module, first: int = 0) -> None:
-    """Correlation objective: dendrites from index `first` on keep their weights and cascades; scales train."""
+    """Correlation objective: dendrites from index `first` on keep their weights, cascades and BatchNorm
+    statistics; scales train."""
     for layer in {id(m): m for m in model.modules() if isinstance(m, DendriteLayer)}.values():
         for i in range(first, layer.num_dendrites):
-            layer.dendrite_layers[i].requires_grad_(False)
+            _hold_frozen(layer.dendrite_layers[i])
             layer.dendrite_cascade[i].requires_grad_(False)
+
+
+def _stay_in_eval(module: nn.Module, args) -> None:
+    """Forward pre-hook of a frozen dendrite: `model.train()` reaches it too, yet it runs in eval mode."""
+    if module.training:
+        module.eval()
+
+
+def _hold_frozen(dendrite: nn.Module) -> None:
+    """No gradient and eval mode for good, so neither its weights nor its BatchNorm statistics move."""
+    dendrite.requires_grad_(False)
+    dendrite.eval()
+    if _stay_in_eval not in dendrite._forward_pre_hooks.values():
+        dendrite.register_forward_pre_hook(_stay_in_eval)

@@ -78,14 +78,17 @@ class Schedule:
     switches: list[dict] = field(default_factory=list)  # {"epoch", "dendrites", "kind": add|retry}
 
     def beats(self, new: float, old: float | None) -> bool:
-        """The peer's `score_beats_current_best`: relative and absolute margin, both required."""
+        """The peer's `score_beats_current_best`: relative and absolute margin, both required.
+
+        The relative margin is taken of |old|, so it also holds for negative scores (the default -loss),
+        where the peer's `new * (1 - rel) > old` would accept any improvement at all.
+        """
         if old is None:
             return not math.isnan(new)
         cfg = self.config
         rel = cfg.thresholds[min(len(cfg.thresholds) - 1, self.dendrites)]
-        if cfg.maximize:
-            return new * (1 - rel) > old and new - cfg.raw_threshold > old
-        return new * (1 + rel) < old and new + cfg.raw_threshold < old
+        gain = new - old if cfg.maximize else old - new
+        return gain > rel * abs(old) and gain > cfg.raw_threshold
 
     def observe(self, val: float) -> Decision:
         """Record one neuron epoch's validation score and decide what happens next."""

@@ -214,6 +214,7 @@ class _Run:
         self.stop_reason = ""
         self.nonfinite = False
         self._loss_checked = False
+        self._warned_negative_plateau = False
         self._config_text: dict[tuple, str] = {}
         self._last_durable = time.monotonic()
         self._last_checkpoint = time.perf_counter()
@@ -270,7 +271,15 @@ class _Run:
         if self.device.type != "cpu":
             batch = _to_device(batch, self.device)
         args, kwargs = self.adapter.model_inputs(batch)
-        loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
+        try:
+            loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
+        except ValueError as exc:
+            if "more than 1 value per channel when training" not in str(exc):
+                raise
+            n = batch_size(batch)
+            raise LoadError(f"--adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
+                            "few for BatchNorm to train on; pass drop_last=True to its DataLoader (or pick a batch size "
+                            "that leaves no single sample over).") from exc
         if not self._loss_checked:
             self._check_loss(loss)
         return loss
@@ -389,7 +398,13 @@ class _Run:
 
     def _step_scheduler(self, val: float) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val)
+            # in the scheduler's own direction: its default mode 'min' gets -score when the score is maximised
+            value = val if (self.scheduler.mode == "max") == self.adapter.maximize else -val
+            if value < 0 and self.scheduler.threshold_mode == "rel" and not self._warned_negative_plateau:
+                self._warned_negative_plateau = True
+                log.warning(f"ReduceLROnPlateau(mode={self.scheduler.mode!r}) sees {value:.4g}: its relative threshold "
+                            "only works for positive values; use mode='max' for a positive score such as accuracy.")
+            self.scheduler.step(value)
         else:
             self.scheduler.step()
 
@@ -580,6 +595,11 @@ class _Run:
             raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
         try:
             state = json.loads((ckpt / "state.json").read_text())
+            version = state.get("version") if isinstance(state, dict) else None
+            if version != STATE_VERSION:
+                raise LoadError(f"--resume {output}: {ckpt}/state.json has version {version!r}, but this "
+                                f"dendrite_convert resumes version {STATE_VERSION} only; resume with the version that "
+                                "wrote it.")
             config = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig)
                                     if f.name in state["config"]})
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -1,0 +1,195 @@
+"""Conversion proves itself (DESIGN §9): with zero dendrites the converted model must compute, bit for bit,
+what the original computed on an example input, or the conversion fails naming the first target that differs.
+
+The original is not copied: its outputs (the model's and every candidate target's and norm's, per call)
+are recorded before the rewrite, and the rewritten model is run afterwards with a hook on each dendrite
+layer, compared in execution order. Both runs see the same random stream (dropout in train mode) and leave
+the buffers (BatchNorm running statistics) as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from ..core.errors import ConversionError, UsageError
+from ..core.layers import NORM_LAYERS, DendriteLayer, dendrite_class_for, dendrite_layers, is_hf_conv1d
+
+_SPATIAL = {1: 64, 2: 32, 3: 16}  # derived conv inputs: small, but large enough for a few stride-2 stages
+
+
+@dataclass
+class Reference:
+    """What the original model computed on `inputs`, recorded before the rewrite."""
+
+    inputs: tuple
+    description: str
+    outputs: list[torch.Tensor]
+    calls: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)  # id(module) -> outputs per call
+
+
+def derived_inputs(model: nn.Module) -> list[dict]:
+    """An input spec read off the first layer (Linear in_features, Conv in_channels, Embedding), or []."""
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return [{"shape": [2, 8], "dtype": "int64", "high": m.num_embeddings}]
+        dtype = str(getattr(m, "weight", torch.empty(0)).dtype).removeprefix("torch.")
+        if isinstance(m, nn.Linear):
+            return [{"shape": [2, m.in_features], "dtype": dtype}]
+        if is_hf_conv1d(m):
+            return [{"shape": [2, m.weight.shape[0]], "dtype": dtype}]
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = len(m.kernel_size)
+            return [{"shape": [2, m.in_channels, *[_SPATIAL[dims]] * dims], "dtype": dtype}]
+    return []
+
+
+def _tensor(spec: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"example input dtype {spec.get('dtype')!r} is not a torch dtype such as float32 or int64.")
+    if dtype.is_floating_point:
+        value = torch.randn(spec["shape"], generator=generator).to(dtype)
+    else:
+        value = torch.randint(0, int(spec.get("high", 2)), spec["shape"], dtype=dtype, generator=generator)
+    return value.to(device)
+
+
+@contextlib.contextmanager
+def _isolated(model: nn.Module, device: torch.device):
+    """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.random.default_generator.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(0)
+        try:
+            yield
+        finally:
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+
+
+def record(model: nn.Module, specs: list[dict], description: str, explicit: bool) -> Reference | str:
+    """Run the original on inputs made from `specs`; returns why the check is skipped when it cannot run.
+
+    An input the caller gave (`explicit`) that the model cannot run on is a usage error; a derived one is a skip.
+    """
+    if not specs:
+        return "self-check skipped: no example input could be derived from the model; pass an input shape (--input-shape)"
+    device = _device(model)
+    if device.type == "meta":
+        return "self-check skipped: the weights are on the meta device"
+    shapes = [s.get("shape") for s in specs]
+    shapes = shapes[0] if len(shapes) == 1 else shapes
+    generator = torch.Generator().manual_seed(0)
+    try:
+        inputs = tuple(_tensor(s, generator, device) for s in specs)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise UsageError(f"example input {specs!r} cannot be made ({exc}); give shapes as lists of positive integers.") from exc
+    reference = Reference(inputs, f"{description} of shape {shapes}", [])
+    sites = [m for m in model.modules() if dendrite_class_for(m) is not None or isinstance(m, NORM_LAYERS)]
+
+    def keep(module, args, output):
+        reference.calls.setdefault(_site_key(module), []).append([t.detach().clone() for t in tree_leaves(output)
+                                                                  if isinstance(t, torch.Tensor)])
+
+    handles = [m.register_forward_hook(keep) for m in sites]
+    try:
+        with _isolated(model, device):
+            reference.outputs = _run(model, inputs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if explicit:
+            raise UsageError(f"the model cannot run on the example input of shape {shapes} ({type(exc).__name__}: "
+                             f"{first}); give an input shape it accepts (--input-shape).") from exc
+        return (f"self-check skipped: the model does not run on the {reference.description} "
+                f"({type(exc).__name__}); pass an input shape it accepts (--input-shape)")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reference
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal values (NaN where the other has NaN counts as equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def _all_same(left: list[torch.Tensor], right: list[torch.Tensor]) -> bool:
+    return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))
+
+
+def _site_key(module: nn.Module) -> int | tuple[int, ...]:
+    """Where an original output is filed: a norm by itself, a target by its parameters, so that modules with
+    all parameters tied (which conversion merges into one dendrite layer) share one list of calls."""
+    if isinstance(module, NORM_LAYERS):
+        return id(module)
+    return tuple(id(p) for p in module.parameters()) or id(module)
+
+
+def _original_site(layer: DendriteLayer) -> int | tuple[int, ...]:
+    """The key of what a dendrite layer without dendrites reproduces: its norm if paired, else its base."""
+    return _site_key(layer.norm if layer.norm is not None else layer.base_layer)
+
+
+def verify(model: nn.Module, reference: Reference) -> str:
+    """Compare the rewritten model (zero dendrites) with the recorded original; returns the report note.
+
+    Raises ConversionError naming the first target, in execution order, whose output differs.
+    """
+    mismatches: list[str] = []
+    calls: dict[int, int] = {}
+
+    def compare(name: str):
+        def hook(layer, args, output):
+            site = _original_site(layer)
+            index = calls[id(layer)] = calls.get(id(layer), -1) + 1
+            recorded = reference.calls.get(site)
+            if recorded is None:  # a layer made for a functional call has no module in the original
+                return
+            got = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+            if index >= len(recorded):
+                mismatches.append(f"{name} is called more often than in the original ({index + 1} > {len(recorded)})")
+            elif not _all_same(got, recorded[index]):
+                mismatches.append(f"{name}{f' (call {index + 1})' if index else ''} differs from the original")
+        return hook
+
+    handles = [layer.register_forward_hook(compare(name)) for name, layer in dendrite_layers(model).items()]
+    try:
+        with _isolated(model, _device(model)):
+            outputs = _run(model, reference.inputs)
+    except Exception as exc:
+        raise ConversionError(f"the converted model fails on the {reference.description} that the original runs "
+                              f"({type(exc).__name__}: {str(exc).strip()[:200]}); the rewrite is wrong, "
+                              "nothing was written.") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    if mismatches:
+        raise ConversionError(f"self-check failed: with zero dendrites the converted model does not compute what the "
+                              f"original computed on the {reference.description}: target {mismatches[0]}; "
+                              "nothing was written; exclude that target (--exclude) and report the model as a bug.")
+    if not _all_same(outputs, reference.outputs):
+        raise ConversionError(f"self-check failed: with zero dendrites the converted model's output differs from the "
+                              f"original's on the {reference.description}, although every target's own output "
+                              "matches; nothing was written.")
+    return f"self-check passed: with zero dendrites the output matches the original bit for bit on the {reference.description}"
