@@ -87,7 +87,7 @@ def load_pickle(path: Path, consent: Consent):
     if refused:
         modules = sorted({name.rpartition(".")[0].split(".")[0] for name in refused})
         raise LoadError(
-            f"{path} wants to run code outside torch when unpickled ({', '.join(refused)}); if you trust it, "
+            f"{path} names code outside torch that unpickling would import and run ({', '.join(refused)}); if you trust it, "
             f"pass --allow-module {' --allow-module '.join(modules)} (allow_modules= in Python) to allow those "
             f"modules, or {FLAG} (trust_code=True) to unpickle it fully."
         )
@@ -110,7 +110,9 @@ def _unpickle_trusted(path: Path, needed: list[str]):
         sys.path.insert(0, folder)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a module that calls exit() while imported must not end the caller
         raise LoadError(f"{path} could not be unpickled even with {FLAG} ({type(exc).__name__}: {exc}).") from exc
     finally:
         if added and folder in sys.path:
@@ -186,13 +188,16 @@ def _kind_allowed(obj, module_name: str, consent: Consent) -> bool:
 
 # ---- .pt2 archives --------------------------------------------------------------------------------------------
 
-_SAFE_EXPR = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[\s+\-*/%(),<>=!&|~^])*")
+# what torch.export writes: "s31", "2*s31 + 1", "Symbol('s31', positive=True, integer=True)"
+_SAFE_EXPR = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|'[A-Za-z_][A-Za-z0-9_]*'|\d+(?:\.\d+)?(?:e[+-]?\d+)?"
+                        r"|[\s+\-*/%(),<>=!&|~^])*")
 _SAFE_NAMES = {
     "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
     "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TruncToFloat", "TruncToInt",
     "IsNonOverlappingAndDenseIndicator", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo", "floor", "ceiling", "int_oo",
     "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt", "Integer", "Float", "Rational",
+    "Symbol", "positive", "integer", "real", "nonnegative", "negative", "finite", "zero",
 }
 
 
@@ -204,6 +209,17 @@ def check_pt2(path: Path) -> None:
     weights_only refuses, and parses the program's symbolic expressions with sympy, which evaluates them as
     Python. Raw weight and constant payloads are plain bytes and are not looked at.
     """
+    try:
+        wanted = _pt2_problems(path)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
+        raise LoadError(f"{path} is a damaged .pt2 archive ({type(exc).__name__}: {exc}).") from exc
+    wanted = list(dict.fromkeys(wanted))
+    if wanted:
+        raise LoadError(f"{path} would run code when loaded by torch.export ({'; '.join(wanted[:5])}); "
+                        f"pass {FLAG} (trust_code=True) if you trust this file.")
+
+
+def _pt2_problems(path: Path) -> list[str]:
     wanted = []
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
@@ -214,9 +230,7 @@ def check_pt2(path: Path) -> None:
                 continue  # raw payloads; the pickled kinds are named by their config (checked above)
             elif _is_zip(archive, name) and not _weights_only_loads(archive.read(name)):
                 wanted.append(f"{name} (a pickle that needs the full unpickler)")
-    if wanted:
-        raise LoadError(f"{path} would run code when loaded by torch.export ({'; '.join(wanted[:5])}); "
-                        f"pass {FLAG} (trust_code=True) if you trust this file.")
+    return wanted
 
 
 def _json_problems(name: str, data: bytes) -> list[str]:
