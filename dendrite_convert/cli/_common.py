@@ -20,7 +20,7 @@ console = Console(stderr=True)
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
-_TRUST = "Trust (code never runs without these)"
+_TRUST = "Trust: code named by a file runs only with these"
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-code", rich_help_panel=_TRUST,
     help="Run the code the input names: full unpickling, TorchScript, .pt2 pickles, a directory's recorded "

@@ -163,6 +163,8 @@ def _guarded_import(do_import):
         return do_import()
     except KeyboardInterrupt:
         raise
+    except ModuleNotFoundError:  # a class path tried as a module name (pkg.mod.Outer.Inner): not one
+        return None
     except BaseException as exc:  # noqa: BLE001 - an allowed module that exits or fails to import is refused
         log.warning("an allowed module failed to import (%s: %s)", type(exc).__name__, exc)
         return None

@@ -77,12 +77,13 @@ class Source:
             src, dst = Path(self.files[name]), dest / name
             if not src.is_file():
                 raise LoadError(f"{src} is gone; it is part of the model's source and is copied into every directory.")
-            try:
-                if not link:
-                    raise OSError
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+            if link:
+                try:
+                    os.link(src, dst)
+                    continue  # the bytes of a copy checked when it was written
+                except OSError:
+                    pass
+            shutil.copyfile(src, dst)
             if hashes.get(role) and sha256(dst) != hashes[role]:
                 dst.unlink()
                 raise LoadError(f"{src} changed since the model was converted (sha256 {hashes[role]} then, "

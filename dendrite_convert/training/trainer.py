@@ -473,7 +473,8 @@ class _Run:
 
         path.mkdir()
         save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        self.converted.source.copy_files(path, link=True)
+        files = self.converted.source.files.values()  # hard links only to this run's own copies, never the user's files
+        self.converted.source.copy_files(path, link=all(self.output.resolve() in Path(f).resolve().parents for f in files))
         key = tuple(layer.num_dendrites for layer in dendrite_layers(model).values())
         if key not in self._config_text:
             self._config_text[key] = json.dumps(self._converted(model).to_json(), indent=2) + "\n"
