@@ -27,9 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
+from dendrite_convert.conversion.consent import Consent  # noqa: E402
 from dendrite_convert.training.compare import run_all  # noqa: E402
 from dendrite_convert.exporting.latency import count_flops  # noqa: E402
 from dendrite_convert.training.trainer import TrainConfig  # noqa: E402
+
+OWN_CODE = Consent(trust_code=True)  # the directories' factory is this repository's benchmarks/tasks/models.py
 from cheap_latency import structure_latency  # noqa: E402
 from tasks import models  # noqa: E402
 
@@ -77,18 +80,18 @@ def run_task(name: str, out: Path, seeds: int, ranks: list[int], fractions: list
         converted = _converted(task_dir, factory, width, rank, fraction)
         plan += [(arm, s, converted, replace(cfg, seed=s)) for s in range(seeds)]
     runs = [task_dir / arm.replace(" ", "") / f"seed_{s}" for arm, s, *_ in plan]
-    summaries = run_all([(c, adapter, run, cfg) for (_, _, c, cfg), run in zip(plan, runs)], jobs)
+    summaries = run_all([(c, adapter, run, cfg) for (_, _, c, cfg), run in zip(plan, runs)], jobs, OWN_CODE)
     rows = [{"task": name, "arm": arm, "seed": s, "params": sm["params"], "dendrites": sm["dendrites"],
-             "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best"), shape), "ort_ms": None,
+             "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best", trust_code=True), shape), "ort_ms": None,
              "run": str(run)} for (arm, s, *_), run, sm in zip(plan, runs, summaries)]
     full_flops = statistics.fmean(r["flops"] for r in rows if r["arm"] == "full")
     wide = next(w for w in range(width, 16 * width) if _flops(getattr(models, factory)(w), shape) >= full_flops)
     wide_dir = _converted(task_dir, factory, wide, None, None)
     wide_runs = [task_dir / "widened" / f"seed_{s}" for s in range(seeds)]
     wide_summaries = run_all([(wide_dir, adapter, run, replace(config, max_dendrites=0, seed=s))
-                              for s, run in enumerate(wide_runs)], jobs)
+                              for s, run in enumerate(wide_runs)], jobs, OWN_CODE)
     rows += [{"task": name, "arm": "plain widened", "seed": s, "params": sm["params"], "dendrites": 0,
-              "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best"), shape), "ort_ms": None,
+              "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best", trust_code=True), shape), "ort_ms": None,
               "run": str(run)} for s, (run, sm) in enumerate(zip(wide_runs, wide_summaries))]
     structures = {"plain": (width, None, None, 0), "plain widened": (wide, None, None, 0), "full": (width, None, None, 1)}
     structures |= {arm: (width, rank, fraction, 1) for arm, (rank, fraction) in cheap.items()}

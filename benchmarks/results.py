@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
+from dendrite_convert.conversion.consent import Consent  # noqa: E402
 from dendrite_convert.training.compare import cohens_d, run_all, welch_p_value  # noqa: E402
 from dendrite_convert.training.trainer import TrainConfig  # noqa: E402
+
+OWN_CODE = Consent(trust_code=True)  # the directories' factory is this repository's benchmarks/tasks/models.py
 from tasks import models  # noqa: E402
 
 TASKS = {  # name -> (factory, width, adapter, full budget)
@@ -74,13 +77,13 @@ def run_task(name: str, out: Path, seeds: int, jobs: int, quick: bool) -> list[d
                    "correlation": replace(config, objective="correlation")}
     plan = [(arm, s, converted, width, replace(cfg, seed=s)) for arm, cfg in arm_configs.items() for s in range(seeds)]
     run_dirs = [task_dir / arm / f"seed_{s}" for arm, s, *_ in plan]
-    summaries = run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(plan, run_dirs)], jobs)
+    summaries = run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(plan, run_dirs)], jobs, OWN_CODE)
     gradient_params = statistics.fmean(sm["params"] for (arm, *_), sm in zip(plan, summaries) if arm == "gradient")
     wide = _matching_width(factory, width, gradient_params)
     wide_dir = _convert(task_dir, factory, wide)
     wide_plan = [("plain widened", s, wide_dir, wide, replace(config, max_dendrites=0, seed=s)) for s in range(seeds)]
     wide_dirs = [task_dir / "widened" / f"seed_{s}" for _, s, *_ in wide_plan]
-    summaries += run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(wide_plan, wide_dirs)], jobs)
+    summaries += run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(wide_plan, wide_dirs)], jobs, OWN_CODE)
     return [{"task": name, "arm": arm, "seed": s, "width": w, "run": str(run), "params": sm["params"], "dendrites": sm["dendrites"],
              "epochs": sm["epochs"], "best_val": sm["best_val"], "test_at_best": sm["test_at_best"],
              "wall_seconds": sm["wall_seconds"]}

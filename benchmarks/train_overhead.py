@@ -123,7 +123,7 @@ def main() -> None:
                 times["plain"].append(plain_loop(build(features, width), adapter, epochs))
                 from dendrite_convert import load
 
-                times["plain (converted, 0 dendrites)"].append(plain_loop(load(dirs[0]), adapter, epochs))
+                times["plain (converted, 0 dendrites)"].append(plain_loop(load(dirs[0], trust_code=True), adapter, epochs))
                 for k in (0, 1, 3):
                     times[k].append(dendrite_loop(dirs[k], adapter_path, tmp / f"run{k}", epochs, k))
                 books.append(bookkeeping(tmp / "run0", times[0][-1]))

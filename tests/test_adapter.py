@@ -103,7 +103,7 @@ def test_module_spec_and_missing_file(tmp_path, monkeypatch):
 
 def _cli(converted_dir, adapter, out, *extra):
     return runner.invoke(app, [str(converted_dir), "--adapter", str(adapter), "-o", str(out), "--max-epochs", "3",
-                               "--quiet", *extra])
+                               "--quiet", "--trust-code", *extra])
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,7 @@ def test_cli_nan_loss_stops_keeps_best_and_exits_1(tmp_path, converted_dir):
     assert summary["best_val"] is not None and summary["dendrites"] == 0
     from dendrite_convert import load
 
-    model = load(out / "best")
+    model = load(out / "best", trust_code=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

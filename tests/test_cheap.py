@@ -48,7 +48,7 @@ def test_rank_is_recorded_and_rebuilt(tmp_path):
 
     randomize_dendrites(converted.model)
     expected = converted.model(x)
-    loaded = dc.load(converted.save(tmp_path / "lr")).eval()
+    loaded = dc.load(converted.save(tmp_path / "lr"), factory="fixtures.models:mlp").eval()
     assert isinstance(loaded[0].dendrite_layers[0], nn.Sequential)
     assert torch.equal(loaded(x), expected)
 

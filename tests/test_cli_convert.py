@@ -36,7 +36,7 @@ def test_convert_writes_directory_and_json(fixture_files, tmp_path):
     assert len(report["targets"]) == 5 and {t["dendrites"] for t in report["targets"]} == {1}
     assert "5 dendrite targets" in result.stderr and "stem" in result.stderr
     config = json.loads((out / "dendrite_config.json").read_text())
-    assert config["schema_version"] == 1 and config["source"]["kind"] == "state_dict"
+    assert config["schema_version"] == 2 and config["source"]["kind"] == "state_dict"
     assert len(config["source"]["sha256"]) == 64
     assert config["example_inputs"] == [{"shape": [2, 3, 8, 8], "dtype": "float32"}]
     from safetensors import safe_open
@@ -51,7 +51,7 @@ def test_existing_output_is_never_overwritten_without_force(fixture_files, tmp_p
     out = tmp_path / "conv"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = [fixture_files["pickled module"]["path"], "-o", out]
+    args = [fixture_files["pickled module"]["path"], "-o", out, "--allow-module", "fixtures"]
     assert "--force" in _one_sentence(_convert(*args), 2)
     assert (out / "keep.txt").read_text() == "mine"
     assert _convert(*args, "--force").exit_code == 0
@@ -128,7 +128,7 @@ def test_pickle_is_refused_without_trust_and_lists_its_globals(tmp_path):
     torch.save({"weights": torch.zeros(2), "x": Payload()}, tmp_path / "evil.pt")
     message = _one_sentence(_convert(tmp_path / "evil.pt", "-o", tmp_path / "o"), 3)
     assert "posix.system" in message or "os.system" in message
-    assert "--trust-pickle" in message
+    assert "--trust-code" in message
     assert not marker.exists()
 
 
@@ -139,7 +139,7 @@ def test_help(args):
 
 
 def test_trust_is_never_read_from_a_converted_directory(tmp_path):
-    """A model converted with --trust-pickle needs --trust-pickle again to load: a config cannot grant it."""
+    """A model converted with --trust-code (old name --trust-pickle) needs it again to load: a config cannot grant it."""
     import dendrite_convert as dc
 
     module = tmp_path / "plain_helpers.py"
@@ -153,9 +153,12 @@ def test_trust_is_never_read_from_a_converted_directory(tmp_path):
         ok = _convert(tmp_path / "net.pt", "-o", tmp_path / "b", "--trust-pickle")
         assert ok.exit_code == 0, ok.output
         assert "plain_helpers.scale" in ok.stderr  # it said what the file imports before unpickling it
-        with pytest.raises(dc.LoadError, match="--trust-pickle again"):
+        with pytest.raises(dc.LoadError, match="plain_helpers.scale.*--trust-code"):
             dc.load(tmp_path / "b")
-        assert dc.load(tmp_path / "b", trust_pickle=True) is not None
+        assert dc.load(tmp_path / "b", trust_code=True) is not None
+        assert dc.load(tmp_path / "b", allow_modules=["plain_helpers"]) is not None  # the module named instead
+        with pytest.warns(DeprecationWarning, match="trust_code"):
+            assert dc.load(tmp_path / "b", trust_pickle=True) is not None
     finally:
         sys.path.remove(str(tmp_path))
 
@@ -171,4 +174,5 @@ def test_a_relative_factory_file_is_recorded_absolute(fixture_files, tmp_path, m
     monkeypatch.chdir(tmp_path)
     import dendrite_convert as dc
 
-    assert dc.load(out) is not None
+    assert dc.load(out, trust_code=True) is not None  # the stored copy of the factory file
+    assert dc.load(out, factory=factory) is not None  # or the file named again, from anywhere

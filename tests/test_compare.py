@@ -74,7 +74,7 @@ def test_cli_seeds_and_baseline(tmp_path):
     converted = _digits_converted(tmp_path)
     result = CliRunner().invoke(app, [str(converted), "--adapter", str(ROOT / "examples/digits/adapter.py"),
                                       "-o", str(tmp_path / "cmp"), "--seeds", "2", "--baseline", "--max-epochs", "3",
-                                      "--patience", "1", "--json"])
+                                      "--patience", "1", "--json", "--factory", str(ROOT / "examples/digits/model.py") + ":build"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [a["arm"] for a in data["arms"]] == ["dendrites", "baseline"] and data["p_value"] is not None

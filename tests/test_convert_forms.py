@@ -26,13 +26,16 @@ def test_convert_save_load_is_exact(form, fixture_files, tmp_path):
         reference = spec["model"]
     expected = _run(reference, spec["inputs"])
 
-    converted = dc.convert(spec["path"], factory=spec["factory"])
+    # consent: the fixture's pickle names fixtures.models classes; TorchScript runs its own code when loaded
+    allowed = {"allow_modules": ["fixtures"]} if form == "pickled module" else {"trust_code": form == "TorchScript"}
+    converted = dc.convert(spec["path"], factory=spec["factory"], **allowed)
     assert converted.report.targets, "no targets found"
     assert torch.equal(_run(converted.model.eval(), spec["inputs"]), expected)
 
     out = converted.save(tmp_path / "converted")
-    assert sorted(p.name for p in out.iterdir()) == ["dendrite_config.json", "model.safetensors"]
-    loaded = dc.load(out).eval()
+    copies = {"pickled module": ["source_model.pt"], "torch.export .pt2": ["source_model.pt2"]}.get(form, [])
+    assert sorted(p.name for p in out.iterdir()) == ["dendrite_config.json", "model.safetensors", *copies]
+    loaded = dc.load(out, factory=spec["factory"], allow_modules=["fixtures"]).eval()
     assert torch.equal(_run(loaded, spec["inputs"]), expected)
 
 
@@ -65,9 +68,9 @@ def test_dendrites_preinserted_and_saved_exactly(fixture_files, tmp_path):
     randomize_dendrites(model)
     changed = _run(model, spec["inputs"])
     assert (changed - expected).abs().max() > 1e-3
-    loaded = dc.load(converted.save(tmp_path / "c")).eval()
+    loaded = dc.load(converted.save(tmp_path / "c"), factory=spec["factory"]).eval()
     assert torch.equal(_run(loaded, spec["inputs"]), changed)
-    assert {t.dendrites for t in dc.load_converted(tmp_path / "c").report.targets} == {2}
+    assert {t.dendrites for t in dc.load_converted(tmp_path / "c", trust_code=True).report.targets} == {2}
 
 
 def test_example_inputs_recorded_when_the_model_states_them(fixture_files):

@@ -141,7 +141,7 @@ def _one_sentence(result, code):
 @pytest.mark.slow
 def test_cli_onnx_json_and_latency_table(saved_cnn, tmp_path):
     out = tmp_path / "model.onnx"
-    result = runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(out), "--json", "--atol", "1e-5"])
+    result = runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(out), "--json", "--atol", "1e-5"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # stdout is JSON only: the exporter's progress lines are silenced
     assert data["verify"]["ok"] and data["verify"]["outputs"][0]["max_abs"] <= 1e-5
@@ -150,7 +150,7 @@ def test_cli_onnx_json_and_latency_table(saved_cnn, tmp_path):
     assert folded["flops"] == unfolded["flops"] == ort["flops"] and 3.5 < unfolded["flops"] / base["flops"] < 4.5
     assert "✓ output" in result.stderr and "onnxruntime" in result.stderr and out.is_file()
     assert any(n.startswith("--gemm-layout auto: onnxruntime separate") for n in data["notes"])  # timed, not guessed
-    again = runner.invoke(app, ["export", str(saved_cnn), "--onnx", "-o", str(out), "--quiet"])
+    again = runner.invoke(app, ["export", "--trust-code", str(saved_cnn), "--onnx", "-o", str(out), "--quiet"])
     assert "--force" in _one_sentence(again, 2)
 
 
@@ -165,7 +165,7 @@ def test_cli_forced_verification_failure_exits_5_and_leaves_nothing(saved_cnn, t
 
     monkeypatch.setattr(EXPORT, "fold", perturbed)
     out = tmp_path / "model.onnx"
-    result = runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(out), "--gemm-layout", "separate"])
+    result = runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(out), "--gemm-layout", "separate"])
     line = _one_sentence(result, 5)
     assert "max abs error" in line and "was not written" in line
     assert "✗ output" in result.stderr
@@ -175,11 +175,11 @@ def test_cli_forced_verification_failure_exits_5_and_leaves_nothing(saved_cnn, t
 @pytest.mark.slow
 def test_cli_safetensors_round_trip(saved_cnn, tmp_path):
     out = tmp_path / "folded"
-    result = runner.invoke(export_app, [str(saved_cnn), "--safetensors", "-o", str(out), "--no-latency",
+    result = runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--safetensors", "-o", str(out), "--no-latency",
                                         "--gemm-layout", "concat"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["folded_config.json", "model.safetensors"]
-    model = load_folded(out)
+    model = load_folded(out, trust_code=True)
     assert not any(isinstance(m, DendriteLayer) for m in model.modules())
     unfolded = load_converted(saved_cnn).model.eval()
     x = torch.randn(3, 3, 16, 16)
@@ -193,7 +193,7 @@ def test_cli_zero_dendrites_directory(tmp_path):
     path = tmp_path / "conv"
     convert(mlp(), factory="tests.helpers_export:mlp", example_inputs=[MODELS["mlp"][1]]).save(path)
     out = tmp_path / "m.onnx"
-    result = runner.invoke(export_app, [str(path), "--onnx", "-o", str(out), "--no-latency", "--opset", "18"])
+    result = runner.invoke(export_app, ["--trust-code", str(path), "--onnx", "-o", str(out), "--no-latency", "--opset", "18"])
     assert result.exit_code == 0, result.output
     assert _ops(out)["Gemm"] + _ops(out)["MatMul"] == 3
     assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {18}
@@ -202,18 +202,18 @@ def test_cli_zero_dendrites_directory(tmp_path):
 def test_cli_bad_inputs(saved_cnn, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
-    assert "converted-model directory" in _one_sentence(runner.invoke(export_app, [str(plain), "--onnx", "-o", str(tmp_path / "a.onnx")]), 3)
+    assert "converted-model directory" in _one_sentence(runner.invoke(export_app, ["--trust-code", str(plain), "--onnx", "-o", str(tmp_path / "a.onnx")]), 3)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in saved_cnn.iterdir():
         corrupt.joinpath(f.name).write_bytes(f.read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"\x00\x01garbage")
-    assert "model.safetensors" in _one_sentence(runner.invoke(export_app, [str(corrupt), "--onnx", "-o", str(tmp_path / "b.onnx")]), 3)
-    assert "exactly one" in _one_sentence(runner.invoke(export_app, [str(saved_cnn), "-o", str(tmp_path / "c.onnx")]), 2)
+    assert "model.safetensors" in _one_sentence(runner.invoke(export_app, ["--trust-code", str(corrupt), "--onnx", "-o", str(tmp_path / "b.onnx")]), 3)
+    assert "exactly one" in _one_sentence(runner.invoke(export_app, ["--trust-code", str(saved_cnn), "-o", str(tmp_path / "c.onnx")]), 2)
     assert "--input-shape" in _one_sentence(
-        runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(tmp_path / "d.onnx"), "--input-shape", "2,a"]), 2)
+        runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(tmp_path / "d.onnx"), "--input-shape", "2,a"]), 2)
     assert "cannot run on" in _one_sentence(
-        runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(tmp_path / "e.onnx"), "--input-shape", "2,5"]), 2)
+        runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(tmp_path / "e.onnx"), "--input-shape", "2,5"]), 2)
     assert sorted(tmp_path.iterdir()) == sorted([plain, corrupt])
 
 
@@ -223,7 +223,7 @@ def test_cli_unsupported_layer_exits_4(tmp_path):
                         example_inputs=[{"shape": [2, 4], "dtype": "float32"}])
     converted.save(path)
     out = tmp_path / "m.onnx"
-    line = _one_sentence(runner.invoke(export_app, [str(path), "--onnx", "-o", str(out)]), 4)
+    line = _one_sentence(runner.invoke(export_app, ["--trust-code", str(path), "--onnx", "-o", str(out)]), 4)
     assert "running statistics" in line and not out.exists()
 
 
@@ -244,7 +244,7 @@ def test_cli_example_from_adapter(saved_cnn, tmp_path):
     adapter = tmp_path / "adapter.py"
     adapter.write_text(ADAPTER)
     out = tmp_path / "m.onnx"
-    result = runner.invoke(export_app, [str(saved_cnn), "--onnx", "-o", str(out), "--adapter", str(adapter),
+    result = runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(out), "--adapter", str(adapter),
                                         "--gemm-layout", "separate", "--no-latency", "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -261,7 +261,7 @@ def test_cli_prune_below_reports_the_output_change(tmp_path):
     path = tmp_path / "conv"
     converted.save(path)
     out = tmp_path / "m.onnx"
-    result = runner.invoke(export_app, [str(path), "--onnx", "-o", str(out), "--prune-below", "1e-4", "--no-latency",
+    result = runner.invoke(export_app, ["--trust-code", str(path), "--onnx", "-o", str(out), "--prune-below", "1e-4", "--no-latency",
                                         "--gemm-layout", "separate", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -30,7 +30,8 @@ def test_killed_export_leaves_a_verified_file_or_nothing(tmp_path, sig):
     randomize_dendrites(converted.model)
     src = converted.save(tmp_path / "conv")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = lambda out, *extra: [str(BIN / "dendrite-export"), str(src), "--onnx", "-o", str(out), "--quiet", *extra]  # noqa: E731
+    cmd = lambda out, *extra: [str(BIN / "dendrite-export"), str(src), "--onnx", "-o", str(out), "--quiet",
+                                   "--factory", "fixtures.models:mlp", *extra]  # noqa: E731
     start = time.perf_counter()
     subprocess.run(cmd(tmp_path / "ref.onnx"), check=True, env=env, timeout=300)
     duration = time.perf_counter() - start

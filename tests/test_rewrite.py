@@ -49,7 +49,7 @@ def test_functional_calls_on_own_parameters_become_dendrite_layers(tmp_path):
     randomize_dendrites(converted.model)
     changed = converted.model(x)
     assert not torch.equal(changed, expected)
-    loaded = dc.load(converted.save(tmp_path / "fn")).eval()
+    loaded = dc.load(converted.save(tmp_path / "fn"), factory="fixtures.models:FunctionalNet").eval()
     assert torch.equal(loaded(x), changed)
 
 
@@ -65,7 +65,7 @@ def test_shared_module_and_tied_weights_get_one_set_of_dendrites(tmp_path):
     assert converted.model.left is converted.model.right
     assert len(dc.dendrite_layers(converted.model)) == 2
     assert torch.equal(converted.model(x), expected)
-    loaded = dc.load(converted.save(tmp_path / "shared"))
+    loaded = dc.load(converted.save(tmp_path / "shared"), factory="fixtures.models:SharedNet")
     assert loaded.left is loaded.right
 
 

@@ -189,13 +189,13 @@ def test_concat_layout_of_cheap_dendrites_exports_and_reloads(tmp_path, fmt, ran
         recipe = json.loads((path / "folded_config.json").read_text())["targets"]["stem"]["module"]
         assert recipe["layout"] == "concat" and recipe["widths"][1:] == [rank or recipe["width"]] * 3
         with torch.no_grad():
-            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+            torch.testing.assert_close(load_folded(path, trust_code=True)(x), converted.model(x), rtol=0, atol=1e-5)
         recipe["widths"] = recipe["widths"][:2]
         config = json.loads((path / "folded_config.json").read_text())
         config["targets"]["stem"]["module"] = recipe
         (path / "folded_config.json").write_text(json.dumps(config))
         with pytest.raises(dc.LoadError, match="malformed module spec.*widths"):
-            load_folded(path)
+            load_folded(path, trust_code=True)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
@@ -210,14 +210,14 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
         from dendrite_convert.exporting.foldeddir import load_folded
 
         with torch.no_grad():
-            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+            torch.testing.assert_close(load_folded(path, trust_code=True)(x), converted.model(x), rtol=0, atol=1e-5)
         weights = load_file(path / "model.safetensors")
         assert not any("link_positions" in key for key in weights)  # derived from the channel sets on load
         save_file({**weights, "stem.link_positions": torch.zeros(1, 2, dtype=torch.long)}, path / "model.safetensors")
         with torch.no_grad():  # files of dev builds saved them: ignored, not loaded
-            torch.testing.assert_close(load_folded(path)(x), converted.model(x), rtol=0, atol=1e-5)
+            torch.testing.assert_close(load_folded(path, trust_code=True)(x), converted.model(x), rtol=0, atol=1e-5)
         buffer = io.BytesIO()
-        torch.save(load_folded(path), buffer)  # a folded model pickles whole, as a plain torch model does
+        torch.save(load_folded(path, trust_code=True), buffer)  # a folded model pickles whole, as a plain torch model does
         buffer.seek(0)
         with torch.no_grad():
             torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), converted.model(x), rtol=0, atol=1e-5)
@@ -226,21 +226,21 @@ def test_selective_export_round_trips_a_cnn(tmp_path, fmt):
             damaged["stem.channels"][row, column] = value
             save_file(damaged, path / "model.safetensors")
             with pytest.raises(dc.LoadError, match="channel sets of stem are not increasing indices below 8"):
-                load_folded(path)
+                load_folded(path, trust_code=True)
         save_file(weights, path / "model.safetensors")
         config = json.loads((path / "folded_config.json").read_text())
         for width in (-1, "4", 9):
             config["targets"]["stem"]["module"]["width"] = width
             (path / "folded_config.json").write_text(json.dumps(config))
             with pytest.raises(dc.LoadError, match="stem.*malformed module spec.*width"):
-                load_folded(path)
+                load_folded(path, trust_code=True)
 
 
 def test_selective_structure_is_saved_and_reloaded(tmp_path):
     converted, x = _dendritic("small-cnn")
     with torch.no_grad():
         expected = converted.model(x)
-    loaded = dc.load(converted.save(tmp_path / "converted")).eval()
+    loaded = dc.load(converted.save(tmp_path / "converted"), trust_code=True).eval()
     original_layers, loaded_layers = dc.dendrite_layers(converted.model), dc.dendrite_layers(loaded)
     selective = [name for name, layer in original_layers.items() if layer.dendrite_channels is not None]
     assert selective == ["stem", "temporal", "head"]  # grouped and depthwise convs keep full-width dendrites
@@ -428,15 +428,15 @@ def test_cli_pipeline_trains_and_exports_selective_dendrites(fixture_files, tmp_
                                          f"{digits / 'model.py'}:build", "--dendrite-channels", "0.25"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "conv" / "dendrite_config.json").read_text())["dendrite_config"]["channel_fraction"] == 0.25
-    result = runner.invoke(train_app, [str(tmp_path / "conv"), "--adapter", str(digits / "adapter.py"), "-o",
+    result = runner.invoke(train_app, ["--trust-code", str(tmp_path / "conv"), "--adapter", str(digits / "adapter.py"), "-o",
                                        str(tmp_path / "run"), "--switch-every", "3", "--max-dendrites", "2",
                                        "--max-epochs", "9"])
     assert result.exit_code == 0, result.output
-    trained = dc.load(tmp_path / "run" / "best")
+    trained = dc.load(tmp_path / "run" / "best", trust_code=True)
     rows = [layer.dendrite_channels for layer in dc.dendrite_layers(trained).values()]
     assert all(r.shape[0] >= 1 for r in rows)
     assert any(not torch.equal(r, torch.arange(r.shape[1]).expand_as(r)) for r in rows)  # ranked, not placeholders
-    result = runner.invoke(export_app, [str(tmp_path / "run" / "best"), "--onnx", "-o", str(tmp_path / "m.onnx"),
+    result = runner.invoke(export_app, ["--trust-code", str(tmp_path / "run" / "best"), "--onnx", "-o", str(tmp_path / "m.onnx"),
                                         "--atol", "1e-5", "--rtol", "1e-5", "--no-latency", "--input-shape", "4,64"])
     assert result.exit_code == 0, result.output
     bad = runner.invoke(convert_app, [str(tmp_path / "digits.pt"), "-o", str(tmp_path / "bad"), "--factory",
@@ -454,7 +454,7 @@ def test_damaged_channel_sets_are_refused_on_load(tmp_path):
     weights["stem.dendrite_channels"][0, 0] = 99
     save_file(weights, path / "model.safetensors")
     with pytest.raises(dc.LoadError, match=r"stem\.dendrite_channels .* damaged"):
-        dc.load(path)
+        dc.load(path, trust_code=True)
 
 
 def test_weight_normed_and_grouped_layers_keep_full_width_dendrites():

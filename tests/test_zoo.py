@@ -47,7 +47,7 @@ def test_family_trains_through_a_capacity_test(family, tmp_path):
     assert summary["stop_reason"].startswith("capacity test passed")
     rows = (tmp_path / "run" / "scores.csv").read_text().splitlines()[1:]
     assert all(math.isfinite(float(r.split(",")[4])) for r in rows if r.split(",")[4])
-    best = dc.load(tmp_path / "run" / "best")
+    best = dc.load(tmp_path / "run" / "best", trust_code=True)
     assert {layer.num_dendrites for layer in dc.dendrite_layers(best).values()} == {3}
 
 

@@ -20,6 +20,19 @@ console = Console(stderr=True)
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+_TRUST = "Trust: code named by a file runs only with these"
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-code", rich_help_panel=_TRUST,
+    help="Run the code the input names: full unpickling, TorchScript, .pt2 pickles, a directory's recorded "
+         "factory or stored model, the adapter recorded for --resume. Only for files you trust.")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Old name of --trust-code.")]
+AllowModuleOpt = Annotated[list[str] | None, typer.Option(
+    "--allow-module", rich_help_panel=_TRUST, show_default=False,
+    help="A module (pkg or pkg.sub, or path/to/file.py) whose classes a pickled model may use (repeatable).")]
+FactoryAgainOpt = Annotated[str | None, typer.Option(
+    "--factory", rich_help_panel=_TRUST, show_default=False,
+    help="Name the directory's factory again (pkg.module:fn or file.py:fn, your own code) so it may run; "
+         "its file must be the one recorded at conversion.")]
 
 
 def command_app(fn, help: str | None = None) -> typer.Typer:
@@ -99,6 +112,11 @@ def parse_shape(text: str | None, option: str = "--input-shape") -> list[int] | 
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def consent(trust_code: bool, trust_pickle: bool, factory: str | None, allow_modules: list[str] | None) -> dict:
+    """The consent keywords of the library's loaders, from the trust options."""
+    return {"trust_code": trust_code or trust_pickle, "factory": factory, "allow_modules": tuple(allow_modules or ())}
 
 
 def existing_path(path: Path, option: str) -> Path:

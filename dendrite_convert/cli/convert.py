@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, parse_json_option, parse_shape, print_json
+from ._common import (AllowModuleOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app, console,
+                      handle_errors, parse_json_option, parse_shape, print_json)
 
 _IN, _DENDRITES, _GRAPH = "Input", "Dendrites", "Graph"
 
@@ -18,7 +19,6 @@ def convert(
     output: Annotated[Path, typer.Option("-o", "--output", help="Converted-model directory to write.", show_default=False)],
     factory: Annotated[str | None, typer.Option(help="Builds the architecture for weights-only inputs: pkg.module:fn or path/to/file.py:fn.", rich_help_panel=_IN)] = None,
     factory_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --factory.", rich_help_panel=_IN)] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow full unpickling (runs code from the file) after listing what it imports.", rich_help_panel=_IN)] = False,
     input_shape: Annotated[str | None, typer.Option(help="Record an example input shape for export, e.g. 2,3,32,32.", rich_help_panel=_IN)] = None,
     dendrites: Annotated[int, typer.Option(min=0, help="Dendrites to pre-insert in every target.", rich_help_panel=_DENDRITES)] = 0,
     activation: Annotated[str, typer.Option(help="Dendrite nonlinearity: sigmoid, tanh or identity.", rich_help_panel=_DENDRITES)] = "sigmoid",
@@ -28,6 +28,9 @@ def convert(
     exclude: Annotated[list[str] | None, typer.Option(help="Skip targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
     no_norm_pairs: Annotated[bool, typer.Option(help="Do not treat conv/linear -> BatchNorm as one neuron.", rich_help_panel=_DENDRITES)] = False,
     strict_graph: Annotated[bool, typer.Option(help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
+    trust_code: TrustOpt = False,
+    allow_module: AllowModuleOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -47,7 +50,7 @@ def convert(
     shape = parse_shape(input_shape)
     converted = convert_api(
         model, config, factory=factory, factory_kwargs=parse_json_option(factory_kwargs, "--factory-kwargs"),
-        trust_pickle=trust_pickle, example_inputs=[{"shape": shape, "dtype": "float32"}] if shape else None,
+        trust_code=trust_code or trust_pickle, allow_modules=tuple(allow_module or ()), example_inputs=[{"shape": shape, "dtype": "float32"}] if shape else None,
     )
     converted.save(output, force=force)
     report = converted.refreshed_report()
@@ -63,9 +66,13 @@ def inspect(
     directory: Annotated[Path, typer.Argument(help="A converted-model directory (from dendrite-convert or dendrite-train).", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
-    """Print the conversion report of a converted-model directory again."""
+    """Print the conversion report of a converted-model directory again, and the code loading it would run.
+
+    Inspecting reads only the directory's JSON: it never runs code, so it needs no trust option.
+    """
     from ..conversion.modeldir import read_config
     from ..conversion.report import ConversionReport
+    from ..conversion.rebuild import code_needed
 
     data = read_config(directory)
     report = ConversionReport.from_dict(data["recipe"])
@@ -74,6 +81,7 @@ def inspect(
     else:
         console.print(f"{directory}: source {data['source'].get('kind')} {data['source'].get('path') or ''}")
         report.render(console)
+        console.print(code_needed(data["source"]), highlight=False, soft_wrap=True)
 
 
 app = command_app(convert)

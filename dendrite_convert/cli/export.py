@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, parse_shape, print_json
+from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
+                      console, consent, handle_errors, parse_shape, print_json)
 
 _FMT, _VERIFY, _FOLD, _IN = "Format", "Verification", "Folding", "Inputs"
 
@@ -34,7 +35,10 @@ def export(
     gemm_layout: Annotated[GemmLayout, typer.Option(help="Nonlinear dendrites as separate GEMMs/convs, concatenated with the main weight, or whichever measures faster.", rich_help_panel=_FOLD)] = GemmLayout.auto,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency table.")] = False,
     latency_threads: Annotated[int, typer.Option(min=0, help="Threads for the latency table, torch and onnxruntime alike (0: torch's default).")] = 1,
-    trust_pickle: Annotated[bool, typer.Option(help="The model was converted with --trust-pickle; allow it again.", rich_help_panel=_IN)] = False,
+    factory: FactoryAgainOpt = None,
+    trust_code: TrustOpt = False,
+    allow_module: AllowModuleOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -50,7 +54,7 @@ def export(
     config = ExportConfig(
         format="onnx" if onnx else "safetensors", opset=opset, atol=atol, rtol=rtol, input_shape=parse_shape(input_shape),
         adapter=adapter, prune_below=prune_below, gemm_layout=gemm_layout.value, force=force, latency=not no_latency,
-        latency_threads=latency_threads, trust_pickle=trust_pickle,
+        latency_threads=latency_threads, **consent(trust_code, trust_pickle, factory, allow_module),
     )
     try:
         report = export_api(directory, output, config)

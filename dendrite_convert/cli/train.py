@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, print_json
+from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
+                      console, consent, handle_errors, print_json)
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
 
@@ -31,6 +32,10 @@ def train(
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train every seed without dendrites (RUN/baseline/) and test whether the difference is beyond noise (Welch's t-test).", rich_help_panel=_COMPARE)] = False,
     jobs: Annotated[int, typer.Option(min=1, help="With --seeds/--baseline: runs in this many parallel processes.", rich_help_panel=_COMPARE)] = 1,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
+    factory: FactoryAgainOpt = None,
+    trust_code: TrustOpt = False,
+    allow_module: AllowModuleOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -69,6 +74,7 @@ def train(
 
         check_output_location(output)
         run_dir = output
+    allowed = consent(trust_code, trust_pickle, factory, allow_module)
     config = TrainConfig(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
         max_dendrites=max_dendrites, max_epochs=max_epochs, capacity_test=capacity_test, seed=seed,
@@ -76,11 +82,11 @@ def train(
     if seeds > 1 or baseline:
         if resume is not None:
             raise UsageError("--seeds/--baseline start new runs; they cannot be combined with --resume.")
-        _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet)
+        _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
     with _Progress(max_epochs, quiet) as progress:
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            on_epoch=progress.epoch)
+                            on_epoch=progress.epoch, **allowed)
     _report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
@@ -88,11 +94,13 @@ def train(
         raise typer.Exit(1)
 
 
-def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet) -> None:
+def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed) -> None:
     """K seeds with (and without) dendrites: comparison.csv/.json/.png and a table with the significance."""
+    from ..conversion.consent import Consent
     from ..training.compare import compare, render
 
-    result = compare(converted, adapter, run_dir, config, seeds=seeds, baseline=baseline, jobs=jobs, force=force)
+    result = compare(converted, adapter, run_dir, config, seeds=seeds, baseline=baseline, jobs=jobs, force=force,
+                     consent=Consent(**allowed))
     if not quiet:
         render(result, console)
         console.print(f"wrote {run_dir / 'comparison.csv'}, comparison.json, comparison.png and one run per seed")

@@ -11,7 +11,8 @@ from ..core.structure import set_dendrite_counts
 from . import selfcheck
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
-from .loading import Source, absolute_factory, load_source
+from .consent import Consent
+from .loading import Source, absolute_factory, factory_source, load_source
 from .rewrite import convert_model, refresh_report
 from .selfcheck import derived_inputs
 
@@ -22,26 +23,30 @@ def convert(
     *,
     factory: str | None = None,
     factory_kwargs: dict | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
+    allow_modules=(),
     example_inputs: list[dict] | None = None,
+    trust_pickle: bool | None = None,
 ) -> ConvertedModel:
     """Insert dendrite layers into a model (an `nn.Module` or a saved file/directory).
 
     Before returning, the converted model (zero dendrites) is checked bit for bit against the original on
     `example_inputs` (else an input derived from the first layer); a difference is a ConversionError.
     An in-memory model is converted in place; to save it later, pass `factory` (how to rebuild
-    its architecture), since converted directories never pickle code.
+    its architecture), since converted directories never pickle code. A file may make this process run
+    only torch's own classes and the modules you name (`factory`, `allow_modules`) unless you pass
+    `trust_code=True` (`trust_pickle` is its deprecated name); TorchScript always needs it.
 
     Example:
         converted = convert("model.pt", DendriteConfig(dendrites=1))
         converted.save("converted/")
     """
     config = config or DendriteConfig()
+    consent = Consent.of(trust_code, absolute_factory(factory), allow_modules, trust_pickle)
     if isinstance(model, nn.Module):
-        source = (Source("factory", factory=absolute_factory(factory), factory_kwargs=factory_kwargs or {})
-                  if factory else Source("module"))
+        source = factory_source("factory", factory, factory_kwargs or {}) if factory else Source("module")
     else:
-        model, source = load_source(model, factory, factory_kwargs, trust_pickle)
+        model, source = load_source(model, factory, factory_kwargs, consent)
     given = list(example_inputs or [])
     example_inputs = given or _known_example_inputs(model)
     check_inputs, description = ((example_inputs, "example input") if example_inputs
@@ -52,7 +57,7 @@ def convert(
     if config.dendrites:  # added after the check, which proves the rewrite with zero dendrites
         set_dendrite_counts(model, config.dendrites)
         report = refresh_report(model, report)
-    return ConvertedModel(model, source, config, report, example_inputs)
+    return ConvertedModel(model, source, config, report, example_inputs, consent)
 
 
 def _known_example_inputs(model: nn.Module) -> list[dict]:

@@ -11,7 +11,8 @@ import importlib
 import importlib.util
 import json
 import logging
-import pickle
+import os
+import shutil
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -21,31 +22,72 @@ import torch
 from torch import nn
 
 from ..core.errors import LoadError
+from .consent import FLAG, Consent, check_pt2, load_pickle
 
 log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
+MODEL_COPY = "source_model"  # + the original suffix: the pickled module or .pt2 that is the architecture
+FACTORY_COPY = "source_factory.py"
+
+
 @dataclass
 class Source:
-    """How to rebuild the original architecture."""
+    """How to rebuild the original architecture, and the copies of its files that travel with a directory.
+
+    `path` and `factory` say where the model came from; `bundle` names the copies written into every
+    directory (role -> file name) and `sha256`/`factory_sha256` their hashes. `files` is where the bytes
+    of each copy are now (the originals right after conversion, the copies once loaded); it is not saved.
+    """
 
     kind: str  # pickle | state_dict | pt2 | huggingface | torchscript | factory
     path: str | None = None
     sha256: str | None = None
     factory: str | None = None
     factory_kwargs: dict = field(default_factory=dict)
-    trust_pickle: bool = False
+    factory_sha256: str | None = None
     hf_class: str | None = None
     hf_config: dict | None = None
+    bundle: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("files")
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> Source:
-        return cls(**data)
+    def from_dict(cls, data: dict, directory: Path | None = None) -> Source:
+        """The recorded source; with `directory`, its copies are the files found there."""
+        data = {k: v for k, v in data.items() if k not in ("trust_pickle", "files")}  # trust is never read from a file
+        source = cls(**data)
+        if not isinstance(source.bundle, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and _plain_name(v) for k, v in source.bundle.items()):
+            raise ValueError(f"bundle must map roles to file names inside the directory, not {source.bundle!r}")
+        if directory is not None:
+            source.files = {name: directory / name for name in source.bundle.values()}
+        return source
+
+    def copy_files(self, dest: Path, link: bool = False) -> None:
+        """Write the copies into directory `dest` (hard links where `link` and possible), checking their hashes."""
+        hashes = {"model": self.sha256, "factory": self.factory_sha256}
+        for role, name in self.bundle.items():
+            src, dst = Path(self.files[name]), dest / name
+            if not src.is_file():
+                raise LoadError(f"{src} is gone; it is part of the model's source and is copied into every directory.")
+            if link:
+                try:
+                    os.link(src, dst)
+                    continue  # the bytes of a copy checked when it was written
+                except OSError:
+                    pass
+            shutil.copyfile(src, dst)
+            if hashes.get(role) and sha256(dst) != hashes[role]:
+                dst.unlink()
+                raise LoadError(f"{src} changed since the model was converted (sha256 {hashes[role]} then, "
+                                f"{sha256(src)} now); convert it again.")
 
     def describe(self) -> str:
         where = f" {self.path}" if self.path else ""
@@ -61,13 +103,28 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_factory(spec: str, what: str = "--factory"):
-    """`pkg.module:fn` or `path/to/file.py:fn` -> the callable; only what the user named is imported."""
-    target, sep, attr = spec.rpartition(":")
+def _plain_name(name: str) -> bool:
+    """A file name inside a directory: no folder part, nothing that could escape it."""
+    return bool(name) and Path(name).name == name and name not in (".", "..") and not name.startswith(".") \
+        and "\\" not in name
+
+
+def _split_factory(spec: str, what: str) -> tuple[str, str]:
+    target, sep, attr = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
     if not sep or not target or not attr:
         raise LoadError(f"{what} {spec!r} must look like 'pkg.module:fn' or 'path/to/file.py:fn'.")
+    return target, attr
+
+
+def _is_file_target(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def resolve_factory(spec: str, what: str = "--factory"):
+    """`pkg.module:fn` or `path/to/file.py:fn` -> the callable; only what the user named is imported."""
+    target, attr = _split_factory(spec, what)
     try:
-        if target.endswith(".py") or "/" in target:
+        if _is_file_target(target):
             file = Path(target)
             if not file.is_file():
                 raise LoadError(f"{what} {spec!r}: file {target} does not exist.")
@@ -76,14 +133,46 @@ def resolve_factory(spec: str, what: str = "--factory"):
             module = importlib.import_module(target)
     except LoadError:
         raise
-    except Exception as exc:
-        raise LoadError(f"{what} {spec!r} cannot be imported: {type(exc).__name__}: {exc}.") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a user's module is a load failure too
+        hint = _file_hint(target, attr, exc)
+        raise LoadError(f"{what} {spec!r} cannot be imported: {type(exc).__name__}: {exc}{hint}.") from exc
+    return _attribute(module, attr, spec, what)
+
+
+def _attribute(module, attr: str, spec: str, what: str):
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise LoadError(f"{what} {spec!r}: {target} has no attribute {attr!r}.")
+            raise LoadError(f"{what} {spec!r}: {getattr(module, '__name__', module)} has no attribute {attr!r}.")
         obj = getattr(obj, part)
     return obj
+
+
+def _file_hint(target: str, attr: str, exc: BaseException) -> str:
+    """`cnn:build` run next to cnn.py: the module is not importable, the file is; say how to name it."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name is None or not target.startswith(exc.name):
+        return ""
+    file = Path(*target.split(".")).with_suffix(".py")
+    return f"; {file} is here: name the file instead, --factory {file.as_posix()}:{attr}" if file.is_file() else ""
+
+
+def factory_file(spec: str | None) -> Path | None:
+    """The Python file a factory spec runs: the named file, or the module's source file (found, not imported)."""
+    if not spec or ":" not in spec:
+        return None
+    target = spec.rpartition(":")[0]
+    if _is_file_target(target):
+        return Path(target).resolve() if Path(target).is_file() else None
+    try:
+        found = importlib.util.find_spec(target)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - a parent package that fails to import: nothing to hash
+        return None
+    origin = getattr(found, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
 
 
 def _import_file(file: Path):
@@ -94,6 +183,10 @@ def _import_file(file: Path):
         return sys.modules[name]
     if str(file.parent) not in sys.path:
         sys.path.insert(0, str(file.parent))
+    return _exec_file(file, name)
+
+
+def _exec_file(file: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -106,17 +199,16 @@ def _import_file(file: Path):
 
 
 def absolute_factory(spec: str | None) -> str | None:
-    """`file.py:fn` with the file made absolute, so a converted directory rebuilds from any working directory."""
+    """`file.py:fn` with the file made absolute: the spec to name again, from any working directory."""
     if not spec:
         return spec
     target, sep, attr = spec.rpartition(":")
-    if sep and (target.endswith(".py") or "/" in target) and Path(target).is_file():
+    if sep and _is_file_target(target) and Path(target).is_file():
         return f"{Path(target).resolve()}:{attr}"
     return spec
 
 
-def build_from_factory(spec: str, kwargs: dict) -> nn.Module:
-    fn = resolve_factory(spec)
+def call_factory(fn, spec: str, kwargs: dict) -> nn.Module:
     try:
         model = fn(**kwargs)
     except Exception as exc:
@@ -124,6 +216,20 @@ def build_from_factory(spec: str, kwargs: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LoadError(f"--factory {spec} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+def build_from_factory(spec: str, kwargs: dict) -> nn.Module:
+    return call_factory(resolve_factory(spec), spec, kwargs)
+
+
+def factory_source(kind: str, spec: str, kwargs: dict, **fields) -> Source:
+    """A factory-built source: the spec to name again, its file's hash and, for a .py file, a copy."""
+    file = factory_file(spec)
+    is_copy = file is not None and _is_file_target(spec.rpartition(":")[0])
+    return Source(kind, factory=absolute_factory(spec), factory_kwargs=kwargs,
+                  factory_sha256=sha256(file) if file else None,
+                  bundle={"factory": FACTORY_COPY} if is_copy else {},
+                  files={FACTORY_COPY: file} if is_copy else {}, **fields)
 
 
 def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -190,12 +296,15 @@ def _zip_names(path: Path) -> list[str] | None:
         raise LoadError(f"{path} is a damaged zip archive ({type(exc).__name__}: {exc}).") from exc
 
 
-def load_source(
-    path: str | Path, factory: str | None = None, factory_kwargs: dict | None = None, trust_pickle: bool = False
-) -> tuple[nn.Module, Source]:
-    """Load a saved model in any supported form; returns the model and how to rebuild it."""
+def load_source(path: str | Path, factory: str | None = None, factory_kwargs: dict | None = None,
+                consent: Consent | None = None) -> tuple[nn.Module, Source]:
+    """Load a saved model in any supported form; returns the model and how to rebuild it.
+
+    `factory` is the user's own code and may run; anything else the file names runs only as `consent` allows.
+    """
     path = Path(path)
     kwargs = factory_kwargs or {}
+    consent = Consent(consent.trust_code if consent else False, factory, consent.allow_modules if consent else ())
     if not path.exists():
         raise LoadError(f"{path} does not exist.")
     kind = _kind(path)
@@ -204,36 +313,35 @@ def load_source(
     if kind == "huggingface":
         return _load_huggingface(path)
     digest = sha256(path)
+    copy = {"model": MODEL_COPY + path.suffix}
     if kind == "pt2":
-        return _load_pt2(path), Source("pt2", str(path.resolve()), digest)
+        return _load_pt2(path, consent), Source("pt2", str(path.resolve()), digest, bundle=copy,
+                                                files={copy["model"]: path.resolve()})
     if kind == "torchscript":
-        if not factory:
-            raise LoadError(
-                f"{path} is TorchScript, which keeps weights but compiles away the Python classes; "
-                "pass --factory module:fn that builds the architecture, and its weights will be loaded."
-            )
+        missing = ([] if consent.trust_code else [f"loading it runs the file's own code (pass {FLAG} if you trust it)"]) \
+            + ([] if factory else ["it keeps no Python classes (pass --factory module:fn that builds the architecture; "
+                                   "its weights will be loaded)"])
+        if missing:
+            raise LoadError(f"{path} is TorchScript: {' and '.join(missing)}.")
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as exc:
             raise LoadError(f"{path} is not a loadable TorchScript file ({type(exc).__name__}).") from exc
         model = build_from_factory(factory, kwargs)
         load_weights_into(model, state, path, f"--factory {factory}")
-        return model, Source("torchscript", str(path.resolve()), digest, absolute_factory(factory), kwargs)
-    if kind == "safetensors":
-        obj = _load_safetensors(path)
-    else:
-        obj = _torch_load(path, trust_pickle)
+        return model, factory_source("torchscript", factory, kwargs, path=str(path.resolve()), sha256=digest)
+    obj = _load_safetensors(path) if kind == "safetensors" else load_pickle(path, consent)
     if isinstance(obj, nn.Module):
         _check_unpickled(obj, path)
         if factory:
             log.warning("%s holds a whole model; --factory %s is not needed and was ignored", path, factory)
-        return obj, Source("pickle", str(path.resolve()), digest, trust_pickle=trust_pickle)
+        return obj, Source("pickle", str(path.resolve()), digest, bundle=copy, files={copy["model"]: path.resolve()})
     state = unwrap_state_dict(obj, path)
     if not factory:
         raise LoadError(f"{path} is a state dict (weights only); pass --factory module:fn that builds the model.")
     model = build_from_factory(factory, kwargs)
     load_weights_into(model, state, path, f"--factory {factory}")
-    return model, Source("state_dict", str(path.resolve()), digest, absolute_factory(factory), kwargs)
+    return model, factory_source("state_dict", factory, kwargs, path=str(path.resolve()), sha256=digest)
 
 
 def _check_unpickled(model: nn.Module, path: Path) -> None:
@@ -256,66 +364,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc}).") from exc
 
 
-def _allowed_global(name: str, search: list[str]):
-    """Resolve a pickled global; only nn.Module classes are allowed without --trust-pickle."""
-    module_name, _, attr = name.rpartition(".")
-    if module_name in ("__main__", "__mp_main__"):  # only a class of the running program, never an import
-        obj = getattr(sys.modules.get(module_name), attr, None)
-        return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None
-    added = [p for p in search if p not in sys.path]
-    sys.path[:0] = added
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception:
-        return None
-    finally:
-        for p in added:
-            sys.path.remove(p)
-    return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None
-
-
-def _torch_load(path: Path, trust_pickle: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:
-        raise LoadError(
-            f"{path} is not a PyTorch checkpoint, .pt2, TorchScript or safetensors file ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})."
-        ) from exc
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as exc:
-        raise LoadError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}).") from exc
-    if trust_pickle:
-        log.warning("--trust-pickle: unpickling %s, which imports %s", path, ", ".join(needed) or "nothing unusual")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise LoadError(f"{path} could not be unpickled even with --trust-pickle ({type(exc).__name__}: {exc}).") from exc
-    search = [str(path.resolve().parent), str(Path.cwd())]
-    resolved = {name: _allowed_global(name, search) for name in needed}
-    refused = [name for name, obj in resolved.items() if obj is None]
-    if refused:
-        raise LoadError(
-            f"{path} needs globals that are not importable nn.Module classes: {', '.join(refused)}; "
-            "make the model's classes importable, save a state dict and use --factory, or pass --trust-pickle "
-            "if you trust this file (unpickling can run arbitrary code)."
-        )
-    try:
-        with torch.serialization.safe_globals(list(resolved.values())):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LoadError(
-            f"{path} could not be loaded with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0]}); pass --trust-pickle if you trust this file."
-        ) from exc
-
-
-def _load_pt2(path: Path) -> nn.Module:
+def _load_pt2(path: Path, consent: Consent) -> nn.Module:
+    if not consent.trust_code:
+        check_pt2(path)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -349,46 +400,6 @@ def _load_huggingface(path: Path) -> tuple[nn.Module, Source]:
         raise LoadError(f"{path} could not be loaded by transformers ({type(exc).__name__}: {exc}).") from exc
     hf_class = type(model).__name__
     return model, Source("huggingface", str(path.resolve()), None, hf_class=hf_class, hf_config=config.to_dict())
-
-
-def rebuild(source: Source, trust_pickle: bool = False) -> nn.Module:
-    """The original architecture again (weights will be overwritten by the converted file).
-
-    Rebuilding imports the recorded factory or the classes of the recorded pickle, so load only
-    converted directories you trust; full unpickling needs `trust_pickle` from the caller.
-    """
-    if source.kind == "huggingface":
-        import transformers
-
-        try:
-            config_dict = dict(source.hf_config or {})
-            config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-            return getattr(transformers, source.hf_class)(config)
-        except Exception as exc:
-            raise LoadError(f"the recorded transformers model {source.hf_class!r} cannot be rebuilt ({type(exc).__name__}: {exc}).") from exc
-    if source.kind in ("state_dict", "torchscript", "factory"):
-        if not isinstance(source.factory, str) or not isinstance(source.factory_kwargs, dict):
-            raise LoadError("the recorded source has no usable factory; the directory's config is damaged.")
-        return build_from_factory(source.factory, source.factory_kwargs)
-    if source.kind not in ("pickle", "pt2"):
-        raise LoadError(f"a model of source kind {source.kind!r} cannot be rebuilt; convert it from a file or with a factory.")
-    path = Path(source.path or "")
-    if not path.is_absolute():
-        raise LoadError(f"the recorded source path {source.path!r} is not absolute; the directory's config is damaged.")
-    if source.trust_pickle and not trust_pickle:
-        raise LoadError(f"the model was converted from {path} with --trust-pickle; pass --trust-pickle again to load it.")
-    if not path.is_file():
-        raise LoadError(
-            f"the original model {source.path} is gone; the converted directory rebuilds the architecture from it."
-        )
-    if source.sha256 and sha256(path) != source.sha256:
-        log.warning("%s changed since conversion (sha256 differs); rebuilding from it anyway", path)
-    if source.kind == "pt2":
-        return _load_pt2(path)
-    model = _torch_load(path, trust_pickle)
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"the original model {path} no longer holds a whole model.")
-    return model
 
 
 def read_json(path: Path) -> dict:

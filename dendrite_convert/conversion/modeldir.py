@@ -3,6 +3,9 @@
 Loading rebuilds the original architecture from the recorded source, re-applies the conversion
 (deterministic), adds the recorded number of dendrites to every target and loads the weights
 strictly, so a directory written by this version always loads and a changed model fails loudly.
+The directory carries copies of the files its architecture comes from (a factory's .py file, a pickled
+model or .pt2), so it loads after being moved or after the originals are deleted; code among them runs
+only with the user's consent (DESIGN §9).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from ..core.errors import DendriteError, LoadError, UsageError
 from ..core.files import atomic_directory
 from ..core.structure import set_dendrite_counts
 from ..core.layers import dendrite_layers
-from .loading import Source, read_json, rebuild
+from .consent import Consent
+from .loading import Source, read_json
+from .rebuild import rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: source copies (bundle) in the directory
 CONFIG_FILE = "dendrite_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAX_DENDRITES = 1000
@@ -39,6 +44,7 @@ class ConvertedModel:
     config: DendriteConfig
     report: ConversionReport
     example_inputs: list[dict] = field(default_factory=list)  # [{"shape": [...], "dtype": "float32", "high": n}]
+    consent: Consent = field(default_factory=Consent, repr=False)  # what the user allowed when it was obtained
 
     def refreshed_report(self) -> ConversionReport:
         return refresh_report(self.model, self.report)
@@ -69,6 +75,7 @@ class ConvertedModel:
             )
         with atomic_directory(path, force) as tmp:
             save_model(self.model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.source.copy_files(tmp)
             (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
 
@@ -95,10 +102,14 @@ def read_config(path: Path) -> dict:
     return data
 
 
-def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedModel:
+def load_converted(path: str | Path, *, trust_code: bool = False, factory: str | None = None,
+                   allow_modules=(), trust_pickle: bool | None = None) -> ConvertedModel:
     """Rebuild a converted model directory strictly.
 
-    `trust_pickle` must be given again for a model converted with it: trust is never read from a file.
+    Code the directory names runs only with consent, never read from a file: `factory` names the factory
+    again (your own file or module; it must be the one recorded), `allow_modules` lets a stored pickle use
+    those modules' classes, `trust_code` runs whatever the directory records (its stored copies).
+    `trust_pickle` is the deprecated name of `trust_code`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -106,7 +117,7 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     path = Path(path)
     data = read_config(path)
     try:
-        source = Source.from_dict(data["source"])
+        source = Source.from_dict(data["source"], path)
         config = DendriteConfig.from_dict(data["dendrite_config"])
         recipe = ConversionReport.from_dict(data["recipe"])
     except (TypeError, ValueError, KeyError, DendriteError) as exc:
@@ -117,7 +128,8 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
-    model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+    consent = Consent.of(trust_code, factory, allow_modules, trust_pickle)
+    model, report = convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
     expected = {t.name: t for t in recipe.targets}
     if len(expected) != len(recipe.targets):
         raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")
@@ -139,9 +151,12 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
         if layer.dendrite_channels is not None and not all(map(layer.serves_valid_channels, layer.dendrite_channels)):
             raise LoadError(f"{weights}: {name}.dendrite_channels is not a set of distinct increasing channels below "
                             f"{layer.out_channels}; the file is damaged.")
-    return ConvertedModel(model, source, config, refresh_report(model, report), list(data.get("example_inputs") or []))
+    return ConvertedModel(model, source, config, refresh_report(model, report), list(data.get("example_inputs") or []),
+                          consent)
 
 
-def load(path: str | Path, trust_pickle: bool = False) -> nn.Module:
-    """The converted (or trained) model in a directory, ready to run."""
-    return load_converted(path, trust_pickle).model
+def load(path: str | Path, *, trust_code: bool = False, factory: str | None = None, allow_modules=(),
+         trust_pickle: bool | None = None) -> nn.Module:
+    """The converted (or trained) model in a directory, ready to run (keywords as for `load_converted`)."""
+    return load_converted(path, trust_code=trust_code, factory=factory, allow_modules=allow_modules,
+                          trust_pickle=trust_pickle).model

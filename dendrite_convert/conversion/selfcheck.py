@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..core.errors import ConversionError, UsageError
-from ..core.layers import NORM_LAYERS, DendriteLayer, dendrite_class_for, dendrite_layers, is_hf_conv1d
+from ..core.layers import NORM_LAYERS, DendriteHFConv1D, DendriteLayer, dendrite_class_for, dendrite_layers
 
 _SPATIAL = {1: 64, 2: 32, 3: 16}  # derived conv inputs: small, but large enough for a few stride-2 stages
 
@@ -40,7 +40,7 @@ def derived_inputs(model: nn.Module) -> list[dict]:
         dtype = str(getattr(m, "weight", torch.empty(0)).dtype).removeprefix("torch.")
         if isinstance(m, nn.Linear):
             return [{"shape": [2, m.in_features], "dtype": dtype}]
-        if is_hf_conv1d(m):
+        if DendriteHFConv1D.matches(m):
             return [{"shape": [2, m.weight.shape[0]], "dtype": dtype}]
         if isinstance(m, nn.modules.conv._ConvNd):
             dims = len(m.kernel_size)

@@ -49,7 +49,10 @@ class ExportConfig:
     force: bool = False
     latency: bool = True
     latency_threads: int = 1  # intra-op threads for the latency table (0: torch's default)
-    trust_pickle: bool = False
+    trust_code: bool = False  # run the code the directory records (its factory, its stored model's classes)
+    factory: str | None = None  # the directory's factory, named again: your own code may run
+    allow_modules: tuple[str, ...] = ()  # modules whose classes a stored pickled model may use
+    trust_pickle: bool | None = None  # deprecated name of trust_code
 
     def __post_init__(self):
         if self.format not in ("onnx", "safetensors"):
@@ -192,7 +195,8 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     check_writable(output, config.force)
     converted = model if isinstance(model, ConvertedModel) else None
     if converted is None and not isinstance(model, nn.Module):
-        converted = load_converted(Path(model), config.trust_pickle)
+        converted = load_converted(Path(model), trust_code=config.trust_code, factory=config.factory,
+                                   allow_modules=config.allow_modules, trust_pickle=config.trust_pickle)
     if converted is None and config.format == "safetensors":
         raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
                          "the architecture from; save the model with dendrite-convert first.")

@@ -1,6 +1,7 @@
 """The folded-model directory: `model.safetensors` (folded weights) + `folded_config.json` (the recipe).
 
-Like the converted-model directory it never pickles code: `load_folded` rebuilds the source architecture,
+Like the converted-model directory it never pickles code and carries copies of the source's files:
+`load_folded` rebuilds the source architecture (running code only with the user's consent, DESIGN §9),
 converts it again (deterministic), replaces every target by the plain layers its recipe entry describes and
 loads the folded weights strictly.
 """
@@ -25,7 +26,7 @@ from .verify import VerifyReport, compare, reference_outputs
 
 FOLDED_CONFIG = "folded_config.json"
 FOLDED_WEIGHTS = "model.safetensors"
-FOLDED_SCHEMA = 1
+FOLDED_SCHEMA = 2  # 2: source copies (bundle) in the directory
 
 
 def _module_spec(module: nn.Module) -> dict:
@@ -53,9 +54,10 @@ def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inpu
     }
     with atomic_directory(output, force=True) as tmp:
         save_model(folded, str(tmp / FOLDED_WEIGHTS), metadata={"format": "pt"})
+        converted.source.copy_files(tmp)
         (tmp / FOLDED_CONFIG).write_text(json.dumps(recipe, indent=2) + "\n")
         if inputs is not None:  # verify what load_folded rebuilds, not what is in memory
-            rebuilt = load_folded(tmp, config.trust_pickle)
+            rebuilt = load_folded(tmp, **converted.consent.keywords())
             expected = reference_outputs(converted.model, inputs.fresh)
             actual = reference_outputs(rebuilt, inputs.fresh)
             report.verify = VerifyReport(config.atol, config.rtol, [list(t.shape) for t in
@@ -67,17 +69,21 @@ def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inpu
             report.notes.append("not verified: no example input (pass --input-shape or --adapter)")
 
 
-def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
+def load_folded(path: str | Path, *, trust_code: bool = False, factory: str | None = None, allow_modules=(),
+                trust_pickle: bool | None = None) -> nn.Module:
     """The folded model written by `export(..., ExportConfig(format="safetensors"))`, in eval mode.
 
-    The source architecture is rebuilt as for a converted directory, every target is replaced by the plain
-    layers of its recorded fold, and the folded weights are loaded strictly. No pickle is involved.
+    The source architecture is rebuilt as for a converted directory (the same keywords: code the directory
+    names runs only with `factory` named again or `trust_code`), every target is replaced by the plain layers
+    of its recorded fold, and the folded weights are loaded strictly. No pickle of this tool is involved.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from ..conversion.config import DendriteConfig
-    from ..conversion.loading import Source, read_json, rebuild
+    from ..conversion.consent import Consent
+    from ..conversion.loading import Source, read_json
+    from ..conversion.rebuild import rebuild
     from ..conversion.rewrite import convert_model
 
     path = Path(path)
@@ -90,12 +96,13 @@ def load_folded(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     if data["schema_version"] > FOLDED_SCHEMA:
         raise LoadError(f"{file} has schema version {data['schema_version']}; upgrade dendrite_convert to load it.")
     try:
-        source = Source.from_dict(data["source"])
+        source = Source.from_dict(data["source"], path)
         config = DendriteConfig.from_dict(data["dendrite_config"])
         targets = dict(data["targets"])
     except (TypeError, ValueError, KeyError, DendriteError) as exc:
         raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
-    model, _ = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+    consent = Consent.of(trust_code, factory, allow_modules, trust_pickle)
+    model, _ = convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
     found = dendrite_layer_paths(model)
     if set(found) != set(targets):
         diff = sorted(set(found).symmetric_difference(targets))[:5]

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+from ..conversion.consent import Consent
 from ..core.files import atomic_file, check_writable
 from .trainer import TrainConfig, train
 
@@ -52,19 +53,20 @@ class Comparison:
 
 
 def _run_one(job: tuple) -> dict:
-    converted, adapter, run_dir, config, threads = job
+    converted, adapter, run_dir, config, threads, consent = job
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    summary = train(converted, adapter, run_dir, config, force=True)
+    summary = train(converted, adapter, run_dir, config, force=True, **consent.keywords())
     return summary
 
 
-def run_all(runs: list[tuple], jobs: int = 1) -> list[dict]:
+def run_all(runs: list[tuple], jobs: int = 1, consent: Consent | None = None) -> list[dict]:
     """Train each (converted, adapter, run_dir, TrainConfig); in `jobs` spawned processes when > 1."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-    work = [(str(converted), str(adapter), run_dir, cfg, threads) for converted, adapter, run_dir, cfg in runs]
+    consent = consent or Consent()
+    work = [(str(converted), str(adapter), run_dir, cfg, threads, consent) for converted, adapter, run_dir, cfg in runs]
     if jobs <= 1:
         return [_run_one(job) for job in work]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -72,8 +74,9 @@ def run_all(runs: list[tuple], jobs: int = 1) -> list[dict]:
 
 
 def compare(converted: str | Path, adapter: str | Path, output: str | Path, config: TrainConfig | None = None,
-            seeds: int = 3, baseline: bool = True, jobs: int = 1, force: bool = False) -> Comparison:
-    """Train `seeds` runs per arm into `output/<arm>/seed_<s>/` and compare them."""
+            seeds: int = 3, baseline: bool = True, jobs: int = 1, force: bool = False,
+            consent: Consent | None = None) -> Comparison:
+    """Train `seeds` runs per arm into `output/<arm>/seed_<s>/` and compare them (`consent`: as for train)."""
     output = Path(output)
     check_writable(output, force)
     config = config or TrainConfig()
@@ -83,7 +86,7 @@ def compare(converted: str | Path, adapter: str | Path, output: str | Path, conf
         for seed in range(config.seed, config.seed + seeds):
             arm_config = replace(config, seed=seed, max_dendrites=0 if arm == "baseline" else config.max_dendrites)
             plan.append((arm, seed, output / arm / f"seed_{seed}", arm_config))
-    summaries = run_all([(converted, adapter, run_dir, cfg) for _, _, run_dir, cfg in plan], jobs)
+    summaries = run_all([(converted, adapter, run_dir, cfg) for _, _, run_dir, cfg in plan], jobs, consent)
     result = summarize([(arm, seed, run_dir, s) for (arm, seed, run_dir, _), s in zip(plan, summaries)])
     write_outputs(result, output)
     return result

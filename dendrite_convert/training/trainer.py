@@ -35,6 +35,7 @@ from . import distributed
 from ..core.structure import add_dendrites, max_dendrites
 from ..core.files import atomic_directory, atomic_file, check_writable, remove_stale
 from ..core.layers import count_parameters, dendrite_layers
+from ..conversion.consent import FLAG, Consent
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
 
@@ -104,12 +105,17 @@ def train(
     force: bool = False,
     resume: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    trust_code: bool = False,
+    factory: str | None = None,
+    allow_modules=(),
 ) -> dict:
     """Train a converted model with dendrites; returns the summary (also `output/summary.json`).
 
     With `resume=True`, `output` is an earlier run directory: the model, config and adapter come from
     its checkpoint (an `adapter` given here replaces the recorded one) and training continues from the
     last completed epoch. `on_epoch(row)` is called after every epoch with its `scores.csv` row.
+    `trust_code`, `factory` and `allow_modules` are the consent for code the directories name, as for
+    `load_converted`; resuming runs the recorded adapter only with `trust_code` (else pass `adapter`).
 
     Example:
         summary = train("converted/", "adapter.py", "run/", TrainConfig(max_epochs=30))
@@ -118,13 +124,14 @@ def train(
     joined = distributed.init()  # under torchrun: this rank's device; None otherwise
     try:
         if resume:
-            run = _Run.from_checkpoint(output, adapter, on_epoch)
+            run = _Run.from_checkpoint(output, adapter, on_epoch, Consent.of(trust_code, factory, allow_modules))
         else:
             if converted is None or adapter is None:
                 raise UsageError("train needs a converted model and an adapter (or resume=True).")
             check_writable(output, force)
             if not isinstance(converted, ConvertedModel):
-                converted = load_converted(converted)
+                converted = load_converted(converted, trust_code=trust_code, factory=factory,
+                                           allow_modules=allow_modules)
             if not isinstance(adapter, Adapter):
                 adapter = load_adapter(adapter)
             if distributed.is_main():
@@ -466,6 +473,7 @@ class _Run:
                         "rng": self._rng_tensors()}, buffer)
             (tmp / "training_state.pt").write_bytes(buffer.getvalue())
             (tmp / "state.json").write_text(json.dumps(self._state(), separators=(",", ":")) + "\n")
+        self.converted.source.files = {name: ckpt / "model" / name for name in self.converted.source.files}
         if self.best_changed and self.best_model is not None:
             with atomic_directory(self.output / "best", force=True, durable=durable) as tmp:
                 for file in (ckpt / "best").iterdir():
@@ -480,6 +488,8 @@ class _Run:
 
         path.mkdir()
         save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        files = self.converted.source.files.values()  # hard links only to this run's own copies, never the user's files
+        self.converted.source.copy_files(path, link=all(self.output.resolve() in Path(f).resolve().parents for f in files))
         key = tuple(layer.num_dendrites for layer in dendrite_layers(model).values())
         if key not in self._config_text:
             self._config_text[key] = json.dumps(self._converted(model).to_json(), indent=2) + "\n"
@@ -585,7 +595,7 @@ class _Run:
     # ---- resume --------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
-                        on_epoch: Callable[[dict], None] | None) -> _Run:
+                        on_epoch: Callable[[dict], None] | None, consent: Consent) -> _Run:
         ckpt = output / "checkpoint"
         if distributed.is_main():
             remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
@@ -604,9 +614,12 @@ class _Run:
                                     if f.name in state["config"]})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
+        if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
+            raise LoadError(f"--resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
+                            f"{ckpt}/state.json; name it again with --adapter or pass {FLAG} to run it.")
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter if adapter is not None else state["adapter"])
-        converted = load_converted(ckpt / "model")
+        converted = load_converted(ckpt / "model", **consent.keywords())
         run = cls(converted, adapter, output, config, on_epoch)
         run.initial_dendrites = state["initial_dendrites"]
         run.base_params = state["base_params"]
@@ -618,7 +631,7 @@ class _Run:
         run.stop_reason = state["stop_reason"]
         run.nonfinite = state["nonfinite"]
         if (ckpt / "best").is_dir():
-            run.best_model = load_converted(ckpt / "best").model
+            run.best_model = load_converted(ckpt / "best", **consent.keywords()).model
             run._apply_trainable(run.best_model)
         run._apply_trainable()
         run.setup_phase()
