@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dendrite_convert as dc  # noqa: E402
-from dendrite_convert.training.growth import add_dendrites  # noqa: E402
+from dendrite_convert.core.structure import add_dendrites  # noqa: E402
 
 STRUCTURES = [  # name, rank, channel fraction, dendrites per target
     ("no dendrites", None, None, 0), ("1 full dendrite", None, None, 1), ("1 rank-8 dendrite", 8, None, 1),

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
-from dendrite_convert.training.correlation import (
-    CorrelationConfig, add_correlation_dendrites, correlation_score, record_error_signals, train_candidates,
+from dendrite_convert.training.error_signal import record_error_signals
+from dendrite_convert.training.objectives.correlation import (
+    CorrelationConfig, add_correlation_dendrites, correlation_score, train_candidates,
 )
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import dendrite_convert as dc
 from dendrite_convert.core.channels import select_channels
-from dendrite_convert.training.correlation import CorrelationConfig, add_correlation_dendrites
+from dendrite_convert.training.objectives.correlation import CorrelationConfig, add_correlation_dendrites
 from dendrite_convert.core.layers import added_parameters, count_parameters, dendrite_class_for
 from dendrite_convert.exporting.fold import fold_layer
 from dendrite_convert.exporting.folded import FoldedDendrites
@@ -271,8 +271,8 @@ def test_channels_with_the_largest_error_variance_are_chosen():
 
 @pytest.mark.parametrize("objective", ["gradient", "correlation"])
 def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
-    from dendrite_convert.training.correlation import error_ranked_channels
-    from dendrite_convert.training.growth import add_dendrites
+    from dendrite_convert.training.error_signal import error_ranked_channels
+    from dendrite_convert.core.structure import add_dendrites
 
     model, batches, forward_loss = _error_concentrated_task()
     layers = dc.dendrite_layers(model)
@@ -285,7 +285,7 @@ def test_new_dendrites_serve_the_channels_that_carry_the_error(objective):
 
 def test_channels_are_ranked_inside_inference_mode():
     """Callbacks run inside evaluation loops (inference mode, no grad): ranking still sees the error."""
-    from dendrite_convert.training.correlation import error_ranked_channels
+    from dendrite_convert.training.error_signal import error_ranked_channels
 
     model, batches, forward_loss = _error_concentrated_task()
     skipping = lambda batch: None if batch is batches[0] else forward_loss(batch)  # noqa: E731 - a skipped batch
@@ -306,7 +306,7 @@ def test_growth_without_a_loss_refuses_selective_models():
         raise AssertionError("ranked the channels of a model without selective dendrites")
 
     plain = dc.convert(nn.Sequential(nn.Linear(6, 8)), dc.DendriteConfig()).model
-    growth = Growth(ScheduleConfig(capacity_test=True), rank_channels=never)
+    growth = Growth(ScheduleConfig(capacity_test=True), training_data=never)
     assert growth.observe(plain, 1.0).action == "add" and plain[0].num_dendrites == 1
 
 

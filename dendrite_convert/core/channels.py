@@ -1,7 +1,7 @@
 """Which output channels a channel-selective dendrite serves: those with the largest remaining error.
 
 With the network frozen, the error signal e = dloss/dy of a target is recorded over training batches
-(correlation.each_error_signal). A dendrite added to channel c with the best scale can remove at most
+(training/error_signal.py). A dendrite added to channel c with the best scale can remove at most
 corr(h, e_c)^2 · var(e_c) of that channel's error, so with no candidate trained yet the channels worth a
 dendrite are those where var(e_c) is largest: the denominator of the correlation statistic the candidates
 then maximise. Means are removed because a constant error is the bias's job, not a dendrite's.

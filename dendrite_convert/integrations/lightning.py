@@ -7,13 +7,14 @@
     trainer = L.Trainer(max_epochs=50, callbacks=[DendriteCallback(monitor="val_loss", patience=3)])
     trainer.fit(module, train_loader, val_loader)   # the module holds the best model afterwards
 
-What it does (DESIGN §4, the same `schedule.Schedule` as `dendrite-train`; one validation run plays
-the role of one epoch): at the end of every validation (not the sanity check) it reads `monitor` from
+What it does (DESIGN §4, the same `growth.Growth` and objectives as `dendrite-train`; one validation run
+plays the role of one epoch): at the end of every validation (not the sanity check) it reads `monitor` from
 `trainer.callback_metrics` (log it with `self.log("val_loss", ...)` in `validation_step`), keeps the
 best state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
-`patience` validations it restores the best state, adds one dendrite to every target of the
-LightningModule (a fresh one when retrying; a channel-selective one serves the channels where the module's
-`training_step` loss on the training batches leaves the most error) and rebuilds the optimizers and LR schedulers through
+`patience` validations it restores the best state, lets the objective add one dendrite to every target of
+the LightningModule (gradient: a fresh one, a channel-selective one serving the channels where the module's
+`training_step` loss on the training batches leaves the most error; correlation: the best of N candidates
+fit to that error, frozen) and rebuilds the optimizers and LR schedulers through
 `trainer.strategy.setup_optimizers(trainer)`, i.e. the module's own `configure_optimizers()` on the
 new parameter set; a scheduler of the same type continues at its current step. On "stop" it sets
 `trainer.should_stop`; when fitting ends the best state is put back into the module.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader
@@ -44,10 +46,10 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
-from ..training.correlation import error_ranked_channels
+from ..core.layers import DendriteLayer
+from ..core.structure import dendrite_counts, restore_structure
 from ..training.growth import Growth, carry_lr_schedule
-from ..core.structure import dendrite_counts, restore_structure, selective
-from ..core.layers import DendriteLayer, dendrite_layers
+from ..training.objectives import Objective, TrainingData
 from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure"]
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 def _no_logging(*args, **kwargs) -> None:
-    """`self.log` while a ranking pass runs training_step outside the loop (Lightning refuses logging there)."""
+    """`self.log` while an objective runs training_step outside the loop (Lightning refuses logging there)."""
 
 
 class DendriteCallback(pl.Callback):
@@ -67,13 +69,17 @@ class DendriteCallback(pl.Callback):
         mode: "min" or "max"; default "min" for names containing "loss", else "max".
         patience, switch_every, max_dendrites, capacity_test: as for `dendrite-train`, counted in validations.
         max_validations: validations at most before the schedule stops training (default: no limit).
+        objective: how dendrites learn, as for `dendrite-train --objective`: "gradient" (trained with the
+            network) or "correlation" (candidates fit to the error signal of the module's `training_step`
+            loss, the best inserted frozen), or an `Objective` instance for other options.
         resume_from: the checkpoint given to `fit(ckpt_path=...)`: its dendrite structure is applied to
             the module in `setup`, before Lightning loads the weights.
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str | None = None, patience: int = 10,
                  switch_every: int | None = None, max_dendrites: int = 100, max_validations: int | None = None,
-                 capacity_test: bool = False, resume_from: str | os.PathLike | None = None):
+                 capacity_test: bool = False, objective: str | Objective = "gradient",
+                 resume_from: str | os.PathLike | None = None):
         if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         self.monitor = monitor
@@ -82,7 +88,7 @@ class DendriteCallback(pl.Callback):
         self.growth = Growth(ScheduleConfig(
             patience=patience, switch_every=switch_every, max_dendrites=max_dendrites,
             max_epochs=max_validations or 10**9, capacity_test=capacity_test, maximize=self.mode == "max",
-        ), self._rank_channels)
+        ), objective, self._training_data)
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -99,10 +105,11 @@ class DendriteCallback(pl.Callback):
         if not any(isinstance(m, DendriteLayer) for m in pl_module.modules()):
             raise ValueError("the LightningModule has no dendrite layers: convert its network first with "
                              "dendrite_convert.convert().")
-        if selective(pl_module) and not pl_module.automatic_optimization:
-            raise ValueError("channel-selective dendrites rank their channels with the module's training_step loss, "
-                             "which a manually optimised module (automatic_optimization=False) steps itself; "
-                             "convert without --dendrite-channels or use automatic optimization.")
+        if self.growth.objective.needs_data(pl_module) and not pl_module.automatic_optimization:
+            raise ValueError(f"the {self.growth.objective.name} objective grows these dendrites from the module's "
+                             "training_step loss, which a manually optimised module (automatic_optimization=False) "
+                             "steps itself; use automatic optimization (or the gradient objective without "
+                             "channel-selective dendrites).")
         self._trainer = trainer
         if self.resume_from is not None:
             counts = restore_structure(pl_module, self.resume_from)
@@ -135,17 +142,18 @@ class DendriteCallback(pl.Callback):
             log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.monitor,
                      self.growth.best_value, self.growth.schedule.best_dendrites)
 
-    def _rank_channels(self, pl_module: pl.LightningModule) -> dict:
-        """Channel-selective dendrites serve the channels where the module's own `training_step` loss, on the
-        training data, leaves the most error (correlation.error_ranked_channels). Batches come from a private
-        single-process loader over the same dataset (the loop's iterator, workers and RNG are left alone) and go
-        through the strategy's transfer hooks and the precision plugin as in training; logging is muted."""
+    @contextmanager
+    def _training_data(self, pl_module: pl.LightningModule):
+        """What the objective grows from (the error signal of channel-selective or correlation dendrites): the
+        module's own `training_step` loss on the training data. Batches come from a private single-process
+        loader over the same dataset (the loop's iterator, workers and RNG are left alone) and go through the
+        strategy's transfer hooks and the precision plugin as in training; logging is muted meanwhile."""
         trainer = self._trainer
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
-            raise ValueError("channel-selective dendrites rank their channels on one training DataLoader; this fit "
-                             "has another kind: convert without --dendrite-channels or train on one DataLoader.")
-        ranking = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, collate_fn=loader.collate_fn,
+            raise ValueError(f"the {self.growth.objective.name} objective reads the error signal from one training "
+                             "DataLoader; this fit has another kind: train on one DataLoader.")
+        private = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, collate_fn=loader.collate_fn,
                              generator=torch.Generator())
         precision = trainer.precision_plugin
 
@@ -157,7 +165,7 @@ class DendriteCallback(pl.Callback):
 
         pl_module.log = pl_module.log_dict = _no_logging  # instance attributes shadow the methods meanwhile
         try:
-            return error_ranked_channels(pl_module, dendrite_layers(pl_module), ranking, loss)
+            yield TrainingData(private, loss)
         finally:
             del pl_module.log, pl_module.log_dict
 

@@ -9,13 +9,14 @@
     DendriteCallback(patience=3).attach(trainer)
     trainer.train()            # trainer.model is the best model when this returns
 
-What it does (DESIGN §4, the same `schedule.Schedule` as `dendrite-train`; one *evaluation* plays
-the role of one epoch): after every evaluation it reads `metric` (default `eval_loss`, minimised;
+What it does (DESIGN §4, the same `growth.Growth` and objectives as `dendrite-train`; one *evaluation*
+plays the role of one epoch): after every evaluation it reads `metric` (default `eval_loss`, minimised;
 a metric whose name has no "loss" is maximised unless `maximize` says otherwise), keeps the best
 state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
-`patience` evaluations it restores the best state, adds one dendrite to every target (a fresh one
-when retrying; a channel-selective one serves the channels where the Trainer's `compute_loss` on its
-training batches leaves the most error) and rebuilds the optimizer with `Trainer.create_optimizer` (so `optim`,
+`patience` evaluations it restores the best state, lets the objective add one dendrite to every target
+(gradient: a fresh one, a channel-selective one serving the channels where the Trainer's `compute_loss`
+on its training batches leaves the most error; correlation: the best of N candidates fit to that error,
+frozen) and rebuilds the optimizer with `Trainer.create_optimizer` (so `optim`,
 `optimizer_cls_and_kwargs` or a subclass's `create_optimizer` are honoured) and the LR scheduler with
 `Trainer.create_scheduler`; the new scheduler continues at the current step (the schedule is a
 function of the global step), the optimizer state starts fresh. On "stop" it sets
@@ -47,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import missing_extra
@@ -58,11 +60,11 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
-from ..training.correlation import error_ranked_channels
-from ..training.growth import Growth, carry_lr_schedule
-from ..core.structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
-from ..core.layers import DendriteLayer, dendrite_layers
 from ..conversion.rewrite import retie_weight_keys
+from ..core.layers import DendriteLayer
+from ..core.structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
+from ..training.growth import Growth, carry_lr_schedule
+from ..training.objectives import Objective, TrainingData, make_objective
 from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure", "retie_weight_keys"]
@@ -86,6 +88,9 @@ class DendriteCallback(TrainerCallback):
         max_evaluations: evaluations at most before the schedule stops training (default: no limit;
             the Trainer's `max_steps`/`num_train_epochs` end training as usual).
         capacity_test: add a dendrite at every evaluation, three times (checks the setup).
+        objective: how dendrites learn, as for `dendrite-train --objective`: "gradient" (trained with the
+            network) or "correlation" (candidates fit to the error signal of the Trainer's own loss on its
+            training batches, the best inserted frozen), or an `Objective` instance for other options.
         resume_from: a `checkpoint-N/` folder written with this callback: `attach` restores its
             dendrite structure, schedule and best state (then pass it to `train(resume_from_checkpoint=)`).
         trainer: attach to this Trainer right away (same as calling `attach`).
@@ -93,9 +98,10 @@ class DendriteCallback(TrainerCallback):
 
     def __init__(self, metric: str | None = None, maximize: bool | None = None, patience: int = 10,
                  switch_every: int | None = None, max_dendrites: int = 100, max_evaluations: int | None = None,
-                 capacity_test: bool = False, resume_from: str | os.PathLike | None = None,
-                 trainer: transformers.Trainer | None = None):
+                 capacity_test: bool = False, objective: str | Objective = "gradient",
+                 resume_from: str | os.PathLike | None = None, trainer: transformers.Trainer | None = None):
         self.metric = metric
+        self.objective = make_objective(objective)
         self.maximize = maximize
         self.schedule_kwargs = {"patience": patience, "switch_every": switch_every, "max_dendrites": max_dendrites,
                                 "max_epochs": max_evaluations or 10**9, "capacity_test": capacity_test}
@@ -129,22 +135,24 @@ class DendriteCallback(TrainerCallback):
                         "`optimizer_cls_and_kwargs=` to keep your optimizer type).")
         self.trainer = trainer
         self.metric_key, self.maximize = self._resolve_metric(args)
-        self.growth = Growth(ScheduleConfig(maximize=self.maximize, **self.schedule_kwargs), self._rank_channels)
+        self.growth = Growth(ScheduleConfig(maximize=self.maximize, **self.schedule_kwargs), self.objective,
+                             self._training_data)
         retie_weight_keys(trainer.model)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
+        self.growth.start(trainer.model)  # before train() builds the optimizer: frozen dendrites stay out of it
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
 
-    def _rank_channels(self, model) -> dict:
-        """Channel-selective dendrites serve the channels where the Trainer's own loss, on its own training
-        batches, leaves the most error (correlation.error_ranked_channels)."""
+    @contextmanager
+    def _training_data(self, model):
+        """What the objective grows from (the error signal of channel-selective or correlation dendrites):
+        the Trainer's own loss on its own training batches."""
         trainer = self._need_trainer()
         loader = trainer.get_train_dataloader()  # the Trainer's columns, collator and device placement
         try:
-            return error_ranked_channels(model, dendrite_layers(model), loader,
-                                         lambda batch: trainer.compute_loss(model, batch))
+            yield TrainingData(loader, lambda batch: trainer.compute_loss(model, batch))
         finally:  # accelerate keeps every loader it prepared; this one is done
             prepared = getattr(trainer.accelerator, "_dataloaders", None)
             if isinstance(prepared, list) and loader in prepared:

@@ -1,70 +1,103 @@
-"""`Growth`: the schedule applied to a model in place, for loops that are not ours (Trainer, Lightning).
+"""`Growth`: the schedule carried out on a model in place, by an objective; the one growth path.
 
-Both callbacks are thin wrappers around it, and give it the loop's loss when the model's dendrites
-are channel-selective.
+`dendrite-train` (also under DDP) and both callbacks call `observe(model, value)` once per epoch (or
+evaluation): the best state is kept as a CPU snapshot, and when the schedule says so the best state is put
+back in place and the objective grows every target by one dendrite. Loops that are not ours cannot swap
+the model object (the loop, the optimizer and the accelerator hold references to it), hence in place.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import replace
 
-import torch
 from torch import nn
 
 from ..core.errors import UsageError
+from ..core.structure import Snapshot, max_dendrites, restore, snapshot
+from .objectives import Objective, TrainingData, make_objective
 from .schedule import Decision, Schedule, ScheduleConfig
-from ..core.structure import Snapshot, add_dendrites, max_dendrites, restore, selective, snapshot
+
+# The loop's own training batches and loss, opened around one growth step (and closed after it).
+TrainingDataSource = Callable[[nn.Module], AbstractContextManager[TrainingData]]
 
 
 class Growth:
-    """Runs `Schedule` on a model in place: snapshot the best, restructure on add/retry, restore at the end.
+    """Runs `Schedule` on a model in place: snapshot the best, restore and grow on add/retry, restore at the end.
 
     `observe(model, value)` returns the schedule's `Decision` after carrying it out; the caller then
     rebuilds its optimizer when `decision.action` is "add" or "retry" and stops on "stop".
+
+    Args:
+        objective: how dendrites grow (`objectives.OBJECTIVES` name or instance).
+        training_data: opens the loop's training batches and loss for a model, for objectives that need
+            them (`Objective.needs_data`); the callbacks and `dendrite-train` supply it.
     """
 
-    def __init__(self, config: ScheduleConfig,
-                 rank_channels: Callable[[nn.Module], Mapping[str, torch.Tensor]] | None = None):
-        self.schedule = Schedule(config)
-        # channel-selective models: the channels each new dendrite serves, from the loop's own loss and
-        # training batches (correlation.error_ranked_channels); the callbacks supply it
-        self.rank_channels = rank_channels
+    def __init__(self, config: ScheduleConfig, objective: str | Objective = "gradient",
+                 training_data: TrainingDataSource | None = None):
+        self.objective = make_objective(objective)
+        self.schedule = Schedule(replace(config, dendrite_phase_epochs=self.objective.dendrite_phase_epochs))
+        self.training_data = training_data
         self.best: Snapshot | None = None
         self.history: list[dict] = []  # {"step", "value", "dendrites", "action"}
-        self._started = False
+        self.initial: int | None = None  # dendrites per target when growth started
 
     def start(self, model: nn.Module) -> None:
-        """Record the model's initial dendrite count (once; not again after a resume)."""
-        if self.rank_channels is None and selective(model):
-            raise UsageError("channel-selective dendrites (--dendrite-channels) choose their channels from the "
-                             "training loss, which this loop does not give; train with dendrite-train or the "
-                             "DendriteCallback of transformers or Lightning.")
-        if not self._started:
-            self.schedule.dendrites = self.schedule.best_dendrites = max_dendrites(model)
-            self._started = True
+        """Record the model's initial dendrite count (once; not again after a resume) and freeze what the
+        objective keeps frozen (again after a resume, whose dendrites were rebuilt trainable)."""
+        if self.training_data is None and self.objective.needs_data(model):
+            raise UsageError(f"the {self.objective.name} objective grows these dendrites from the training loss "
+                             "(channel-selective dendrites choose their channels from it), which this loop does not "
+                             "give; train with dendrite-train or the DendriteCallback of transformers or Lightning.")
+        if self.initial is None:
+            self.initial = max_dendrites(model)
+            self.schedule.dendrites = self.schedule.best_dendrites = self.initial
+        self.objective.freeze_grown(model, self.initial)
 
     @property
     def done(self) -> bool:
         return self.schedule.done
 
     def observe(self, model: nn.Module, value: float, step: int | None = None) -> Decision:
-        self.start(model)
+        """Record one epoch's (or evaluation's) monitored value and carry out the schedule's decision."""
+        if self.initial is None:
+            self.start(model)
         dendrites = self.schedule.dendrites
         if not math.isfinite(value):
             decision = self.schedule.abort(f"the monitored metric became {value}")
         else:
             decision = self.schedule.observe(value)
+        self.history.append({"step": step, "value": value, "dendrites": dendrites, "action": decision.action})
+        self._carry_out(model, decision)
+        return decision
+
+    def abort(self, model: nn.Module, reason: str) -> Decision:
+        """Stop because an epoch could not be scored (a non-finite loss), restoring the best model."""
+        decision = self.schedule.abort(reason)
+        self._carry_out(model, decision)
+        return decision
+
+    def _carry_out(self, model: nn.Module, decision: Decision) -> None:
         if decision.save_best:
             self.best = snapshot(model)
-        self.history.append({"step": step, "value": value, "dendrites": dendrites, "action": decision.action})
         if decision.action in ("add", "retry"):
             if decision.restore and self.best is not None:
                 restore(model, self.best)
-            add_dendrites(model, self.rank_channels(model) if self.rank_channels and selective(model) else None)
+            self._grow(model)
         elif decision.action == "stop" and decision.restore:
             self.restore_best(model)
-        return decision
+
+    def _grow(self, model: nn.Module) -> None:
+        if self.objective.needs_data(model):
+            with self.training_data(model) as data:
+                self.objective.grow(model, data)
+        else:
+            self.objective.grow(model, None)
+        for _ in range(self.objective.dendrite_phase_epochs):
+            self.schedule.note_dendrite_phase()
 
     def restore_best(self, model: nn.Module) -> bool:
         """Put the best recorded state back; False when nothing was recorded yet."""
@@ -82,7 +115,8 @@ class Growth:
         return {
             "schedule": self.schedule.to_dict(),
             "history": list(self.history),
-            "started": self._started,
+            "started": self.initial is not None,
+            "initial_dendrites": self.initial,
             "best_counts": None if self.best is None else dict(self.best.counts),
             "best_state": None if self.best is None else self.best.state,
         }
@@ -90,7 +124,8 @@ class Growth:
     def load_state_dict(self, state: Mapping) -> None:
         self.schedule = Schedule.from_dict(state["schedule"])
         self.history = list(state.get("history", []))
-        self._started = bool(state.get("started", True))
+        started = bool(state.get("started", True))
+        self.initial = state.get("initial_dendrites", 0) if started else None
         if state.get("best_state") is not None:
             self.best = Snapshot(dict(state["best_counts"]), dict(state["best_state"]))
 

@@ -14,15 +14,15 @@ frozen; the next neuron phase trains the network and the scales.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .adapter import batch_size
-from ..core.channels import ErrorMoments, flat, select_channels
-from ..core.layers import ACTIVATIONS, DendriteLayer
+from ...core.channels import flat, select_channels
+from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
+from ..error_signal import frozen, record_error_signals
+from .base import Objective, TrainingData
 
 
 @dataclass(frozen=True)
@@ -63,57 +63,6 @@ class _Candidate(nn.Module):
         return ACTIVATIONS[layer.activation](z)
 
 
-def each_error_signal(
-    model: nn.Module,
-    layers: dict[str, DendriteLayer],
-    batches: Iterable,
-    forward_loss: Callable[[object], torch.Tensor],
-    max_samples: int,
-    visit: Callable[[str, torch.Tensor, torch.Tensor], None],
-) -> None:
-    """Run training batches forward and backward and call `visit(target, x, e = dloss/dy)` for every call
-    of a target that reaches the loss, until `max_samples` samples; no parameter is changed. Gradients are
-    on even when called from an evaluation loop (Lightning runs callbacks there under inference mode)."""
-    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-
-    def hook(name):
-        def fn(module, args, output):
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                calls.append((name, args[0].detach(), output))
-        return fn
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    seen = 0
-    try:
-        with torch.inference_mode(False), torch.enable_grad():  # batches too: no inference tensors
-            for batch in batches:
-                calls.clear()
-                loss = forward_loss(batch)
-                if loss is None:  # a loop may skip a batch (Lightning's training_step returning None)
-                    continue
-                grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True) if calls else []
-                for (name, x, _), e in zip(calls, grads):
-                    if e is not None:
-                        visit(name, x, e.detach())
-                seen += batch_size(batch)
-                if seen >= max_samples:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        calls.clear()
-
-
-def record_error_signals(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
-                         forward_loss: Callable[[object], torch.Tensor],
-                         max_samples: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per target, the (x, e = dloss/dy) pairs of `each_error_signal`."""
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
-    each_error_signal(model, layers, batches, forward_loss, max_samples,
-                      lambda name, x, e: records[name].append((x, e)))
-    return records
-
-
 def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Merge consecutive recorded batches of equal trailing shapes into chunks of about `size` samples."""
     chunks, xs, es, n = [], [], [], 0
@@ -132,12 +81,14 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[t
     return chunks
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train_candidates(
     layer: DendriteLayer, pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig,
     channels: torch.Tensor | None = None,
 ) -> tuple[nn.Module, torch.Tensor, float]:
     """Train N candidates for one target (serving `channels`, when selective); the best (module, cascade,
-    mean correlation per channel served)."""
+    mean correlation per channel served). Gradients are on even inside an evaluation loop (callbacks)."""
     chunks = _chunks(pairs, config.chunk)
     # Earlier dendrites are frozen during the phase: their outputs are computed once, in eval mode.
     errors = [flat(e, layer) for _, e in chunks]
@@ -193,31 +144,6 @@ def add_correlation_dendrites(
     return result
 
 
-@contextmanager
-def frozen(model: nn.Module):
-    """Eval mode while error signals are recorded: no BatchNorm statistic moves, no dropout."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def error_ranked_channels(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,
-                          forward_loss: Callable[[object], torch.Tensor],
-                          max_samples: int = 4096) -> dict[str, torch.Tensor]:
-    """Gradient objective: the channels each channel-selective target's next dendrite serves (channels.py),
-    from running error moments, so no recorded signal is kept."""
-    moments = {name: ErrorMoments(layer) for name, layer in layers.items() if layer.dendrite_channels is not None}
-    if moments:
-        with frozen(model):
-            each_error_signal(model, {name: layers[name] for name in moments}, batches, forward_loss, max_samples,
-                              lambda name, x, e: moments[name].add(e))
-    ranked = {name: m.top_channels() for name, m in moments.items()}
-    return {name: channels for name, channels in ranked.items() if channels is not None}
-
-
 def freeze_dendrites(model: nn.Module, first: int = 0) -> None:
     """Correlation objective: dendrites from index `first` on keep their weights, cascades and BatchNorm
     statistics; scales train."""
@@ -239,3 +165,27 @@ def _hold_frozen(dendrite: nn.Module) -> None:
     dendrite.eval()
     if _stay_in_eval not in dendrite._forward_pre_hooks.values():
         dendrite.register_forward_pre_hook(_stay_in_eval)
+
+
+@dataclass(frozen=True)
+class Correlation(Objective):
+    """Grow by training candidates against the error signal (network frozen); keep the best, frozen.
+
+    Args:
+        candidates: candidate dendrites trained per target; the best is kept.
+        epochs: passes over the recorded samples while candidates train.
+        samples: training samples recorded per dendrite phase.
+    """
+
+    name = "correlation"
+    dendrite_phase_epochs = 1
+    candidates: int = 4
+    epochs: int = 20
+    samples: int = 4096
+
+    def grow(self, model: nn.Module, data: TrainingData | None) -> None:
+        config = CorrelationConfig(candidates=self.candidates, epochs=self.epochs, max_samples=self.samples)
+        add_correlation_dendrites(model, dendrite_layers(model), data.batches, data.loss, config)
+
+    def freeze_grown(self, model: nn.Module, first: int) -> None:
+        freeze_dendrites(model, first)

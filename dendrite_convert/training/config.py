@@ -1,0 +1,54 @@
+"""`TrainConfig`: how `train` alternates phases (DESIGN §4); defaults follow the peer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import UsageError
+from .objectives import OBJECTIVES, Objective, make_objective
+from .schedule import ScheduleConfig
+
+
+@dataclass
+class TrainConfig:
+    """How `dendrite-train` alternates phases (DESIGN §4); defaults follow the peer."""
+
+    objective: str = "gradient"  # a name in objectives.OBJECTIVES: gradient | correlation
+    candidates: int = 4  # correlation: candidate dendrites per target
+    patience: int = 10  # epochs without improvement before a switch
+    switch_every: int | None = None  # switch every N epochs instead
+    max_dendrites: int = 100
+    max_epochs: int = 100
+    capacity_test: bool = False
+    seed: int = 0
+    correlation_epochs: int = 20  # candidate-training passes over the recorded samples
+    correlation_samples: int = 4096  # training samples recorded per dendrite phase (and to rank channels)
+    plot: bool = True  # draw training.png at the end (needs matplotlib)
+    # Checkpoint (and outputs) after every epoch, unless epochs are so short that this would cost more than
+    # this fraction of the training time: then after every few epochs, so a crash loses at most about
+    # (checkpoint time / checkpoint_budget) seconds, e.g. 0.3 s for digits. Switches and the end always write.
+    checkpoint_budget: float = 0.05
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}.")
+        for name in ("candidates", "patience", "max_epochs", "correlation_epochs", "correlation_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}.")
+        if self.switch_every is not None and self.switch_every < 1:
+            raise UsageError(f"--switch-every must be at least 1, not {self.switch_every}.")
+        if self.max_dendrites < 0:
+            raise UsageError(f"--max-dendrites must be 0 or more, not {self.max_dendrites}.")
+        if not self.checkpoint_budget > 0:
+            raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.")
+
+    def schedule_config(self, maximize: bool) -> ScheduleConfig:
+        return ScheduleConfig(
+            patience=self.patience, switch_every=self.switch_every, max_dendrites=self.max_dendrites,
+            max_epochs=self.max_epochs, capacity_test=self.capacity_test, maximize=maximize,
+        )
+
+    def make_objective(self) -> Objective:
+        """The objective, given the options of this config that it declares."""
+        return make_objective(self.objective, candidates=self.candidates, epochs=self.correlation_epochs,
+                              samples=self.correlation_samples)

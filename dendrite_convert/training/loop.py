@@ -1,0 +1,335 @@
+"""One training run (DESIGN §4): epochs of neuron training, the growth between them, and the phase setup.
+
+The per-step work is what a hand-written loop does (forward, loss, backward, step) plus one tensor add;
+the loss is read back once per epoch. Everything else happens between epochs: the shared `Growth` path
+(schedule, best snapshot, the objective's growth), the checkpoint (checkpoint.py) and the outputs
+(outputs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..conversion.consent import FLAG, Consent
+from ..conversion.modeldir import ConvertedModel, load_converted
+from ..core.errors import LoadError
+from ..core.layers import count_parameters
+from ..core.structure import snapshot
+from . import checkpoint, distributed, outputs
+from .adapter import Adapter, batch_size, load_adapter
+from .config import TrainConfig
+from .growth import Growth
+from .objectives import TrainingData
+from .schedule import Decision, Schedule
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class Run:
+    """One training run: the model, its phase (optimizer/scheduler), its growth and its outputs."""
+
+    def __init__(self, converted: ConvertedModel, adapter: Adapter, output: Path, config: TrainConfig,
+                 on_epoch: Callable[[dict], None] | None):
+        self.adapter = adapter
+        self.output = output
+        self.config = config
+        self.on_epoch = on_epoch
+        self.model = converted.model
+        if distributed.active() and torch.cuda.is_available():
+            self.model.to(torch.device("cuda", torch.cuda.current_device()))
+        self.device = next(self.model.parameters()).device
+        self.growth = Growth(config.schedule_config(adapter.maximize), config.make_objective(), self._training_data)
+        self.checkpointer = checkpoint.Checkpointer(output, converted)
+        self.rows: list[dict] = []
+        self.base_params = outputs.base_parameter_count(self.model)
+        self.wall_before = 0.0
+        self.session_start = time.perf_counter()
+        self.stop_reason = ""
+        self.nonfinite = False
+        self.last_summary: dict = {}
+        self._loss_checked = False
+        self._warned_negative_plateau = False
+        self._last_checkpoint = time.perf_counter()
+        self._checkpoint_cost = 0.0  # measured: the first epoch always writes
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.growth.schedule
+
+    @property
+    def initial_dendrites(self) -> int:
+        return self.growth.initial
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        seed_everything(self.config.seed)
+        self._build_data()
+        self.growth.start(self.model)
+        self._apply_trainable()
+        self.setup_phase()
+
+    @classmethod
+    def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
+                        on_epoch: Callable[[dict], None] | None, consent: Consent) -> Run:
+        """The run recorded in `output/checkpoint`, ready to continue where it stopped."""
+        state, config = checkpoint.read_state(output)
+        if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
+            raise LoadError(f"--resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
+                            f"{output / 'checkpoint'}/state.json; name it again with --adapter or pass {FLAG} to run it.")
+        if not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter if adapter is not None else state["adapter"])
+        ckpt = output / "checkpoint"
+        run = cls(load_converted(ckpt / "model", **consent.keywords()), adapter, output, config, on_epoch)
+        run.growth.load_state_dict({"schedule": state["schedule"], "initial_dendrites": state["initial_dendrites"]})
+        run.base_params = state["base_params"]
+        seed_everything(config.seed)
+        run._build_data()
+        if (ckpt / "best").is_dir():
+            run.growth.best = snapshot(load_converted(ckpt / "best", **consent.keywords()).model)
+        run._apply_trainable()
+        run.setup_phase()
+        checkpoint.restore_run(run, state)
+        return run
+
+    def _build_data(self) -> None:
+        a = self.adapter
+        seed = self.config.seed
+        self.train_loader = distributed.shard(self._call_data("train_data", a.train_data), seed, training=True)
+        self.val_loader = distributed.shard(self._call_data("val_data", a.val_data), seed, training=False)
+        self.test_loader = (distributed.shard(self._call_data("test_data", a.test_data), seed, training=False)
+                            if a.test_data is not None else None)
+
+    def loaders(self) -> list:
+        return [x for x in (self.train_loader, self.val_loader, self.test_loader) if x is not None]
+
+    def _call_data(self, name: str, fn):
+        try:
+            data = fn()
+        except Exception as exc:
+            raise LoadError(f"--adapter {self.adapter.spec}: {name}() raised {type(exc).__name__}: {exc}.") from exc
+        if data is None or not hasattr(data, "__iter__") or iter(data) is data:
+            raise LoadError(
+                f"--adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
+                "batches such as a DataLoader or a list (not a generator, which runs out after one epoch)."
+            )
+        return data
+
+    def _apply_trainable(self) -> None:
+        """Everything trains, except what the objective keeps frozen once inserted."""
+        for p in self.model.parameters():
+            p.requires_grad_(p.numel() > 0)  # the first dendrite's [0, C] cascade holds nothing (DDP needs every grad)
+        self.growth.objective.freeze_grown(self.model, self.initial_dendrites)
+
+    def setup_phase(self) -> None:
+        """The one place that builds what a phase trains with: the network that runs the training steps
+        (`net`; a DDP wrapper goes here, rebuilt because each phase changes the parameters), the optimizer
+        and the scheduler. `model` stays the unwrapped module that is evaluated and saved."""
+        self.model.train()
+        self.net = distributed.wrap(self.model)  # a fresh DDP: it syncs rank 0's weights and buckets these params
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self.adapter.build_optimizer(self.params)
+        self.scheduler = self.adapter.build_scheduler(self.optimizer)
+
+    @contextmanager
+    def _training_data(self, model: nn.Module):
+        """What an objective grows from: our training batches and the adapter's loss on `model`."""
+        yield TrainingData(self.train_loader, lambda batch: self.forward_loss(batch, model))
+
+    # ---- one epoch -----------------------------------------------------------------------------------
+    def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
+        if self.device.type != "cpu":
+            batch = _to_device(batch, self.device)
+        args, kwargs = self.adapter.model_inputs(batch)
+        try:
+            loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
+        except ValueError as exc:
+            if "more than 1 value per channel when training" not in str(exc):
+                raise
+            n = batch_size(batch)
+            raise LoadError(f"--adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
+                            "few for BatchNorm to train on; pass drop_last=True to its DataLoader (or pick a batch size "
+                            "that leaves no single sample over).") from exc
+        if not self._loss_checked:
+            self._check_loss(loss)
+        return loss
+
+    def _check_loss(self, loss) -> None:
+        spec = self.adapter.spec
+        if not isinstance(loss, torch.Tensor):
+            raise LoadError(f"--adapter {spec}: loss(outputs, batch) returned {type(loss).__name__}; it must return "
+                            "a scalar torch.Tensor.")
+        if loss.numel() != 1:
+            raise LoadError(f"--adapter {spec}: loss(outputs, batch) returned a tensor of shape {list(loss.shape)}; "
+                            "it must return a scalar (reduce it, e.g. with .mean()).")
+        if not loss.requires_grad:
+            raise LoadError(f"--adapter {spec}: loss(outputs, batch) does not depend on the model's parameters "
+                            "(no gradient); compute it from `outputs`.")
+        self._loss_checked = True
+
+    def train_epoch(self) -> float:
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        distributed.set_epoch([self.train_loader], len(self.rows))
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        for batch in self.train_loader:
+            loss = self.forward_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+        if steps == 0:
+            raise LoadError(f"--adapter {self.adapter.spec}: train_data() yielded no batches.")
+        total_loss, all_steps = distributed.all_sum(total.item(), steps)
+        return total_loss / all_steps
+
+    @torch.no_grad()
+    def evaluate(self, data, name: str) -> float:
+        model, adapter = self.model, self.adapter
+        model.eval()
+        total_t = torch.zeros((), device=self.device)
+        total, count = 0.0, 0
+        try:
+            for batch in data:
+                if self.device.type != "cpu":
+                    batch = _to_device(batch, self.device)
+                args, kwargs = adapter.model_inputs(batch)
+                outputs = model(*args, **kwargs)
+                n = batch_size(batch)
+                if adapter.score is None:
+                    total_t -= adapter.loss(outputs, batch).detach().reshape(()) * n
+                else:
+                    total += self._score(outputs, batch) * n
+                count += n
+        finally:
+            model.train()
+        total, count = distributed.all_sum(total + total_t.item(), count)  # every rank decides alike
+        if count == 0:
+            raise LoadError(f"--adapter {adapter.spec}: {name}() yielded no batches; it must give at least one "
+                            "batch to score.")
+        return total / count
+
+    def _score(self, outputs, batch) -> float:
+        value = self.adapter.score(outputs, batch)
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise LoadError(f"--adapter {self.adapter.spec}: score(outputs, batch) returned {type(value).__name__}; "
+                            "it must return a number (a float or a one-element tensor).") from None
+
+    def _val_test(self) -> tuple[float, float | None]:
+        val = self.evaluate(self.val_loader, "val_data")
+        test = self.evaluate(self.test_loader, "test_data") if self.test_loader is not None else None
+        return val, test
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def loop(self) -> dict:
+        while not self.schedule.done:
+            self.run_epoch()
+        return self.finish()
+
+    def run_epoch(self) -> None:
+        start = time.perf_counter()
+        first_new_row = len(self.rows)
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = self.train_epoch()
+        val, test = self._val_test()
+        dendrites = self.schedule.dendrites
+        params = count_parameters(self.model)
+        seconds = time.perf_counter() - start
+        growth_start = time.perf_counter()
+        if not (math.isfinite(train_loss) and math.isfinite(val)):
+            what = "training loss" if not math.isfinite(train_loss) else "validation score"
+            decision = self.growth.abort(self.model, f"the {what} became {train_loss if what[0] == 't' else val} "
+                                                     f"at epoch {self.schedule.epoch + 1}")
+            self.nonfinite = True
+        else:
+            decision = self.growth.observe(self.model, val)  # keeps the best, restores and grows in place
+        self.rows.append(self._row("neuron", dendrites, params, train_loss, val, test, lr, seconds))
+        if decision.save_best:
+            self.checkpointer.best_changed = True
+        if decision.action == "continue" and self.scheduler is not None:
+            self._step_scheduler(val)
+        self._after_growth(decision, growth_start)
+        if decision.action != "continue" or self.nonfinite or self._checkpoint_due():
+            begin = time.perf_counter()
+            self.checkpointer.save(self)
+            self.last_summary = outputs.write_outputs(self)
+            self._last_checkpoint = time.perf_counter()
+            self._checkpoint_cost = self._last_checkpoint - begin
+        if self.on_epoch is not None:
+            for row in self.rows[first_new_row:]:  # the neuron epoch, and a dendrite phase if one followed
+                self.on_epoch(row)
+
+    def _checkpoint_due(self) -> bool:
+        since = time.perf_counter() - self._last_checkpoint
+        return since * self.config.checkpoint_budget >= self._checkpoint_cost
+
+    def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
+        return outputs.score_row(len(self.rows) + 1, phase, dendrites, params, train_loss, val, test, lr, seconds)
+
+    def _step_scheduler(self, val: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # in the scheduler's own direction: its default mode 'min' gets -score when the score is maximised
+            value = val if (self.scheduler.mode == "max") == self.adapter.maximize else -val
+            if value < 0 and self.scheduler.threshold_mode == "rel" and not self._warned_negative_plateau:
+                self._warned_negative_plateau = True
+                log.warning(f"ReduceLROnPlateau(mode={self.scheduler.mode!r}) sees {value:.4g}: its relative threshold "
+                            "only works for positive values; use mode='max' for a positive score such as accuracy.")
+            self.scheduler.step(value)
+        else:
+            self.scheduler.step()
+
+    def _after_growth(self, decision: Decision, start: float) -> None:
+        """After `Growth` carried out a switch: every rank takes rank 0's model, a dendrite phase of its own
+        is scored and recorded, and the next neuron phase is set up."""
+        if decision.action == "continue":
+            return
+        if decision.action == "stop":
+            self.stop_reason = decision.reason
+            return
+        distributed.broadcast_module(self.model)  # every rank starts the phase from rank 0's dendrites
+        if self.growth.objective.dendrite_phase_epochs:
+            val, test = self._val_test()
+            self.rows.append(self._row("dendrite", self.schedule.dendrites, count_parameters(self.model), None, val,
+                                       test, None, time.perf_counter() - start))
+        self._apply_trainable()
+        self.setup_phase()
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.session_start
+
+    def finish(self) -> dict:
+        self.growth.restore_best(self.model)  # a no-op after a stop that restored it, or after the capacity test
+        distributed.check_replicas(self.model)
+        if self.config.plot and distributed.is_main():
+            outputs.plot(self)
+        self.last_summary = outputs.write_outputs(self)
+        return self.last_summary
