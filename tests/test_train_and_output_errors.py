@@ -30,12 +30,13 @@ def loss(outputs, batch): return torch.nn.functional.cross_entropy(outputs, batc
 
 @pytest.fixture
 def converted_dir(tmp_path):
-    """A tiny classifier with a BatchNorm, converted and saved (rebuilt from a factory file)."""
+    """A tiny classifier with a BatchNorm, converted and saved (a torch-only pickle: loading runs no code of ours)."""
     (tmp_path / "net.py").write_text("from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear(4, 6), "
                                      "nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))\n")
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    convert(model, DendriteConfig(), factory=f"{tmp_path / 'net.py'}:build").save(tmp_path / "converted")
+    torch.save(model, tmp_path / "model.pt")
+    convert(str(tmp_path / "model.pt"), DendriteConfig()).save(tmp_path / "converted")
     return tmp_path / "converted"
 
 
@@ -108,7 +109,7 @@ def test_an_output_that_names_no_folder_is_a_usage_error(converted_dir, tmp_path
     result = runner.invoke(app, ["train", str(converted_dir), "--adapter", str(_adapter(tmp_path)), "-o", ".",
                                  "--force", "-q"])
     assert "-o/--output . names no file or folder" in _one_sentence(result, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.py", "converted", "keep.txt", "net.py", "weights.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.py", "converted", "keep.txt", "model.pt", "net.py", "weights.pt"]
 
 
 def _read_only_folder() -> Path | None:
