@@ -23,6 +23,7 @@ from ..core.layers import dendrite_layers
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
+from .validate import check_converted
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "dendrite_config.json"
@@ -117,7 +118,12 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
-    model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+
+    def build():
+        return convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+
+    check_converted(weights, build, {t.name: t.dendrites for t in recipe.targets})  # before allocating anything
+    model, report = build()
     expected = {t.name: t for t in recipe.targets}
     if len(expected) != len(recipe.targets):
         raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")

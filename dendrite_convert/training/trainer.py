@@ -10,6 +10,7 @@ the loss is read back once per epoch. Everything else happens between epochs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -20,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -30,10 +32,10 @@ from torch import nn
 
 from .adapter import Adapter, batch_size, load_adapter
 from .correlation import CorrelationConfig, add_correlation_dendrites, error_ranked_channels, freeze_dendrites
-from ..core.errors import LoadError, UsageError
+from ..core.errors import DendriteError, LoadError, UsageError
 from . import distributed
 from ..core.structure import add_dendrites, max_dendrites
-from ..core.files import atomic_directory, atomic_file, check_writable, remove_stale
+from ..core.files import LOCK_FILE, atomic_directory, atomic_file, is_temporary, output_lock, remove_stale
 from ..core.layers import count_parameters, dendrite_layers
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
@@ -103,39 +105,112 @@ def train(
     *,
     force: bool = False,
     resume: bool = False,
+    budget: dict[str, int] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train a converted model with dendrites; returns the summary (also `output/summary.json`).
 
     With `resume=True`, `output` is an earlier run directory: the model, config and adapter come from
     its checkpoint (an `adapter` given here replaces the recorded one) and training continues from the
-    last completed epoch. `on_epoch(row)` is called after every epoch with its `scores.csv` row.
+    last completed epoch; a run killed before its first checkpoint starts again from what it recorded.
+    `budget` ({"max_epochs": n, "max_dendrites": n}) replaces those limits on resume, so a finished run
+    continues when a limit it stopped at is raised; otherwise resuming it returns its summary with
+    `already_finished` set. `on_epoch(row)` is called after every epoch with its `scores.csv` row.
+    One process writes `output` at a time (`output/.dendrite.lock`).
 
     Example:
         summary = train("converted/", "adapter.py", "run/", TrainConfig(max_epochs=30))
     """
     output = Path(output)
+    unknown = sorted(set(budget or {}) - {"max_epochs", "max_dendrites"})
+    if unknown or (budget and not resume):
+        raise UsageError(f"budget takes max_epochs and max_dendrites, on resume only (got {', '.join(unknown or budget)}).")
     joined = distributed.init()  # under torchrun: this rank's device; None otherwise
     try:
         if resume:
-            run = _Run.from_checkpoint(output, adapter, on_epoch)
-        else:
-            if converted is None or adapter is None:
-                raise UsageError("train needs a converted model and an adapter (or resume=True).")
-            check_writable(output, force)
-            if not isinstance(converted, ConvertedModel):
-                converted = load_converted(converted)
-            if not isinstance(adapter, Adapter):
-                adapter = load_adapter(adapter)
-            if distributed.is_main():
-                _clear_outputs(output)
-            distributed.barrier()
-            run = _Run(converted, adapter, output, config or TrainConfig(), on_epoch)
-            run.start()
-        return run.loop()
+            with _one_writer(output):
+                return _resume(output, adapter, on_epoch, budget or {})
+        if converted is None or adapter is None:
+            raise UsageError("train needs a converted model and an adapter (or resume=True).")
+        _check_new_output(output, force)  # before the slow loading; again below, under the lock
+        request = {"converted": None if isinstance(converted, ConvertedModel) else str(Path(converted).resolve())}
+        if not isinstance(converted, ConvertedModel):
+            converted = load_converted(converted)
+        if not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter)
+        with _one_writer(output):
+            _check_new_output(output, force)
+            return _start(converted, adapter, output, config or TrainConfig(), on_epoch, request)
     finally:
         if joined is not None:
             distributed.shutdown()
+
+
+REQUEST_FILE = "run.json"  # what the run was started with, so --resume can start it again before its first checkpoint
+
+
+def _one_writer(output: Path):
+    """The output's lock, held by rank 0 (the only rank that writes)."""
+    return output_lock(output) if distributed.is_main() else contextlib.nullcontext()
+
+
+def _check_new_output(output: Path, force: bool) -> None:
+    """A new run writes into a missing folder, or one holding nothing but what a run of this tool leaves
+    before its first checkpoint (its request, lock and temporaries); anything else needs --force."""
+    if force or not output.exists():
+        return
+    if not output.is_dir():
+        raise UsageError(f"-o/--output {output} is a file; give a directory for the run.")
+    if any(not _unstarted_leftover(p.name) for p in output.iterdir()):
+        started = (output / "checkpoint").exists()
+        raise UsageError(f"-o/--output {output} already holds {'a run' if started else 'files'}; pass --force to "
+                         f"replace {'it' if started else 'the outputs of a run there'}"
+                         f"{' or --resume ' + str(output) + ' to continue it' if started else ''}.")
+
+
+def _unstarted_leftover(name: str) -> bool:
+    return name in (REQUEST_FILE, LOCK_FILE) or (is_temporary(name) and ".dendrite-tmp-" in name)
+
+
+def _start(converted: ConvertedModel, adapter: Adapter, output: Path, config: TrainConfig,
+           on_epoch: Callable[[dict], None] | None, request: dict) -> dict:
+    """A new run: earlier outputs cleared, the request recorded, then the loop."""
+    if distributed.is_main():
+        _clear_outputs(output)
+        _write_text(output / REQUEST_FILE, json.dumps({"version": STATE_VERSION, **request, "adapter": adapter.spec,
+                                                       "config": asdict(config)}, indent=2) + "\n")
+    distributed.barrier()
+    run = _Run(converted, adapter, output, config, on_epoch)
+    run.start()
+    return run.loop()
+
+
+def _resume(output: Path, adapter, on_epoch, budget: dict[str, int]) -> dict:
+    """Continue from the checkpoint; without one, start again from the recorded request."""
+    ckpt = output / "checkpoint"
+    if distributed.is_main():
+        remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
+        remove_stale(output / "best")
+    distributed.barrier()
+    if (ckpt / "state.json").is_file():
+        run = _Run.from_checkpoint(output, adapter, on_epoch, budget)
+        summary = run.loop()
+        return {**summary, "already_finished": True} if run.already_finished else summary
+    if not (output / REQUEST_FILE).is_file():
+        raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
+    try:
+        request = json.loads((output / REQUEST_FILE).read_text())
+        config = replace(TrainConfig(**request["config"]), **budget)
+        converted = request["converted"]
+        spec = request["adapter"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LoadError(f"--resume {output}: {output / REQUEST_FILE} is unreadable ({type(exc).__name__}: {exc}).") from exc
+    if converted is None:
+        raise UsageError(f"--resume {output}: the run was killed before its first checkpoint and was started from a "
+                         "model in memory; start it again with train().")
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter if adapter is not None else spec)
+    log.info("%s has no checkpoint yet: starting the run again from the beginning", output)
+    return _start(load_converted(converted), adapter, output, config, on_epoch, {"converted": converted})
 
 
 def seed_everything(seed: int) -> None:
@@ -144,7 +219,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-OUTPUT_NAMES = ("best", "checkpoint", "scores.csv", "best_test_scores.csv", "training.png", "summary.json")
+OUTPUT_NAMES = ("best", "checkpoint", "scores.csv", "best_test_scores.csv", "training.png", "summary.json", "run.json")
 
 
 def _clear_outputs(output: Path) -> None:
@@ -218,6 +293,7 @@ class _Run:
         self._last_durable = time.monotonic()
         self._last_checkpoint = time.perf_counter()
         self._checkpoint_cost = 0.0  # measured: the first epoch always writes
+        self.already_finished = False  # resumed a run that had nothing left to do
 
     # ---- setup ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,15 +338,16 @@ class _Run:
         self.model.train()
         self.net = distributed.wrap(self.model)  # a fresh DDP: it syncs rank 0's weights and buckets these params
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.adapter.build_optimizer(self.params)
-        self.scheduler = self.adapter.build_scheduler(self.optimizer)
+        self.optimizer = _from_adapter(self.adapter, "optimizer(params)", self.adapter.build_optimizer, self.params)
+        self.scheduler = _from_adapter(self.adapter, "scheduler(optimizer)", self.adapter.build_scheduler, self.optimizer)
 
     # ---- one epoch -----------------------------------------------------------------------------------
     def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
         if self.device.type != "cpu":
             batch = _to_device(batch, self.device)
-        args, kwargs = self.adapter.model_inputs(batch)
-        loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
+        args, kwargs = _from_adapter(self.adapter, "inputs(batch)", self.adapter.model_inputs, batch)
+        outputs = (net or self.net)(*args, **kwargs)
+        loss = _from_adapter(self.adapter, "loss(outputs, batch)", self.adapter.loss, outputs, batch)
         if not self._loss_checked:
             self._check_loss(loss)
         return loss
@@ -316,11 +393,11 @@ class _Run:
             for batch in data:
                 if self.device.type != "cpu":
                     batch = _to_device(batch, self.device)
-                args, kwargs = adapter.model_inputs(batch)
+                args, kwargs = _from_adapter(adapter, "inputs(batch)", adapter.model_inputs, batch)
                 outputs = model(*args, **kwargs)
                 n = batch_size(batch)
                 if adapter.score is None:
-                    total_t -= adapter.loss(outputs, batch).detach().reshape(()) * n
+                    total_t -= _from_adapter(adapter, "loss(outputs, batch)", adapter.loss, outputs, batch).detach().reshape(()) * n
                 else:
                     total += self._score(outputs, batch) * n
                 count += n
@@ -333,7 +410,7 @@ class _Run:
         return total / count
 
     def _score(self, outputs, batch) -> float:
-        value = self.adapter.score(outputs, batch)
+        value = _from_adapter(self.adapter, "score(outputs, batch)", self.adapter.score, outputs, batch)
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
@@ -386,6 +463,18 @@ class _Run:
     def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
         return {"epoch": len(self.rows) + 1, "phase": phase, "dendrites": dendrites, "params": params,
                 "train_loss": train_loss, "val": val, "test": test, "lr": lr, "seconds": seconds}
+
+    def _raise_budget(self) -> bool:
+        """A finished run continues (with a fresh optimizer, from the best model it kept) when the limit it
+        stopped at was raised; a run that ended for any other reason stays finished."""
+        s, cfg = self.schedule, self.config
+        raised = ((s.stop_reason.startswith("reached --max-epochs") and s.epoch + s.config.dendrite_phase_epochs
+                   < cfg.max_epochs)
+                  or (s.stop_reason.startswith("reached --max-dendrites") and s.dendrites < cfg.max_dendrites))
+        if raised and not self.nonfinite:
+            s.done, s.stop_reason, self.stop_reason = False, "", ""
+            return True
+        return False
 
     def _step_scheduler(self, val: float) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -570,18 +659,12 @@ class _Run:
     # ---- resume --------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
-                        on_epoch: Callable[[dict], None] | None) -> _Run:
+                        on_epoch: Callable[[dict], None] | None, budget: dict[str, int] | None = None) -> _Run:
         ckpt = output / "checkpoint"
-        if distributed.is_main():
-            remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
-            remove_stale(output / "best")
-        distributed.barrier()
-        if not (ckpt / "state.json").is_file():
-            raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
         try:
             state = json.loads((ckpt / "state.json").read_text())
             config = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig)
-                                    if f.name in state["config"]})
+                                    if f.name in state["config"]}, **(budget or {}))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
         if not isinstance(adapter, Adapter):
@@ -593,6 +676,7 @@ class _Run:
         seed_everything(config.seed)
         run._build_data()
         run.schedule = Schedule.from_dict(state["schedule"])
+        run.schedule.config = replace(run.schedule.config, max_epochs=config.max_epochs, max_dendrites=config.max_dendrites)
         run.rows = state["rows"]
         run.wall_before = float(state["wall_seconds"])
         run.stop_reason = state["stop_reason"]
@@ -603,9 +687,12 @@ class _Run:
         run._apply_trainable()
         run.setup_phase()
         blob = torch.load(ckpt / "training_state.pt", weights_only=True)
-        run.optimizer.load_state_dict(blob["optimizer"])
-        if run.scheduler is not None and blob["scheduler"] is not None:
-            run.scheduler.load_state_dict(blob["scheduler"])
+        if run.schedule.done:  # its model is the restored best: the optimizer state saved with it is not its own
+            run.already_finished = not run._raise_budget()
+        else:
+            run.optimizer.load_state_dict(blob["optimizer"])
+            if run.scheduler is not None and blob["scheduler"] is not None:
+                run.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng"]["torch"])
         gens = [g for loader in run._loaders() for g in _loader_generators(loader)]
         for g, s in zip(gens, blob["rng"]["loaders"]):
@@ -615,6 +702,29 @@ class _Run:
         np_state = state["numpy_rng"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         return run
+
+
+def _from_adapter(adapter: Adapter, name: str, fn, *args):
+    """Call one of the adapter's functions; an exception in it becomes one sentence that names the function,
+    the original error and the adapter's line it came from (exit 3, like every adapter mistake)."""
+    try:
+        return fn(*args)
+    except DendriteError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"--adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
+                        f"{_adapter_line(adapter, exc)}.") from exc
+
+
+def _adapter_line(adapter: Adapter, exc: BaseException) -> str:
+    """' (adapter.py:12: `raise ValueError("boom")`)': the deepest frame of the traceback in the adapter's file."""
+    files = {getattr(getattr(f, "__code__", None), "co_filename", None) for f in vars(adapter).values() if callable(f)}
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in files]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f" (at {Path(frame.filename).name}:{frame.lineno}{code})"
 
 
 def _link_or_copy(src, dst):
