@@ -663,8 +663,8 @@ class _Run:
         ckpt = output / "checkpoint"
         try:
             state = json.loads((ckpt / "state.json").read_text())
-            config = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig)
-                                    if f.name in state["config"]}, **(budget or {}))
+            recorded = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
+            config = TrainConfig(**{**recorded, **(budget or {})})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
         if not isinstance(adapter, Adapter):
