@@ -207,11 +207,7 @@ def _take_over(lock: Path, option: str) -> int | None:
                 raise
             same_host = False  # held right now
         if not same_host:
-            raise UsageError(
-                f"{option} {lock.parent} is in use by another run (pid {holder.get('pid', '?')} on host "
-                f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to finish, or "
-                f"delete {lock} if that process is gone."
-            )
+            raise _in_use(lock, holder, option)
         if not os.path.samestat(os.fstat(fd), os.stat(lock)):  # released and re-created while we opened it
             os.close(fd)
             return None
@@ -230,3 +226,20 @@ def _read_holder(fd: int) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def check_unlocked(directory: str | Path, option: str = "-o/--output") -> None:
+    """Refuse (UsageError naming the holder) when another process holds `directory`'s lock right now."""
+    lock = Path(directory) / LOCK_FILE
+    try:
+        fd = _take_over(lock, option)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if fd is not None:
+        os.close(fd)  # nobody holds it: our flock goes with the fd
+
+
+def _in_use(lock: Path, holder: dict, option: str) -> UsageError:
+    return UsageError(f"{option} {lock.parent} is in use by another run (pid {holder.get('pid', '?')} on host "
+                      f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to finish, or "
+                      f"delete {lock} if that process is gone.")

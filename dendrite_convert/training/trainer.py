@@ -35,7 +35,8 @@ from .correlation import CorrelationConfig, add_correlation_dendrites, error_ran
 from ..core.errors import DendriteError, LoadError, UsageError
 from . import distributed
 from ..core.structure import add_dendrites, max_dendrites
-from ..core.files import LOCK_FILE, atomic_directory, atomic_file, is_temporary, output_lock, remove_stale
+from ..core.files import (LOCK_FILE, atomic_directory, atomic_file, check_unlocked, is_temporary, output_lock,
+                          remove_stale)
 from ..core.layers import count_parameters, dendrite_layers
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .schedule import Decision, Schedule, ScheduleConfig
@@ -132,6 +133,8 @@ def train(
                 return _resume(output, adapter, on_epoch, budget or {})
         if converted is None or adapter is None:
             raise UsageError("train needs a converted model and an adapter (or resume=True).")
+        if distributed.is_main():
+            check_unlocked(output)  # a run writing there right now is named, with or without --force
         _check_new_output(output, force)  # before the slow loading; again below, under the lock
         request = {"converted": None if isinstance(converted, ConvertedModel) else str(Path(converted).resolve())}
         if not isinstance(converted, ConvertedModel):
