@@ -257,6 +257,20 @@ def test_resuming_a_finished_run_says_so_or_continues_with_a_raised_budget(conve
     assert len(rows) == 1 + more["epochs"]
 
 
+def test_resuming_a_run_that_ended_by_restoring_a_smaller_best_model_says_it_is_finished(converted, tmp_path):
+    """The best model (0 dendrites) was restored over the last one (1 dendrite): its optimizer state is not
+    the restored model's, which used to crash the resume."""
+    adapter = _adapter(tmp_path, "def score(outputs, batch):\n    return 50.0\n")
+    run = tmp_path / "run"
+    finished = dc.train(converted, adapter, run, dc.TrainConfig(patience=2, max_epochs=30, plot=False))
+    assert finished["dendrites"] == 0 and finished["switches"]
+    for extra in ([], ["--max-epochs", "40"]):  # a stop that no budget caused stays a stop
+        result = CliRunner().invoke(train_app, ["--resume", str(run), *extra])
+        assert result.exit_code == 0, result.output
+        assert "is already finished (0 dendrites did not beat" in result.stderr or \
+               "is already finished (1 dendrites did not beat" in result.stderr, result.stderr
+
+
 def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_is_not_blocked(converted, tmp_path):
     adapter = _adapter(tmp_path, "def loss(outputs, batch):\n    raise ValueError('boom')\n")
     line = len(adapter.read_text().splitlines())
@@ -269,3 +283,48 @@ def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_i
     assert len(result.stderr.strip().splitlines()) == 1
     result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(DIGITS / "adapter.py"), *args])
     assert result.exit_code == 0, result.output
+
+
+_MEASURE = """
+import json, resource, sys, time
+import torch
+import dendrite_convert as dc
+from dendrite_convert.core.errors import DendriteError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    dc.load(sys.argv[1])
+except DendriteError as exc:
+    print(json.dumps({"seconds": time.perf_counter() - start, "rss_kb_before": before, "error": str(exc)}))
+    sys.exit(exc.exit_code)
+"""
+_PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+@pytest.mark.parametrize("weights", ["tiny file", "every name, tiny shapes"])
+def test_a_directory_declaring_1000_dendrites_on_a_4096_linear_is_refused_fast_and_small(tmp_path, weights):
+    """849 bytes that would allocate 67 GB: the recipe is checked against the weights header on the meta device
+    first. Measured in a fresh process: refused (exit 3, one sentence) in well under a second, < 200 MB."""
+    from safetensors.torch import save_file
+
+    small = dc.convert(torch.nn.Linear(4, 4), factory="torch.nn:Linear", factory_kwargs={"in_features": 4, "out_features": 4})
+    path = small.save(tmp_path / "dos")
+    config = json.loads((path / "dendrite_config.json").read_text())
+    config["source"]["factory_kwargs"] = {"in_features": 4096, "out_features": 4096}
+    config["recipe"]["targets"][0].update(weight_shape=[4096, 4096], out_channels=4096, dendrites=1000)
+    (path / "dendrite_config.json").write_text(json.dumps(config))
+    if weights == "every name, tiny shapes":  # the header names all 1000 dendrites; only their shapes lie
+        names = ["base_layer.weight", "base_layer.bias"] + [f"{kind}.{i}{end}" for i in range(1000) for kind, end in
+                 (("dendrite_layers", ".weight"), ("dendrite_layers", ".bias"), ("dendrite_scales", ""), ("dendrite_cascade", ""))]
+        save_file({name: torch.zeros(1) for name in names}, str(path / "model.safetensors"))
+    else:
+        assert sum(f.stat().st_size for f in path.iterdir()) < 3000
+    done = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-c", _MEASURE, str(path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    result, peak_kb = json.loads(done.stdout.splitlines()[0]), int(done.stdout.splitlines()[1])
+    assert "does not match the recipe" in result["error"] or "declares 1000 dendrites" in result["error"]
+    assert "\n" not in result["error"]
+    assert result["seconds"] < 1.0  # about 0.1 s on an idle machine, lazy imports included
+    assert (peak_kb - result["rss_kb_before"]) / 1024 < 200  # beyond what importing torch itself takes

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.errors import LoadError
 from ..core.layers import dendrite_layers
@@ -62,7 +63,8 @@ def check_converted(weights: Path, build: Callable[[], tuple[nn.Module, object]]
     for i in range(max(counts.values(), default=0)):  # grow one dendrite at a time: a lie fails at its first one
         for name, layer in layers.items():
             if counts[name] > i:
-                layer.add_dendrite()
+                with _NoDrawsOnMeta():
+                    layer.add_dendrite()
                 entries = {f"dendrite_scales.{i}": layer.dendrite_scales[i], f"dendrite_cascade.{i}": layer.dendrite_cascade[i],
                            **layer.dendrite_layers[i].state_dict(prefix=f"dendrite_layers.{i}.", keep_vars=True)}
                 for key, tensor in entries.items():
@@ -94,11 +96,23 @@ def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
     is raised by that second attempt."""
     with torch.random.fork_rng(devices=[]), _silent():
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _NoDrawsOnMeta():
                 model = build()
         except Exception:  # noqa: BLE001 - any failure of meta construction: build for real instead
             model = build()
         return model.to("meta")
+
+
+class _NoDrawsOnMeta(TorchFunctionMode):
+    """Random draws into meta tensors do nothing, yet the first one imports torch._dynamo (seconds): skip them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _DRAWS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+_DRAWS = {torch.Tensor.normal_, torch.Tensor.uniform_}
 
 
 @contextlib.contextmanager
