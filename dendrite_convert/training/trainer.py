@@ -129,6 +129,8 @@ def train(
     joined = distributed.init()  # under torchrun: this rank's device; None otherwise
     try:
         if resume:
+            if not output.is_dir():
+                raise UsageError(f"--resume {output}: no such run directory (dendrite-train -o writes one).")
             with _one_writer(output):
                 return _resume(output, adapter, on_epoch, budget or {})
         if converted is None or adapter is None:
