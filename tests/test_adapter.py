@@ -151,14 +151,15 @@ def test_cli_nan_loss_stops_keeps_best_and_exits_1(tmp_path, converted_dir):
 def test_cli_usage_errors(tmp_path, converted_dir):
     adapter = write(tmp_path, GOOD)
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # an empty folder may be used; one holding files may not
     result = _cli(converted_dir, adapter, tmp_path / "run")
-    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert result.exit_code == 2 and "already holds files; pass --force" in result.output
     result = runner.invoke(app, [str(converted_dir), "-o", str(tmp_path / "r2")])
     assert result.exit_code == 2 and "--adapter is required" in result.output
     result = _cli(converted_dir, adapter, tmp_path / "r3", "--objective", "magic")
     assert result.exit_code == 2 and "--objective must be one of gradient, correlation" in result.output
     result = runner.invoke(app, ["--resume", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "no checkpoint there" in result.output
+    assert result.exit_code == 2 and "no such run directory" in result.output
 
 
 def test_cli_adapter_template_prints_valid_python():

@@ -53,6 +53,7 @@ def test_quiet_prints_nothing_and_umbrella_command_and_resume_of_a_finished_run(
                                  str(DIGITS / "adapter.py")])
     assert result.exit_code == 0, result.output
     after = json.loads(result.stdout)
+    assert after.pop("already_finished") is True
     assert {k: v for k, v in after.items() if k != "wall_seconds"} == {
         k: v for k, v in before.items() if k != "wall_seconds"}
     result = runner.invoke(app, ["--resume", str(out), "-o", str(tmp_path / "elsewhere")])

@@ -83,7 +83,7 @@ def test_onnx_matches_unfolded_at_another_batch_size(exported, name):
     proto = onnx.load(str(path))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert not any(m in i.name for i in proto.graph.initializer for m in TRAINING_STATE)
-    assert not list(path.parent.glob(f".{path.name}.tmp-*")) and not (path.parent / f"{path.name}.data").exists()
+    assert not list(path.parent.glob(f".{path.name}.dendrite-tmp-*")) and not (path.parent / f"{path.name}.data").exists()
 
 
 @pytest.mark.slow

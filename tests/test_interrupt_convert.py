@@ -53,7 +53,7 @@ def test_killed_convert_leaves_complete_or_nothing(big_model, tmp_path, sig):
         else:
             outcomes.append("absent")
         if sig == signal.SIGINT:  # Python cleans up its own temporaries on Ctrl-C
-            assert not list(tmp_path.glob(f".out{attempt}.tmp-*"))
+            assert not list(tmp_path.glob(f".out{attempt}.dendrite-tmp-*"))
     # a later run cleans what a SIGKILL left behind
     subprocess.run(_cmd(big_model, "-o", tmp_path / "out0", "-q", "--force"), check=True, env=env, cwd=ROOT)
     assert not list(tmp_path.glob(".out0.*"))
@@ -69,8 +69,8 @@ def test_a_kill_between_the_two_renames_of_force_keeps_the_old_output(tmp_path):
     (out / "weights").write_text("old")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    os.replace(out, tmp_path / f".best.old-{dead.pid}")  # what a killed replace_path leaves behind
-    (tmp_path / f".best.tmp-{dead.pid}").mkdir()
+    os.replace(out, tmp_path / f".best.dendrite-old-{dead.pid}-{'0' * 32}")  # what a killed replace_path leaves behind
+    (tmp_path / f".best.dendrite-tmp-{dead.pid}-{'1' * 32}").mkdir()
     with pytest.raises(RuntimeError):
         with atomic_directory(out, force=True) as tmp:  # recovers first, then fails mid-write
             assert (out / "weights").read_text() == "old"

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,33 +45,34 @@ ARGS = ["--adapter", DIGITS / "adapter.py", "--switch-every", "2", "--max-dendri
 
 @pytest.mark.slow
 def test_repeated_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(converted, tmp_path):
+    """Kills from process start onwards, before the first checkpoint too; every rerun is plain --resume (or,
+    when the kill came before the run wrote anything, the same command again), never --force."""
     full, run = tmp_path / "full", tmp_path / "run"
     start = time.perf_counter()
     subprocess.run(_train(converted, *ARGS, "-o", full), check=True, env=ENV, timeout=300)
     duration = time.perf_counter() - start
     rng = random.Random(7)
     proc = subprocess.Popen(_train(converted, *ARGS, "-o", run), env=ENV)
-    kills = 0
+    kills, early = 0, 0
     while kills < 6:
-        time.sleep(rng.uniform(0.2, 0.8) * duration / 3)
+        time.sleep(rng.uniform(0.05, 0.7) * duration)  # from this process's start: imports, loading, epochs
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        early += not (run / "checkpoint").exists()
         if (run / "best").exists():  # whatever the moment of the kill, best/ is complete
             dc.load(run / "best")
-        if not (run / "checkpoint" / "state.json").exists() and not list(run.glob(".checkpoint.*")):
-            proc = subprocess.Popen(_train(converted, *ARGS, "-o", run, "--force"), env=ENV)  # killed before epoch 1
-        else:
-            proc = subprocess.Popen(_train("--resume", run, "--trust-code"), env=ENV)
+        rerun = _train("--resume", run, "--trust-code") if run.exists() else _train(converted, *ARGS, "-o", run)
+        proc = subprocess.Popen(rerun, env=ENV)
     assert proc.wait(timeout=300) == 0
-    assert kills >= 1
+    assert kills >= 1 and early >= 1  # at least one kill came before the first checkpoint
     got, expected = (json.loads((d / "summary.json").read_text()) for d in (run, full))
     for summary in (got, expected):
         summary.pop("wall_seconds")
     assert got == expected
-    assert not list(run.glob(".*"))  # no temporaries left behind
+    assert not list(run.glob(".*"))  # no temporaries or lock left behind
 
 
 @pytest.mark.slow
@@ -144,8 +146,187 @@ def test_resume_puts_back_a_checkpoint_moved_aside_by_a_killed_replace(converted
     dc.train(converted, DIGITS / "adapter.py", run, dc.TrainConfig(switch_every=2, max_dendrites=1, max_epochs=2))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    os.replace(run / "checkpoint", run / f".checkpoint.old-{dead.pid}")  # SIGKILL between the two renames
-    (run / f".checkpoint.tmp-{dead.pid}").mkdir()
+    os.replace(run / "checkpoint", run / f".checkpoint.dendrite-old-{dead.pid}-{'0' * 32}")  # SIGKILL between the renames
+    (run / f".checkpoint.dendrite-tmp-{dead.pid}-{'1' * 32}").mkdir()
     summary = dc.train(None, None, run, resume=True, trust_code=True)
     assert summary["finished"] and (run / "checkpoint" / "state.json").is_file()
     assert not list(run.glob(".*"))
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(converted, tmp_path):
+    """What a kill during the first epoch leaves (the request, a stale lock, a half-written checkpoint) neither
+    blocks a rerun without --force nor makes --resume fail: the run starts again from the beginning."""
+    args = dict(config=dc.TrainConfig(switch_every=2, max_dendrites=1, max_epochs=3, seed=1, plot=False))
+    full = dc.train(converted, DIGITS / "adapter.py", tmp_path / "full", **args)
+    run = tmp_path / "run"
+    for attempt in ("resume", "rerun"):
+        run.mkdir()
+        pid = _dead_pid()
+        (run / "run.json").write_text(json.dumps({"version": 1, "converted": str(converted), "adapter": str(DIGITS / "adapter.py"),
+                                                  "config": {**vars(args["config"])}}))
+        (run / ".dendrite.lock").write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "started": "then"}))
+        (run / f".checkpoint.dendrite-tmp-{pid}-{'2' * 32}").mkdir()
+        if attempt == "resume":
+            result = CliRunner().invoke(train_app, ["--resume", str(run), "--json", "--quiet", "--trust-code"])
+        else:
+            result = CliRunner().invoke(train_app, [str(converted), "-o", str(run), "--adapter", str(DIGITS / "adapter.py"),
+                                                    "--switch-every", "2", "--max-dendrites", "1", "--max-epochs", "3",
+                                                    "--seed", "1", "--json", "--quiet"])
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.stdout)
+        assert {k: v for k, v in got.items() if k != "wall_seconds"} == {k: v for k, v in full.items() if k != "wall_seconds"}
+        assert not list(run.glob(".*"))
+        shutil.rmtree(run)
+
+
+def test_two_concurrent_trains_into_one_output_one_is_refused_naming_the_holder(converted, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(_train(converted, *ARGS, "-o", run), env=ENV)
+    deadline = time.monotonic() + 120
+    while not (run / ".dendrite.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run(_train(converted, *ARGS, "-o", run), env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 2, second.stderr
+    assert f"in use by another run (pid {first.pid} on host {os.uname().nodename}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert json.loads((run / "summary.json").read_text())["finished"]
+
+
+def test_a_lock_is_taken_over_only_from_a_dead_process_on_this_host(tmp_path):
+    from dendrite_convert.core.errors import UsageError
+    from dendrite_convert.core.files import output_lock
+
+    lock = tmp_path / ".dendrite.lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename, "started": "then"}))
+    with output_lock(tmp_path):  # the holder is dead: taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(UsageError, match=f"pid {os.getpid()} on host"):  # held: a second writer is refused
+            with output_lock(tmp_path):
+                pass
+    assert not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(UsageError, match="pid 1 on host elsewhere"):  # another host: never taken over
+        with output_lock(tmp_path):
+            pass
+    assert json.loads(lock.read_text())["host"] == "elsewhere"
+
+
+def test_clean_up_removes_only_temporaries_this_tool_made(tmp_path):
+    from dendrite_convert.core.files import atomic_file
+
+    pid = _dead_pid()
+    user = [f".model.onnx.tmp-{pid}", f".model.onnx.old-{pid}", f".model.onnx.dendrite-tmp-{pid}",
+            f".model.onnx.dendrite-tmp-{pid}-notatoken", f".model.onnx.dendrite-tmp-{pid}-{'a' * 31}"]
+    ours = [f".model.onnx.dendrite-tmp-{pid}-{'a' * 32}", f".model.onnx.dendrite-tmp-{pid}-{'b' * 32}.data"]
+    for name in user + ours:
+        (tmp_path / name).write_text("x")
+    with atomic_file(tmp_path / "model.onnx") as tmp:
+        tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", *user])
+
+
+def test_a_new_run_never_replaces_a_started_one_without_force(converted, tmp_path):
+    run = tmp_path / "run"
+    dc.train(converted, DIGITS / "adapter.py", run, dc.TrainConfig(max_dendrites=0, max_epochs=1, plot=False))
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(DIGITS / "adapter.py"), "-o", str(run)])
+    assert result.exit_code == 2
+    assert "already holds a run" in result.stderr and f"--resume {run}" in result.stderr
+
+
+def test_resuming_a_finished_run_says_so_or_continues_with_a_raised_budget(converted, tmp_path):
+    run = tmp_path / "run"
+    # max-epochs 5 stops mid-cycle and restores the best model, which has fewer dendrites than the last one
+    finished = dc.train(converted, DIGITS / "adapter.py", run,
+                        dc.TrainConfig(switch_every=2, max_dendrites=3, max_epochs=5, seed=1, plot=False))
+    assert finished["stop_reason"] == "reached --max-epochs 5"
+    result = CliRunner().invoke(train_app, ["--resume", str(run), "--trust-code"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == f"{run} is already finished (reached --max-epochs 5); nothing to do. Raise " \
+                                    "--max-epochs or --max-dendrites to continue it."
+    result = CliRunner().invoke(train_app, ["--resume", str(run), "--max-epochs", "9", "--json", "--quiet", "--trust-code"])
+    assert result.exit_code == 0, result.output
+    more = json.loads(result.stdout)
+    assert more["finished"] and 5 < more["epochs"] <= 9 and "already_finished" not in more
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["config"]["max_epochs"] == 9
+    rows = (run / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + more["epochs"]
+
+
+def test_resuming_a_run_that_ended_by_restoring_a_smaller_best_model_says_it_is_finished(converted, tmp_path):
+    """The best model (0 dendrites) was restored over the last one (1 dendrite): its optimizer state is not
+    the restored model's, which used to crash the resume."""
+    adapter = _adapter(tmp_path, "def score(outputs, batch):\n    return 50.0\n")
+    run = tmp_path / "run"
+    finished = dc.train(converted, adapter, run, dc.TrainConfig(patience=2, max_epochs=30, plot=False))
+    assert finished["dendrites"] == 0 and finished["switches"]
+    for extra in ([], ["--max-epochs", "40"]):  # a stop that no budget caused stays a stop
+        result = CliRunner().invoke(train_app, ["--resume", str(run), "--trust-code", *extra])
+        assert result.exit_code == 0, result.output
+        assert "is already finished (0 dendrites did not beat" in result.stderr or \
+               "is already finished (1 dendrites did not beat" in result.stderr, result.stderr
+
+
+def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_is_not_blocked(converted, tmp_path):
+    adapter = _adapter(tmp_path, "def loss(outputs, batch):\n    raise ValueError('boom')\n")
+    line = len(adapter.read_text().splitlines())
+    run = tmp_path / "run"
+    args = ["-o", str(run), "--max-dendrites", "0", "--max-epochs", "1", "--quiet"]
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(adapter), *args])
+    assert result.exit_code == 3, result.output
+    assert (f"loss(outputs, batch) raised ValueError: boom (at adapter.py:{line}: `raise ValueError('boom')`)"
+            in result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(DIGITS / "adapter.py"), *args])
+    assert result.exit_code == 0, result.output
+
+
+_MEASURE = """
+import json, resource, sys, time
+import torch
+import dendrite_convert as dc
+from dendrite_convert.core.errors import DendriteError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    dc.load(sys.argv[1])
+except DendriteError as exc:
+    print(json.dumps({"seconds": time.perf_counter() - start, "rss_kb_before": before, "error": str(exc)}))
+    sys.exit(exc.exit_code)
+"""
+_PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+@pytest.mark.parametrize("weights", ["tiny file", "every name, tiny shapes"])
+def test_a_directory_declaring_1000_dendrites_on_a_4096_linear_is_refused_fast_and_small(tmp_path, weights):
+    """849 bytes that would allocate 67 GB: the recipe is checked against the weights header on the meta device
+    first. Measured in a fresh process: refused (exit 3, one sentence) in well under a second, < 200 MB."""
+    from safetensors.torch import save_file
+
+    small = dc.convert(torch.nn.Linear(4, 4), factory="torch.nn:Linear", factory_kwargs={"in_features": 4, "out_features": 4})
+    path = small.save(tmp_path / "dos")
+    config = json.loads((path / "dendrite_config.json").read_text())
+    config["source"]["factory_kwargs"] = {"in_features": 4096, "out_features": 4096}
+    config["recipe"]["targets"][0].update(weight_shape=[4096, 4096], out_channels=4096, dendrites=1000)
+    (path / "dendrite_config.json").write_text(json.dumps(config))
+    if weights == "every name, tiny shapes":  # the header names all 1000 dendrites; only their shapes lie
+        names = ["base_layer.weight", "base_layer.bias"] + [f"{kind}.{i}{end}" for i in range(1000) for kind, end in
+                 (("dendrite_layers", ".weight"), ("dendrite_layers", ".bias"), ("dendrite_scales", ""), ("dendrite_cascade", ""))]
+        save_file({name: torch.zeros(1) for name in names}, str(path / "model.safetensors"))
+    else:
+        assert sum(f.stat().st_size for f in path.iterdir()) < 3000
+    done = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-c", _MEASURE, str(path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    result, peak_kb = json.loads(done.stdout.splitlines()[0]), int(done.stdout.splitlines()[1])
+    assert "does not match the recipe" in result["error"] or "declares 1000 dendrites" in result["error"]
+    assert "\n" not in result["error"]
+    assert result["seconds"] < 1.0  # about 0.1 s on an idle machine, lazy imports included
+    assert (peak_kb - result["rss_kb_before"]) / 1024 < 200  # beyond what importing torch itself takes

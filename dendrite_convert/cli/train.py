@@ -23,8 +23,8 @@ def train(
     candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
     patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
-    max_dendrites: Annotated[int, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping).", rich_help_panel=_SCHEDULE)] = 100,
-    max_epochs: Annotated[int, typer.Option(min=1, help="Stop after this many epochs in all.", rich_help_panel=_SCHEDULE)] = 100,
+    max_dendrites: Annotated[int | None, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping) [default: 100; with --resume: the run's, raise it to continue a finished run].", rich_help_panel=_SCHEDULE, show_default=False)] = None,
+    max_epochs: Annotated[int | None, typer.Option(min=1, help="Stop after this many epochs in all [default: 100; with --resume: the run's, raise it to continue a finished run].", rich_help_panel=_SCHEDULE, show_default=False)] = None,
     capacity_test: Annotated[bool, typer.Option("--capacity-test", help="Add a dendrite every epoch, three times, then stop: checks that the model and adapter work.", rich_help_panel=_SCHEDULE)] = False,
     seed: Annotated[int, typer.Option(help="Seeds torch, numpy and random; the same seed gives the same run on CPU.", rich_help_panel=_RUN)] = 0,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last completed epoch (its recorded model, options and adapter; --adapter replaces the adapter).", rich_help_panel=_RUN, show_default=False)] = None,
@@ -75,18 +75,19 @@ def train(
         check_output_location(output)
         run_dir = output
     allowed = consent(trust_code, trust_pickle, factory, allow_module)
+    budget = {k: v for k, v in (("max_dendrites", max_dendrites), ("max_epochs", max_epochs)) if v is not None}
     config = TrainConfig(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
-        max_dendrites=max_dendrites, max_epochs=max_epochs, capacity_test=capacity_test, seed=seed,
+        capacity_test=capacity_test, seed=seed, **budget,
     )
     if seeds > 1 or baseline:
         if resume is not None:
             raise UsageError("--seeds/--baseline start new runs; they cannot be combined with --resume.")
         _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
-    with _Progress(max_epochs, quiet) as progress:
+    with _Progress(config.max_epochs, quiet) as progress:
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            on_epoch=progress.epoch, **allowed)
+                            budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
     _report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
@@ -109,6 +110,11 @@ def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, 
 
 
 def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
+    if summary.get("already_finished"):
+        if not quiet:
+            console.print(f"{run_dir} is already finished ({summary['stop_reason']}); nothing to do. Raise --max-epochs "
+                          "or --max-dendrites to continue it.", highlight=False, soft_wrap=True)
+        return
     if summary.get("nonfinite"):
         kept = (f"the best model so far (epoch {summary['best_epoch']}, val {summary['best_val']:.6g}) is in {run_dir / 'best'}"
                 if summary["best_val"] is not None else "no epoch finished with a finite score, so there is no best model")

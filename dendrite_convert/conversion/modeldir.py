@@ -28,6 +28,7 @@ from .loading import Source, read_json
 from .rebuild import rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
+from .validate import check_converted
 
 SCHEMA_VERSION = 2  # 2: source copies (bundle) in the directory
 CONFIG_FILE = "dendrite_config.json"
@@ -129,7 +130,12 @@ def load_converted(path: str | Path, *, trust_code: bool = False, factory: str |
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
     consent = Consent.of(trust_code, factory, allow_modules, trust_pickle)
-    model, report = convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
+
+    def build():
+        return convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
+
+    check_converted(weights, build, {t.name: t.dendrites for t in recipe.targets})  # before allocating anything
+    model, report = build()
     expected = {t.name: t for t in recipe.targets}
     if len(expected) != len(recipe.targets):
         raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")

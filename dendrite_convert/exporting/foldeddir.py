@@ -22,6 +22,7 @@ from .fold import replace_layer
 from .folded import FoldedDendrites, layer_from_spec, layer_spec as _layer_spec
 from ..core.layers import dendrite_layer_paths
 from ..conversion.modeldir import ConvertedModel
+from ..conversion.validate import check_folded
 from .verify import VerifyReport, compare, reference_outputs
 
 FOLDED_CONFIG = "folded_config.json"
@@ -102,19 +103,25 @@ def load_folded(path: str | Path, *, trust_code: bool = False, factory: str | No
     except (TypeError, ValueError, KeyError, DendriteError) as exc:
         raise LoadError(f"{file} has malformed fields ({type(exc).__name__}: {exc}).") from exc
     consent = Consent.of(trust_code, factory, allow_modules, trust_pickle)
-    model, _ = convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
-    found = dendrite_layer_paths(model)
-    if set(found) != set(targets):
-        diff = sorted(set(found).symmetric_difference(targets))[:5]
-        raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
-    for name, entry in targets.items():
-        try:
-            spec = entry["module"]
-            module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
-        model = replace_layer(model, found[name], module)
+
+    def build():
+        model, _ = convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
+        found = dendrite_layer_paths(model)
+        if set(found) != set(targets):
+            diff = sorted(set(found).symmetric_difference(targets))[:5]
+            raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
+        for name, entry in targets.items():
+            try:
+                spec = entry["module"]
+                module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
+            model = replace_layer(model, found[name], module)
+        return model, found
+
     weights = path / FOLDED_WEIGHTS
+    check_folded(weights, lambda: build()[0], targets)  # before allocating anything
+    model, found = build()
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError, FileNotFoundError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import LoadError
+from ..core.errors import DendriteError, LoadError
 from ..conversion.loading import _import_file
 
 # name -> (signature shown in errors, number of positional arguments it is called with)
@@ -195,3 +196,26 @@ def load_adapter(spec: str | Path) -> Adapter:
     if found["score"] is None and not maximize:
         raise LoadError(f"--adapter {spec}: MAXIMIZE = False needs a score(); the default score is -loss (maximised).")
     return Adapter(spec=spec, maximize=maximize, **found)
+
+
+def call(adapter: Adapter, name: str, fn, *args):
+    """Call one of the adapter's functions; an exception in it becomes one sentence that names the function,
+    the original error and the adapter's line it came from (exit 3, like every adapter mistake)."""
+    try:
+        return fn(*args)
+    except DendriteError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"--adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
+                        f"{_adapter_line(adapter, exc)}.") from exc
+
+
+def _adapter_line(adapter: Adapter, exc: BaseException) -> str:
+    """' (at adapter.py:12: `raise ValueError("boom")`)': the deepest frame of the traceback in the adapter's file."""
+    files = {getattr(getattr(f, "__code__", None), "co_filename", None) for f in vars(adapter).values() if callable(f)}
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in files]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f" (at {Path(frame.filename).name}:{frame.lineno}{code})"

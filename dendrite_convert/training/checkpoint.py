@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..conversion.modeldir import CONFIG_FILE, WEIGHTS_FILE, ConvertedModel
-from ..core.errors import LoadError, UsageError
-from ..core.files import atomic_directory, remove_stale
+from ..core.errors import LoadError
+from ..core.files import atomic_directory
 from ..core.layers import dendrite_layers
 from ..core.structure import Snapshot, restore
 from . import distributed
@@ -108,16 +108,10 @@ def _as_module(best: Snapshot, model: nn.Module) -> nn.Module:
     return module
 
 
-def read_state(output: Path) -> tuple[dict, TrainConfig]:
-    """state.json of the run in `output` and its config, after putting back a checkpoint that a killed
-    replace moved aside."""
+def read_state(output: Path, budget: dict[str, int]) -> tuple[dict, TrainConfig]:
+    """state.json of the run in `output` and its config, with `budget` (max_epochs/max_dendrites) replacing
+    the recorded limits."""
     ckpt = output / "checkpoint"
-    if distributed.is_main():
-        remove_stale(ckpt)  # a kill during the directory swap leaves the previous checkpoint aside
-        remove_stale(output / "best")
-    distributed.barrier()
-    if not (ckpt / "state.json").is_file():
-        raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
     try:
         state = json.loads((ckpt / "state.json").read_text())
         version = state.get("version") if isinstance(state, dict) else None
@@ -125,8 +119,8 @@ def read_state(output: Path) -> tuple[dict, TrainConfig]:
             raise LoadError(f"--resume {output}: {ckpt}/state.json has version {version!r}, but this "
                             f"dendrite_convert resumes version {STATE_VERSION} only; resume with the version that "
                             "wrote it.")
-        config = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig)
-                                if f.name in state["config"]})
+        recorded = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
+        config = TrainConfig(**{**recorded, **budget})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
     return state, config
@@ -141,9 +135,12 @@ def restore_run(run: Run, state: dict) -> None:
     run.stop_reason = state["stop_reason"]
     run.nonfinite = state["nonfinite"]
     blob = torch.load(ckpt / "training_state.pt", weights_only=True)
-    run.optimizer.load_state_dict(blob["optimizer"])
-    if run.scheduler is not None and blob["scheduler"] is not None:
-        run.scheduler.load_state_dict(blob["scheduler"])
+    if run.schedule.done:  # its model is the restored best: the optimizer state saved with it is not its own
+        run.already_finished = not run.raise_budget()
+    else:
+        run.optimizer.load_state_dict(blob["optimizer"])
+        if run.scheduler is not None and blob["scheduler"] is not None:
+            run.scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
     gens = [g for loader in run.loaders() for g in _loader_generators(loader)]
     for g, s in zip(gens, blob["rng"]["loaders"]):

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..core.errors import LoadError
 from ..core.layers import count_parameters
 from ..core.structure import snapshot
 from . import checkpoint, distributed, outputs
-from .adapter import Adapter, batch_size, load_adapter
+from .adapter import Adapter, batch_size, call, load_adapter
 from .config import TrainConfig
 from .growth import Growth
 from .objectives import TrainingData
@@ -75,6 +76,7 @@ class Run:
         self.last_summary: dict = {}
         self._loss_checked = False
         self._warned_negative_plateau = False
+        self.already_finished = False  # resumed a run that had nothing left to do
         self._last_checkpoint = time.perf_counter()
         self._checkpoint_cost = 0.0  # measured: the first epoch always writes
 
@@ -96,9 +98,11 @@ class Run:
 
     @classmethod
     def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
-                        on_epoch: Callable[[dict], None] | None, consent: Consent) -> Run:
-        """The run recorded in `output/checkpoint`, ready to continue where it stopped."""
-        state, config = checkpoint.read_state(output)
+                        on_epoch: Callable[[dict], None] | None, consent: Consent,
+                        budget: dict[str, int] | None = None) -> Run:
+        """The run recorded in `output/checkpoint`, ready to continue where it stopped; `budget` replaces
+        its max_epochs/max_dendrites."""
+        state, config = checkpoint.read_state(output, budget or {})
         if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
             raise LoadError(f"--resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
                             f"{output / 'checkpoint'}/state.json; name it again with --adapter or pass {FLAG} to run it.")
@@ -107,6 +111,8 @@ class Run:
         ckpt = output / "checkpoint"
         run = cls(load_converted(ckpt / "model", **consent.keywords()), adapter, output, config, on_epoch)
         run.growth.load_state_dict({"schedule": state["schedule"], "initial_dendrites": state["initial_dendrites"]})
+        run.schedule.config = replace(run.schedule.config, max_epochs=config.max_epochs,
+                                      max_dendrites=config.max_dendrites)
         run.base_params = state["base_params"]
         seed_everything(config.seed)
         run._build_data()
@@ -153,8 +159,8 @@ class Run:
         self.model.train()
         self.net = distributed.wrap(self.model)  # a fresh DDP: it syncs rank 0's weights and buckets these params
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.adapter.build_optimizer(self.params)
-        self.scheduler = self.adapter.build_scheduler(self.optimizer)
+        self.optimizer = call(self.adapter, "optimizer(params)", self.adapter.build_optimizer, self.params)
+        self.scheduler = call(self.adapter, "scheduler(optimizer)", self.adapter.build_scheduler, self.optimizer)
 
     @contextmanager
     def _training_data(self, model: nn.Module):
@@ -165,9 +171,9 @@ class Run:
     def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
         if self.device.type != "cpu":
             batch = _to_device(batch, self.device)
-        args, kwargs = self.adapter.model_inputs(batch)
+        args, kwargs = call(self.adapter, "inputs(batch)", self.adapter.model_inputs, batch)
         try:
-            loss = self.adapter.loss((net or self.net)(*args, **kwargs), batch)
+            outputs = (net or self.net)(*args, **kwargs)
         except ValueError as exc:
             if "more than 1 value per channel when training" not in str(exc):
                 raise
@@ -175,6 +181,7 @@ class Run:
             raise LoadError(f"--adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
                             "few for BatchNorm to train on; pass drop_last=True to its DataLoader (or pick a batch size "
                             "that leaves no single sample over).") from exc
+        loss = call(self.adapter, "loss(outputs, batch)", self.adapter.loss, outputs, batch)
         if not self._loss_checked:
             self._check_loss(loss)
         return loss
@@ -220,11 +227,11 @@ class Run:
             for batch in data:
                 if self.device.type != "cpu":
                     batch = _to_device(batch, self.device)
-                args, kwargs = adapter.model_inputs(batch)
+                args, kwargs = call(adapter, "inputs(batch)", adapter.model_inputs, batch)
                 outputs = model(*args, **kwargs)
                 n = batch_size(batch)
                 if adapter.score is None:
-                    total_t -= adapter.loss(outputs, batch).detach().reshape(()) * n
+                    total_t -= call(adapter, "loss(outputs, batch)", adapter.loss, outputs, batch).detach().reshape(()) * n
                 else:
                     total += self._score(outputs, batch) * n
                 count += n
@@ -237,7 +244,7 @@ class Run:
         return total / count
 
     def _score(self, outputs, batch) -> float:
-        value = self.adapter.score(outputs, batch)
+        value = call(self.adapter, "score(outputs, batch)", self.adapter.score, outputs, batch)
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
@@ -294,6 +301,18 @@ class Run:
 
     def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
         return outputs.score_row(len(self.rows) + 1, phase, dendrites, params, train_loss, val, test, lr, seconds)
+
+    def raise_budget(self) -> bool:
+        """A finished run continues (with a fresh optimizer, from the best model it kept) when the limit it
+        stopped at was raised; a run that ended for any other reason stays finished."""
+        s, cfg = self.schedule, self.config
+        raised = ((s.stop_reason.startswith("reached --max-epochs") and s.epoch + s.config.dendrite_phase_epochs
+                   < cfg.max_epochs)
+                  or (s.stop_reason.startswith("reached --max-dendrites") and s.dendrites < cfg.max_dendrites))
+        if raised and not self.nonfinite:
+            s.done, s.stop_reason, self.stop_reason = False, "", ""
+            return True
+        return False
 
     def _step_scheduler(self, val: float) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -51,7 +51,7 @@ def write_outputs(run: Run) -> dict:
     if distributed.is_main():
         _write_csv(run.output / "scores.csv", SCORE_COLUMNS, run.rows)
         _write_csv(run.output / "best_test_scores.csv", BEST_COLUMNS, best_test_scores(run))
-        _write_text(run.output / "summary.json", json.dumps(data, indent=2) + "\n")
+        write_text(run.output / "summary.json", json.dumps(data, indent=2) + "\n")
     return data
 
 
@@ -124,10 +124,10 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_format(row.get(c)) for c in columns])
-    _write_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     """Atomic but not fsynced: these files are derived from the fsynced checkpoint and rewritten from it
     on resume, so durability costs nothing per epoch here."""
     with atomic_file(path, durable=False) as tmp:
