@@ -64,7 +64,7 @@ def test_repeated_sigkill_at_random_points_then_resume_matches_an_uninterrupted_
         early += not (run / "checkpoint").exists()
         if (run / "best").exists():  # whatever the moment of the kill, best/ is complete
             dc.load(run / "best")
-        rerun = _train("--resume", run, "--trust-code") if run.exists() else _train(converted, *ARGS, "-o", run)
+        rerun = _train("--resume", run, "--adapter", DIGITS / "adapter.py") if run.exists() else _train(converted, *ARGS, "-o", run)
         proc = subprocess.Popen(rerun, env=ENV)
     assert proc.wait(timeout=300) == 0
     assert kills >= 1 and early >= 1  # at least one kill came before the first checkpoint
@@ -90,7 +90,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_recovers(co
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert 1 <= len(state["rows"]) < 8  # the last complete checkpoint survived
     dc.load(run / "best")
-    resumed = subprocess.run(_train("--resume", run, "--json", "--quiet", "--trust-code"), env=ENV, capture_output=True, text=True,
+    resumed = subprocess.run(_train("--resume", run, "--json", "--quiet", "--adapter", DIGITS / "adapter.py"), env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
@@ -148,7 +148,7 @@ def test_resume_puts_back_a_checkpoint_moved_aside_by_a_killed_replace(converted
     dead.wait()
     os.replace(run / "checkpoint", run / f".checkpoint.dendrite-old-{dead.pid}-{'0' * 32}")  # SIGKILL between the renames
     (run / f".checkpoint.dendrite-tmp-{dead.pid}-{'1' * 32}").mkdir()
-    summary = dc.train(None, None, run, resume=True, trust_code=True)
+    summary = dc.train(None, DIGITS / "adapter.py", run, resume=True)
     assert summary["finished"] and (run / "checkpoint" / "state.json").is_file()
     assert not list(run.glob(".*"))
 
@@ -173,7 +173,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(convert
         (run / ".dendrite.lock").write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "started": "then"}))
         (run / f".checkpoint.dendrite-tmp-{pid}-{'2' * 32}").mkdir()
         if attempt == "resume":
-            result = CliRunner().invoke(train_app, ["--resume", str(run), "--json", "--quiet", "--trust-code"])
+            result = CliRunner().invoke(train_app, ["--resume", str(run), "--json", "--quiet", "--adapter", str(DIGITS / "adapter.py")])
         else:
             result = CliRunner().invoke(train_app, [str(converted), "-o", str(run), "--adapter", str(DIGITS / "adapter.py"),
                                                     "--switch-every", "2", "--max-dendrites", "1", "--max-epochs", "3",
@@ -246,11 +246,11 @@ def test_resuming_a_finished_run_says_so_or_continues_with_a_raised_budget(conve
     finished = dc.train(converted, DIGITS / "adapter.py", run,
                         dc.TrainConfig(switch_every=2, max_dendrites=3, max_epochs=5, seed=1, plot=False))
     assert finished["stop_reason"] == "reached --max-epochs 5"
-    result = CliRunner().invoke(train_app, ["--resume", str(run), "--trust-code"])
+    result = CliRunner().invoke(train_app, ["--resume", str(run), "--adapter", str(DIGITS / "adapter.py")])
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == f"{run} is already finished (reached --max-epochs 5); nothing to do. Raise " \
                                     "--max-epochs or --max-dendrites to continue it."
-    result = CliRunner().invoke(train_app, ["--resume", str(run), "--max-epochs", "9", "--json", "--quiet", "--trust-code"])
+    result = CliRunner().invoke(train_app, ["--resume", str(run), "--max-epochs", "9", "--json", "--quiet", "--adapter", str(DIGITS / "adapter.py")])
     assert result.exit_code == 0, result.output
     more = json.loads(result.stdout)
     assert more["finished"] and 5 < more["epochs"] <= 9 and "already_finished" not in more
@@ -267,7 +267,7 @@ def test_resuming_a_run_that_ended_by_restoring_a_smaller_best_model_says_it_is_
     finished = dc.train(converted, adapter, run, dc.TrainConfig(patience=2, max_epochs=30, plot=False))
     assert finished["dendrites"] == 0 and finished["switches"]
     for extra in ([], ["--max-epochs", "40"]):  # a stop that no budget caused stays a stop
-        result = CliRunner().invoke(train_app, ["--resume", str(run), "--trust-code", *extra])
+        result = CliRunner().invoke(train_app, ["--resume", str(run), "--adapter", str(DIGITS / "adapter.py"), *extra])
         assert result.exit_code == 0, result.output
         assert "is already finished (0 dendrites did not beat" in result.stderr or \
                "is already finished (1 dendrites did not beat" in result.stderr, result.stderr
@@ -295,7 +295,7 @@ from dendrite_convert.core.errors import DendriteError
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 try:
-    dc.load(sys.argv[1])
+    dc.load(sys.argv[1], factory="torch.nn:Linear")  # the factory named again: consent is not what refuses it
 except DendriteError as exc:
     print(json.dumps({"seconds": time.perf_counter() - start, "rss_kb_before": before, "error": str(exc)}))
     sys.exit(exc.exit_code)
