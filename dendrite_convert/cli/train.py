@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ..training.objectives import OBJECTIVES
 from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, print_json
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
+_OBJECTIVES_HELP = "How dendrites learn: " + "; ".join(f"{name} ({cls.help})" for name, cls in OBJECTIVES.items()) + "."
 
 
 @handle_errors
@@ -18,7 +20,7 @@ def train(
     converted: Annotated[Path | None, typer.Argument(help="A converted-model directory (from dendrite-convert).", show_default=False)] = None,
     adapter: Annotated[str | None, typer.Option(help="Data adapter: path/to/adapter.py or pkg.module (see --adapter-template).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory to write (best/, checkpoint/, scores.csv, summary.json, ...).", show_default=False)] = None,
-    objective: Annotated[str, typer.Option(help="How dendrites learn: gradient (jointly on the task loss) or correlation (candidates fit the error signal, then frozen).", rich_help_panel=_OBJECTIVE)] = "gradient",
+    objective: Annotated[str, typer.Option(help=_OBJECTIVES_HELP, rich_help_panel=_OBJECTIVE)] = "gradient",
     candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
     patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
