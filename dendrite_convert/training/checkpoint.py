@@ -114,13 +114,15 @@ def read_state(output: Path) -> tuple[dict, TrainConfig]:
         remove_stale(output / "best")
     distributed.barrier()
     if not (ckpt / "state.json").is_file():
-        raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
+        raise UsageError(f"{output}: no checkpoint there to resume from (expected {ckpt}/state.json from an earlier "
+                         "run).")
     try:
         state = json.loads((ckpt / "state.json").read_text())
         config = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig)
                                 if f.name in state["config"]})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
+        raise LoadError(f"{ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}), so the run in {output} "
+                        "cannot be resumed.") from exc
     return state, config
 
 
