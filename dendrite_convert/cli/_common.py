@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -62,7 +63,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DendriteError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {cli_message(exc, fn)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]; completed outputs were kept, partial ones removed.")
@@ -84,6 +85,29 @@ def handle_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def cli_message(exc: DendriteError, command) -> str:
+    """The library's sentence, with the argument at fault named as this command spells it: the Python name
+    that starts the message (`switch_every must be ...`) becomes the option (`--switch-every must be ...`)."""
+    text, name = str(exc), exc.parameter
+    flag = _option_name(command, name) if name and text.startswith(name) else None
+    return text if flag is None else flag + text[len(name):]
+
+
+def _option_name(command, parameter: str) -> str | None:
+    """How `command` spells its `parameter` on the command line: the longest `--option`, or the argument's
+    metavar; None when the command has no such parameter (the Python name is then the clearest)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    info = next((m for m in getattr(hints.get(parameter), "__metadata__", ())
+                 if isinstance(m, (typer.models.OptionInfo, typer.models.ArgumentInfo))), None)
+    if isinstance(info, typer.models.ArgumentInfo):
+        return parameter.upper()
+    if isinstance(info, typer.models.OptionInfo):  # inside Annotated, Typer reads a first "--name" as a declaration
+        decls = [info.default, *(info.param_decls or ())]
+        return max((d for d in decls if isinstance(d, str) and d.startswith("--")), key=len,
+                   default=f"--{parameter.replace('_', '-')}")
+    return None
 
 
 def parse_json_option(text: str | None, option: str) -> dict:

@@ -8,10 +8,12 @@ from typing import Annotated
 
 import typer
 
+from ..training.objectives import OBJECTIVES
 from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
-                      console, consent, handle_errors, print_json)
+                      consent, handle_errors, print_json)
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
+_OBJECTIVES_HELP = "How dendrites learn: " + "; ".join(f"{name} ({cls.help})" for name, cls in OBJECTIVES.items()) + "."
 
 
 @handle_errors
@@ -19,7 +21,7 @@ def train(
     converted: Annotated[Path | None, typer.Argument(help="A converted-model directory (from dendrite-convert).", show_default=False)] = None,
     adapter: Annotated[str | None, typer.Option(help="Data adapter: path/to/adapter.py or pkg.module (see --adapter-template).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory to write (best/, checkpoint/, scores.csv, summary.json, ...).", show_default=False)] = None,
-    objective: Annotated[str, typer.Option(help="How dendrites learn: gradient (jointly on the task loss) or correlation (candidates fit the error signal, then frozen).", rich_help_panel=_OBJECTIVE)] = "gradient",
+    objective: Annotated[str, typer.Option(help=_OBJECTIVES_HELP, rich_help_panel=_OBJECTIVE)] = "gradient",
     candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
     patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
@@ -44,8 +46,6 @@ def train(
 
     [bold]dendrite-train converted/ --adapter adapter.py -o run/[/bold]
     """
-    from ..core.errors import UsageError
-
     if adapter_template:
         from ..training.adapter import TEMPLATE
 
@@ -53,27 +53,11 @@ def train(
         return
     from ..training.distributed import launched_rank
     from ..training.trainer import TrainConfig, train as train_api
+    from ._training import Progress, compare_seeds, report, run_directory
 
     if launched_rank() != 0:  # under torchrun rank 0 alone shows progress and prints results
         quiet, json_out = True, False
-
-    if resume is not None:
-        if output is not None and output.resolve() != resume.resolve():
-            raise UsageError("--resume RUN continues RUN in place; leave out -o/--output.")
-        if converted is not None:
-            raise UsageError("--resume RUN continues with the model recorded in RUN/checkpoint; leave out CONVERTED.")
-        run_dir = resume
-    else:
-        if converted is None:
-            raise UsageError("give a converted-model directory: dendrite-train CONVERTED --adapter adapter.py -o RUN.")
-        if adapter is None:
-            raise UsageError("--adapter is required (dendrite-train --adapter-template prints one to start from).")
-        if output is None:
-            raise UsageError("-o/--output is required: the run directory to write.")
-        from ..core.outputs import check_output_location
-
-        check_output_location(output)
-        run_dir = output
+    run_dir = run_directory(converted, adapter, output, resume, compare=seeds > 1 or baseline)
     allowed = consent(trust_code, trust_pickle, factory, allow_module)
     budget = {k: v for k, v in (("max_dendrites", max_dendrites), ("max_epochs", max_epochs)) if v is not None}
     config = TrainConfig(
@@ -81,89 +65,16 @@ def train(
         capacity_test=capacity_test, seed=seed, **budget,
     )
     if seeds > 1 or baseline:
-        if resume is not None:
-            raise UsageError("--seeds/--baseline start new runs; they cannot be combined with --resume.")
-        _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
+        compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
-    with _Progress(config.max_epochs, quiet) as progress:
+    with Progress(config.max_epochs, quiet) as progress:
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
                             budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
-    _report(summary, run_dir, quiet)
+    report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
     if summary.get("nonfinite"):
         raise typer.Exit(1)
-
-
-def _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed) -> None:
-    """K seeds with (and without) dendrites: comparison.csv/.json/.png and a table with the significance."""
-    from ..conversion.consent import Consent
-    from ..training.compare import compare, render
-
-    result = compare(converted, adapter, run_dir, config, seeds=seeds, baseline=baseline, jobs=jobs, force=force,
-                     consent=Consent(**allowed))
-    if not quiet:
-        render(result, console)
-        console.print(f"wrote {run_dir / 'comparison.csv'}, comparison.json, comparison.png and one run per seed")
-    if json_out:
-        print_json(result.to_dict())
-
-
-def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
-    if summary.get("already_finished"):
-        if not quiet:
-            console.print(f"{run_dir} is already finished ({summary['stop_reason']}); nothing to do. Raise --max-epochs "
-                          "or --max-dendrites to continue it.", highlight=False, soft_wrap=True)
-        return
-    if summary.get("nonfinite"):
-        kept = (f"the best model so far (epoch {summary['best_epoch']}, val {summary['best_val']:.6g}) is in {run_dir / 'best'}"
-                if summary["best_val"] is not None else "no epoch finished with a finite score, so there is no best model")
-        console.print(f"[red]error:[/red] training stopped: {summary['stop_reason']}; {kept}. Lower the learning rate "
-                      "or check the loss in the adapter.", highlight=False, soft_wrap=True)
-        return
-    if quiet:
-        return
-    test = "" if summary["test_at_best"] is None else f", test {summary['test_at_best']:.6g}"
-    console.print(
-        f"done: {summary['stop_reason']}. Best val {summary['best_val']:.6g}{test} at epoch {summary['best_epoch']} "
-        f"with {summary['dendrites']} dendrite(s) per target, {summary['params']:,} params "
-        f"(base {summary['base_params']:,}); wrote {run_dir}", highlight=False, soft_wrap=True,
-    )
-
-
-class _Progress:
-    """A rich progress bar when stderr is a terminal, else one line per epoch; nothing with --quiet."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.quiet = quiet
-        self.bar = None
-        self.total = total
-
-    def __enter__(self):
-        if not self.quiet and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("training", total=self.total)
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-    def epoch(self, row: dict) -> None:
-        if self.quiet:
-            return
-        test = "" if row["test"] is None else f" test {row['test']:.4g}"
-        loss = "" if row["train_loss"] is None else f" loss {row['train_loss']:.4g}"
-        text = (f"epoch {row['epoch']} {row['phase']}: {row['dendrites']} dendrite(s){loss} val {row['val']:.4g}"
-                f"{test} ({row['seconds']:.2f}s)")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=row["epoch"], description=text)
-        else:
-            console.print(text, highlight=False, soft_wrap=True)
 
 
 app = command_app(train)

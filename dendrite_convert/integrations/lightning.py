@@ -46,6 +46,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("lightning", "lightning", _exc) from _exc
 
+from ..core.errors import UsageError
 from ..core.layers import DendriteLayer
 from ..core.structure import dendrite_counts, restore_structure
 from ..training.growth import Growth, carry_lr_schedule
@@ -81,7 +82,7 @@ class DendriteCallback(pl.Callback):
                  capacity_test: bool = False, objective: str | Objective = "gradient",
                  resume_from: str | os.PathLike | None = None):
         if mode not in (None, "min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+            raise UsageError(f"mode must be 'min' or 'max', not {mode!r}.", parameter="mode")
         self.monitor = monitor
         self.mode = mode or ("min" if "loss" in monitor else "max")
         self.resume_from = resume_from
@@ -100,13 +101,13 @@ class DendriteCallback(pl.Callback):
         if stage != "fit":
             return
         if trainer.world_size > 1:
-            raise ValueError("DendriteCallback supports single-device training only (DDP wraps the parameter set "
+            raise UsageError("DendriteCallback supports single-device training only (DDP wraps the parameter set "
                              "once and cannot be re-wrapped from a callback); use `torchrun ... dendrite-train`.")
         if not any(isinstance(m, DendriteLayer) for m in pl_module.modules()):
-            raise ValueError("the LightningModule has no dendrite layers: convert its network first with "
+            raise UsageError("the LightningModule has no dendrite layers: convert its network first with "
                              "dendrite_convert.convert().")
         if self.growth.objective.needs_data(pl_module) and not pl_module.automatic_optimization:
-            raise ValueError(f"the {self.growth.objective.name} objective grows these dendrites from the module's "
+            raise UsageError(f"the {self.growth.objective.name} objective grows these dendrites from the module's "
                              "training_step loss, which a manually optimised module (automatic_optimization=False) "
                              "steps itself; use automatic optimization (or the gradient objective without "
                              "channel-selective dendrites).")
@@ -124,9 +125,9 @@ class DendriteCallback(pl.Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise KeyError(f"DendriteCallback monitors {self.monitor!r}, which was not logged during validation "
-                           f"(logged: {sorted(trainer.callback_metrics)}); log it with self.log({self.monitor!r}, ...) "
-                           "in validation_step.")
+            raise UsageError(f"monitor {self.monitor!r} was not logged during validation (logged: "
+                             f"{sorted(trainer.callback_metrics)}); log it with self.log({self.monitor!r}, ...) in "
+                             "validation_step.", parameter="monitor")
         decision = self.growth.observe(pl_module, float(value), trainer.global_step)
         if decision.action in ("add", "retry"):
             log.info("step %d: %s=%.6g; %s -> %d dendrites per target", trainer.global_step, self.monitor,
@@ -151,7 +152,7 @@ class DendriteCallback(pl.Callback):
         trainer = self._trainer
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
-            raise ValueError(f"the {self.growth.objective.name} objective reads the error signal from one training "
+            raise UsageError(f"the {self.growth.objective.name} objective reads the error signal from one training "
                              "DataLoader; this fit has another kind: train on one DataLoader.")
         private = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, collate_fn=loader.collate_fn,
                              generator=torch.Generator())

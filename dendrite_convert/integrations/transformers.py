@@ -61,6 +61,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by the no-extras sub
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
 from ..conversion.rewrite import retie_weight_keys
+from ..core.errors import UsageError
 from ..core.layers import DendriteLayer
 from ..core.structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
 from ..training.growth import Growth, carry_lr_schedule
@@ -118,17 +119,17 @@ class DendriteCallback(TrainerCallback):
         """Register with `trainer` (it needs the Trainer to rebuild the optimizer); returns self."""
         args = trainer.args
         if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
-            raise ValueError("DendriteCallback switches on evaluations: set TrainingArguments(eval_strategy='steps', "
+            raise UsageError("DendriteCallback switches on evaluations: set TrainingArguments(eval_strategy='steps', "
                              "eval_steps=N) or eval_strategy='epoch', and pass an eval_dataset.")
         if args.load_best_model_at_end:
-            raise ValueError("DendriteCallback restores the best model itself: set load_best_model_at_end=False "
+            raise UsageError("DendriteCallback restores the best model itself: set load_best_model_at_end=False "
                              "(a checkpoint of a smaller architecture cannot be loaded into the grown model).")
         if args.world_size > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-            raise ValueError("DendriteCallback supports one training process only (the Trainer's loop keeps the "
+            raise UsageError("DendriteCallback supports one training process only (the Trainer's loop keeps the "
                              "wrapped model, which cannot be re-wrapped after dendrites are added); use "
                              "`torchrun ... dendrite-train` for distributed runs.")
         if not any(isinstance(m, DendriteLayer) for m in trainer.model.modules()):
-            raise ValueError("trainer.model has no dendrite layers: convert it first with dendrite_convert.convert().")
+            raise UsageError("trainer.model has no dendrite layers: convert it first with dendrite_convert.convert().")
         if trainer.optimizer is not None:
             log.warning("DendriteCallback rebuilds the optimizer with Trainer.create_optimizer when dendrites are "
                         "added; the optimizer passed in `optimizers=` is used only until then (pass "
@@ -172,8 +173,8 @@ class DendriteCallback(TrainerCallback):
 
     def _need_trainer(self) -> transformers.Trainer:
         if self.trainer is None:
-            raise RuntimeError("DendriteCallback needs the Trainer: create it with DendriteCallback(...).attach(trainer) "
-                               "instead of Trainer(callbacks=[...]).")
+            raise UsageError("DendriteCallback needs the Trainer: create it with DendriteCallback(...).attach(trainer) "
+                             "instead of Trainer(callbacks=[...]).")
         return self.trainer
 
     # ---- Trainer events --------------------------------------------------------------------------
@@ -187,8 +188,8 @@ class DendriteCallback(TrainerCallback):
             return  # an evaluate() outside train(), or after the schedule ended
         trainer = self._need_trainer()
         if not metrics or self.metric_key not in metrics:
-            raise KeyError(f"DendriteCallback watches {self.metric_key!r}, which this evaluation did not report "
-                           f"(it reported {sorted(metrics or {})}); pass DendriteCallback(metric=...).")
+            raise UsageError(f"metric {self.metric_key!r} is not among this evaluation's metrics "
+                             f"({sorted(metrics or {})}); pass DendriteCallback(metric=...).", parameter="metric")
         value = float(metrics[self.metric_key])
         evaluated = self.growth.schedule.dendrites
         decision = self.growth.observe(trainer.model, value, state.global_step)

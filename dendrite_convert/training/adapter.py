@@ -118,7 +118,8 @@ class Adapter:
             return torch.optim.Adam(params, lr=1e-3)
         opt = self.optimizer(params)
         if not isinstance(opt, torch.optim.Optimizer):
-            raise LoadError(f"{self.spec}: optimizer(params) returned {type(opt).__name__}, not a torch.optim.Optimizer.")
+            raise LoadError(f"adapter {self.spec}: optimizer(params) returned {type(opt).__name__}, not a "
+                            "torch.optim.Optimizer.", parameter="adapter")
         return opt
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer):
@@ -150,23 +151,26 @@ def _module_for(spec: str):
         if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
             file = Path(spec)
             if not file.is_file():
-                raise LoadError(f"--adapter {spec}: file does not exist (see dendrite-train --adapter-template).")
+                raise LoadError(f"adapter {spec}: file does not exist (adapter.TEMPLATE is one to start from).",
+                                parameter="adapter")
             return _import_file(file)
         return importlib.import_module(spec)
     except LoadError:
         raise
     except Exception as exc:
-        raise LoadError(f"--adapter {spec} cannot be imported: {type(exc).__name__}: {exc}.") from exc
+        raise LoadError(f"adapter {spec} cannot be imported: {type(exc).__name__}: {exc}.",
+                        parameter="adapter") from exc
 
 
 def _check_callable(spec: str, module, name: str, signature: str, nargs: int, required: bool):
     fn = getattr(module, name, None)
     if fn is None:
         if required:
-            raise LoadError(f"--adapter {spec} has no {name}(); it must define `{signature}`.")
+            raise LoadError(f"adapter {spec} has no {name}(); it must define `{signature}`.", parameter="adapter")
         return None
     if not callable(fn):
-        raise LoadError(f"--adapter {spec}: {name} is a {type(fn).__name__}, not a function; expected `{signature}`.")
+        raise LoadError(f"adapter {spec}: {name} is a {type(fn).__name__}, not a function; expected `{signature}`.",
+                        parameter="adapter")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins and C callables: trust them
@@ -175,8 +179,8 @@ def _check_callable(spec: str, module, name: str, signature: str, nargs: int, re
         sig.bind(*([None] * nargs))
     except TypeError:
         raise LoadError(
-            f"--adapter {spec}: {name}{sig} cannot be called with {nargs} argument{'s' * (nargs != 1)}; "
-            f"expected `{signature}`."
+            f"adapter {spec}: {name}{sig} cannot be called with {nargs} argument{'s' * (nargs != 1)}; "
+            f"expected `{signature}`.", parameter="adapter",
         ) from None
     return fn
 
@@ -192,9 +196,10 @@ def load_adapter(spec: str | Path) -> Adapter:
     }
     maximize = getattr(module, "MAXIMIZE", True)
     if not isinstance(maximize, bool):
-        raise LoadError(f"--adapter {spec}: MAXIMIZE must be True or False, not {maximize!r}.")
+        raise LoadError(f"adapter {spec}: MAXIMIZE must be True or False, not {maximize!r}.", parameter="adapter")
     if found["score"] is None and not maximize:
-        raise LoadError(f"--adapter {spec}: MAXIMIZE = False needs a score(); the default score is -loss (maximised).")
+        raise LoadError(f"adapter {spec}: MAXIMIZE = False needs a score(); the default score is -loss (maximised).",
+                        parameter="adapter")
     return Adapter(spec=spec, maximize=maximize, **found)
 
 

@@ -122,7 +122,8 @@ def read_state(output: Path, budget: dict[str, int]) -> tuple[dict, TrainConfig]
         recorded = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
         config = TrainConfig(**{**recorded, **budget})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LoadError(f"--resume {output}: {ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}).") from exc
+        raise LoadError(f"{ckpt}/state.json is unreadable ({type(exc).__name__}: {exc}), so the run in {output} "
+                        "cannot be resumed.") from exc
     return state, config
 
 

@@ -31,16 +31,18 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}.")
+            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}.",
+                             parameter="objective")
         for name in ("candidates", "patience", "max_epochs", "correlation_epochs", "correlation_samples"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}.")
+                raise UsageError(f"{name} must be at least 1, not {getattr(self, name)}.", parameter=name)
         if self.switch_every is not None and self.switch_every < 1:
-            raise UsageError(f"--switch-every must be at least 1, not {self.switch_every}.")
+            raise UsageError(f"switch_every must be at least 1, not {self.switch_every}.", parameter="switch_every")
         if self.max_dendrites < 0:
-            raise UsageError(f"--max-dendrites must be 0 or more, not {self.max_dendrites}.")
+            raise UsageError(f"max_dendrites must be 0 or more, not {self.max_dendrites}.", parameter="max_dendrites")
         if not self.checkpoint_budget > 0:
-            raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.")
+            raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.",
+                             parameter="checkpoint_budget")
 
     def schedule_config(self, maximize: bool) -> ScheduleConfig:
         return ScheduleConfig(

@@ -138,11 +138,13 @@ class Run:
         try:
             data = fn()
         except Exception as exc:
-            raise LoadError(f"--adapter {self.adapter.spec}: {name}() raised {type(exc).__name__}: {exc}.") from exc
+            raise LoadError(f"adapter {self.adapter.spec}: {name}() raised {type(exc).__name__}: {exc}.",
+                            parameter="adapter") from exc
         if data is None or not hasattr(data, "__iter__") or iter(data) is data:
             raise LoadError(
-                f"--adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
-                "batches such as a DataLoader or a list (not a generator, which runs out after one epoch)."
+                f"adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
+                "batches such as a DataLoader or a list (not a generator, which runs out after one epoch).",
+                parameter="adapter",
             )
         return data
 
@@ -189,14 +191,14 @@ class Run:
     def _check_loss(self, loss) -> None:
         spec = self.adapter.spec
         if not isinstance(loss, torch.Tensor):
-            raise LoadError(f"--adapter {spec}: loss(outputs, batch) returned {type(loss).__name__}; it must return "
-                            "a scalar torch.Tensor.")
+            raise LoadError(f"adapter {spec}: loss(outputs, batch) returned {type(loss).__name__}; it must return "
+                            "a scalar torch.Tensor.", parameter="adapter")
         if loss.numel() != 1:
-            raise LoadError(f"--adapter {spec}: loss(outputs, batch) returned a tensor of shape {list(loss.shape)}; "
-                            "it must return a scalar (reduce it, e.g. with .mean()).")
+            raise LoadError(f"adapter {spec}: loss(outputs, batch) returned a tensor of shape {list(loss.shape)}; "
+                            "it must return a scalar (reduce it, e.g. with .mean()).", parameter="adapter")
         if not loss.requires_grad:
-            raise LoadError(f"--adapter {spec}: loss(outputs, batch) does not depend on the model's parameters "
-                            "(no gradient); compute it from `outputs`.")
+            raise LoadError(f"adapter {spec}: loss(outputs, batch) does not depend on the model's parameters "
+                            "(no gradient); compute it from `outputs`.", parameter="adapter")
         self._loss_checked = True
 
     def train_epoch(self) -> float:
@@ -213,7 +215,7 @@ class Run:
             total += loss.detach()
             steps += 1
         if steps == 0:
-            raise LoadError(f"--adapter {self.adapter.spec}: train_data() yielded no batches.")
+            raise LoadError(f"adapter {self.adapter.spec}: train_data() yielded no batches.", parameter="adapter")
         total_loss, all_steps = distributed.all_sum(total.item(), steps)
         return total_loss / all_steps
 
@@ -239,8 +241,8 @@ class Run:
             model.train()
         total, count = distributed.all_sum(total + total_t.item(), count)  # every rank decides alike
         if count == 0:
-            raise LoadError(f"--adapter {adapter.spec}: {name}() yielded no batches; it must give at least one "
-                            "batch to score.")
+            raise LoadError(f"adapter {adapter.spec}: {name}() yielded no batches; it must give at least one "
+                            "batch to score.", parameter="adapter")
         return total / count
 
     def _score(self, outputs, batch) -> float:
@@ -248,8 +250,8 @@ class Run:
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
-            raise LoadError(f"--adapter {self.adapter.spec}: score(outputs, batch) returned {type(value).__name__}; "
-                            "it must return a number (a float or a one-element tensor).") from None
+            raise LoadError(f"adapter {self.adapter.spec}: score(outputs, batch) returned {type(value).__name__}; "
+                            "it must return a number (a float or a one-element tensor).", parameter="adapter") from None
 
     def _val_test(self) -> tuple[float, float | None]:
         val = self.evaluate(self.val_loader, "val_data")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..core.errors import UsageError
+
 # The peer's improvement_threshold (relative, indexed by the dendrite count) and improvement_threshold_raw.
 DEFAULT_THRESHOLDS = (0.001, 0.0001, 0.0)
 DEFAULT_RAW_THRESHOLD = 1e-5
@@ -36,13 +38,15 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.patience < 1:
-            raise ValueError(f"patience must be at least 1, not {self.patience}")
+            raise UsageError(f"patience must be at least 1, not {self.patience}.", parameter="patience")
         if self.switch_every is not None and self.switch_every < 1:
-            raise ValueError(f"switch_every must be at least 1, not {self.switch_every}")
-        if self.max_dendrites < 0 or self.max_epochs < 1:
-            raise ValueError("max_dendrites must be >= 0 and max_epochs >= 1")
+            raise UsageError(f"switch_every must be at least 1, not {self.switch_every}.", parameter="switch_every")
+        if self.max_dendrites < 0:
+            raise UsageError(f"max_dendrites must be 0 or more, not {self.max_dendrites}.", parameter="max_dendrites")
+        if self.max_epochs < 1:
+            raise UsageError(f"max_epochs must be at least 1, not {self.max_epochs}.", parameter="max_epochs")
         if not self.thresholds:
-            raise ValueError("thresholds must not be empty")
+            raise UsageError("thresholds must not be empty.", parameter="thresholds")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def make_objective(objective: str | Objective, **options) -> Objective:
     if isinstance(objective, Objective):
         return objective
     if objective not in OBJECTIVES:
-        raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
+        raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.",
+                         parameter="objective")
     cls = OBJECTIVES[objective]
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in options.items() if k in names})

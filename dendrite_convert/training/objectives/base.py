@@ -35,6 +35,7 @@ class Objective(ABC):
     """How dendrites learn (DESIGN §4); subclasses are frozen dataclasses whose fields are their options."""
 
     name: ClassVar[str]
+    help: ClassVar[str]  # one phrase for `dendrite-train --help`
     dendrite_phase_epochs: ClassVar[int] = 0
 
     def needs_data(self, model: nn.Module) -> bool:

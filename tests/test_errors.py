@@ -1,0 +1,75 @@
+"""One error hierarchy: library messages in Python terms, the CLI names its own options and exit codes."""
+
+import ast
+import inspect
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import dendrite_convert as dc
+from dendrite_convert.cli._common import cli_message
+from dendrite_convert.cli.train import app as train_app
+from dendrite_convert.cli.train import train as train_command
+from dendrite_convert.training.adapter import load_adapter
+from dendrite_convert.training.schedule import ScheduleConfig
+
+PACKAGE = Path(dc.__file__).parent
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def test_library_errors_name_the_python_parameter():
+    with pytest.raises(dc.UsageError) as err:
+        dc.TrainConfig(switch_every=0)
+    assert str(err.value) == "switch_every must be at least 1, not 0." and err.value.parameter == "switch_every"
+    assert isinstance(err.value, ValueError) and err.value.exit_code == 2  # callers catching ValueError still do
+    with pytest.raises(ValueError, match="^max_epochs must be at least 1"):
+        ScheduleConfig(max_epochs=0)
+    with pytest.raises(dc.LoadError, match="^adapter .*nope.py: file does not exist") as err:
+        load_adapter("nope.py")
+    assert err.value.parameter == "adapter" and err.value.exit_code == 3
+
+
+def test_the_cli_names_its_own_option_for_the_parameter():
+    command = inspect.unwrap(train_command)
+    assert cli_message(dc.UsageError("switch_every must be at least 1.", parameter="switch_every"),
+                       command) == "--switch-every must be at least 1."
+    assert cli_message(dc.UsageError("json_out clash.", parameter="json_out"), command) == "--json clash."
+    assert cli_message(dc.UsageError("converted is missing.", parameter="converted"), command) == "CONVERTED is missing."
+    # no such option: the Python name stays, and so does a message that does not start with the name
+    assert cli_message(dc.UsageError("checkpoint_budget must be positive.", parameter="checkpoint_budget"),
+                       command) == "checkpoint_budget must be positive."
+    assert cli_message(dc.UsageError("the objective is odd.", parameter="objective"), command) == "the objective is odd."
+
+
+def test_cli_reports_a_library_error_with_the_flag_and_its_exit_code(tmp_path):
+    digits = PACKAGE.parent / "examples" / "digits"
+    sys.path.insert(0, str(digits))
+    from model import build
+
+    converted = dc.convert(build(8), factory=f"{digits / 'model.py'}:build").save(tmp_path / "conv")
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(tmp_path / "nope.py"), "-o",
+                                            str(tmp_path / "run")])
+    assert result.exit_code == 3 and "error: --adapter " in result.stderr and "file does not exist" in result.stderr
+
+
+def test_errors_survive_pickling_with_their_parameter():
+    """`compare(jobs=N)` runs seeds in worker processes, whose errors come back pickled."""
+    again = pickle.loads(pickle.dumps(dc.UsageError("patience must be at least 1.", parameter="patience")))
+    assert type(again) is dc.UsageError and str(again) == "patience must be at least 1." and again.parameter == "patience"
+
+
+@pytest.mark.parametrize("package", ["training", "integrations"])
+def test_library_raises_do_not_word_command_line_flags(package):
+    """Messages of raised errors hold no `--flag`: the library is also called from Python."""
+    offenders = []
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for const in ast.walk(node.exc):
+                    if isinstance(const, ast.Constant) and isinstance(const.value, str) and FLAG.search(const.value):
+                        offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {FLAG.search(const.value)[0]}")
+    assert not offenders, "library raises worded with CLI flags:\n" + "\n".join(offenders)
