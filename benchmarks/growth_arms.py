@@ -57,9 +57,16 @@ def _fan_in_units(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
-def _unit_cost(model: nn.Module, pair: tuple[str, str | None, str]) -> int:
+def _unit_cost(model: nn.Module, pair: tuple[str, str | None, str], units: dict[tuple, int]) -> int:
+    """Parameters one more unit of `pair` adds, given the units already planned (a layer that is both a
+    consumer and a producer grows in both directions)."""
     producer, norm, consumer = (None if p is None else model.get_submodule(p) for p in pair)
-    cost = producer.weight[0].numel() + (producer.bias is not None) + consumer.weight[:, 0].numel()
+    grown_in = sum(k for (_, _, c), k in units.items() if c == pair[0])  # producer's extra inputs
+    grown_out = sum(k for (p, _, _), k in units.items() if p == pair[2])  # consumer's extra outputs
+    kernel_in = producer.weight[0, 0].numel()
+    kernel_out = consumer.weight[0, 0].numel()
+    cost = kernel_in * (_fan_in_units(producer) + grown_in) + (producer.bias is not None)
+    cost += kernel_out * (_units(consumer) + grown_out)
     return cost + (4 if norm is not None else 0)  # BatchNorm: weight, bias and two running statistics
 
 
@@ -71,8 +78,8 @@ def widen_plan(model: nn.Module, budget: int) -> dict[tuple, int]:
     units, total, history = dict.fromkeys(pairs, 0), 0, [(0, {})]
     while total < budget:
         for pair in pairs:
+            total += _unit_cost(model, pair, units)
             units[pair] += 1
-            total += _unit_cost(model, pair)
             history.append((total, dict(units)))
             if total >= budget:
                 break
