@@ -208,3 +208,16 @@ def test_most_curved_points_of_the_activations():
     assert abs(most_curved_point("sigmoid") + 1.317) < 2e-3  # where sigmoid's third derivative is zero: -ln(2 + sqrt 3)
     assert abs(most_curved_point("tanh") + 0.658) < 2e-3
     assert most_curved_point("identity") == 0.0
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_channel_selective_dendrite_serves_the_channels_with_the_most_gain(order):
+    student, batches = (_teacher_problem if order == 1 else _plateau_problem)(d=8, c=4)
+    y_scale = torch.tensor([1.0, 0.0, 1.0, 0.0])  # channels 1 and 3 are fitted exactly: nothing to gain there
+    with torch.no_grad():
+        exact = [(x, torch.where(y_scale.bool(), y, student(x))) for x, y in batches]
+    model = convert(student, DendriteConfig(channel_fraction=0.5)).model
+    layer = dendrite_layers(model)["0"]
+    report = add_closed_form_dendrites(model, exact, _mse(model), ClosedFormConfig(order=order))["0"]
+    assert report.grown and report.loss_after < 0.7 * report.loss_before
+    assert layer.dendrite_channels.tolist() == [[0, 2]]
