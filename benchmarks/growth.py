@@ -44,7 +44,9 @@ from dendrite_convert.core.structure import add_dendrites  # noqa: E402
 from dendrite_convert.exporting.latency import count_flops  # noqa: E402
 from dendrite_convert.training.adapter import batch_size, load_adapter  # noqa: E402
 from dendrite_convert.training.closed_form_growth import ClosedFormConfig, add_closed_form_dendrites  # noqa: E402
-from dendrite_convert.training.correlation import CorrelationConfig, add_correlation_dendrites, freeze_dendrites  # noqa: E402
+from dendrite_convert.training.correlation import (  # noqa: E402
+    CorrelationConfig, add_correlation_dendrites, freeze_dendrites,
+)
 from dendrite_convert.training.trainer import seed_everything  # noqa: E402
 from growth_arms import add_lora, lora_rank, widen  # noqa: E402
 from tasks import models  # noqa: E402
@@ -79,8 +81,8 @@ COLUMNS = ["task", "budget", "arm", "seed", "added_params", "added_flops", "star
 class Runner:
     """One task: its adapter and the loops every arm shares."""
 
-    def __init__(self, task: Task, quick: bool):
-        self.task, self.quick = task, quick
+    def __init__(self, task: Task):
+        self.task = task
         self.adapter = load_adapter(task.adapter)
 
     def forward_loss(self, model):
@@ -101,10 +103,10 @@ class Runner:
 
     @torch.no_grad()
     def train_loss(self, model) -> float:
+        """The training loss per sample, in eval mode (as the closed-form line search measures it)."""
         model.eval()
-        loss, pairs = self.forward_loss(model), [(float(self.forward_loss(model)(b)), batch_size(b))
-                                                 for b in self.adapter.train_data()]
-        del loss
+        loss = self.forward_loss(model)
+        pairs = [(float(loss(batch)), batch_size(batch)) for batch in self.adapter.train_data()]
         return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
 
     def train(self, model, epochs: int, seed: int, patience: int | None = None):
@@ -175,7 +177,7 @@ def _flops(model, example) -> int:
 
 def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -> list[dict]:
     task = TASKS[name]
-    runner = Runner(task, quick)
+    runner = Runner(task)
     settings = {"correlation": CorrelationConfig(epochs=2 if quick else 20, max_samples=256 if quick else 4096),
                 "samples": 256 if quick else 4096}
     patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
@@ -243,11 +245,12 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
                 if worst > 0:
                     winners.append(arm)
                 mean = lambda key: statistics.fmean(r[key] for r in mine)  # noqa: E731
-                lines.append(f"| {task} | {budget} | {arm} | {mean('added_params'):,.0f} | {mean('added_flops'):,.0f} | "
-                             f"{mean('start_test'):.2f} | {statistics.fmean(scores):.2f} ± {std:.2f} | "
-                             f"{mean('insertion_loss_drop'):+.3f} | {vs} | {worst:+.2f} |")
+                lines.append(f"| {task} | {budget} | {arm} | {mean('added_params'):,.0f} | "
+                             f"{mean('added_flops'):,.0f} | {mean('start_test'):.2f} | "
+                             f"{statistics.fmean(scores):.2f} ± {std:.2f} | {mean('insertion_loss_drop'):+.3f} | "
+                             f"{vs} | {worst:+.2f} |")
             best = max(arms, key=lambda a: statistics.fmean(_scores(rows, task, budget, a)))
-            winner = next((a for a in winners), None)
+            winner = winners[0] if winners else None
             verdicts.append(f"- {task}, {budget} budget: best mean {best}; "
                             + (f"{winner} beats every other arm with a 90 % interval above zero"
                                + (" (a dendrite arm)" if winner in DENDRITE_ARMS else "") if winner
@@ -283,7 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: 2 seeds, tiny budgets")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 10, quick 2)")
-    parser.add_argument("--extra-epochs", type=int, default=None, help="the budget every arm gets (default 20, quick 1)")
+    parser.add_argument("--extra-epochs", type=int, default=None,
+                        help="the epochs every arm gets (default 20, quick 1)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="subset of task names")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -300,8 +304,9 @@ def main() -> None:
     plot(rows, args.output / "growth.png")
     table, verdicts = summarize(rows)
     command = "python benchmarks/growth.py" + (" --quick" if args.quick else "")
-    if args.seeds or args.extra_epochs:
-        command += (f" --seeds {seeds}" if args.seeds else "") + (f" --extra-epochs {extra}" if args.extra_epochs else "")
+    command += f" --seeds {seeds}" if args.seeds else ""
+    command += f" --extra-epochs {extra}" if args.extra_epochs else ""
+    command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
     report = (f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread, torch {torch.__version__}, "
               f"{time.perf_counter() - start:.0f} s)\n\n{table}\n\n" + "\n".join(verdicts) + "\n")
     (args.output / "growth.md").write_text(report)

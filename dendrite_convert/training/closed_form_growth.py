@@ -248,7 +248,8 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
         unsupported = {name: why for name, layer in targets.items() if (why := supported(layer))}
         fitted = {name: layer for name, layer in targets.items() if name not in unsupported}
         second = {name: config.order == 2 and most_curved_point(layer.activation) != 0.0
-                  and layer.out_channels * _fan_in(layer) ** 2 <= MAX_CURVATURE_ENTRIES for name, layer in fitted.items()}
+                  and layer.out_channels * _fan_in(layer) ** 2 <= MAX_CURVATURE_ENTRIES
+                  for name, layer in fitted.items()}
         stats = record_statistics(model, keeping(), forward_loss, fitted, config.max_samples, any(second.values()))
         for name, layer in targets.items():
             why = unsupported.get(name) or (None if name in stats else "no error signal reaches it")
