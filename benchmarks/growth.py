@@ -265,13 +265,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    colors = dict(zip(dict.fromkeys(arm for arm, _ in ARMS), plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.6 * len(tasks)), squeeze=False)
     for (ax_p, ax_f), task in zip(axes, tasks):
         for (arm, budget) in dict.fromkeys((r["arm"], r["budget"]) for r in rows if r["task"] == task):
+            if arm == "continue" and budget == LOW:  # the same runs as in the full budget
+                continue
             mine = [r for r in rows if r["task"] == task and r["arm"] == arm and r["budget"] == budget]
             scores = [r["test_at_best"] for r in mine]
             err = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            style = {"marker": "o" if budget == FULL else "s", "capsize": 3, "label": f"{arm} ({budget})"}
+            style = {"marker": "o" if budget == FULL else "s", "capsize": 3, "color": colors[arm],
+                     "label": arm if arm == "continue" else f"{arm} ({budget})"}
             for ax, key in ((ax_p, "added_params"), (ax_f, "added_flops")):
                 ax.errorbar([statistics.fmean(r[key] for r in mine)], [statistics.fmean(scores)], yerr=[err], **style)
         ax_p.set(title=f"{task}: test vs added parameters", xlabel="added parameters", ylabel="test score")
