@@ -16,6 +16,10 @@ def cancer_mlp(width: int = 4) -> nn.Module:
     return nn.Sequential(nn.Linear(30, width), nn.ReLU(), nn.Linear(width, 2))
 
 
+def wine_mlp(width: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(13, width), nn.ReLU(), nn.Linear(width, 3))
+
+
 def bars_cnn(width: int = 4) -> nn.Module:
     """For 1x12x12 images: two conv+BN stages and a linear head."""
     return nn.Sequential(

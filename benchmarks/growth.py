@@ -1,0 +1,321 @@
+"""Is adding dendrites the best use of extra parameters and extra training for a trained model? (issue 18)
+
+    .venv/bin/python benchmarks/growth.py            # full: 10 seeds, 5 tasks, 20 extra epochs
+    .venv/bin/python benchmarks/growth.py --quick    # CI: 2 seeds, tiny budgets, same outputs
+
+Per task and seed the plain model is trained to its plateau (early stopping on validation) and saved. Every
+arm starts from that saved model, adds its parameters, and trains everything it has for the same number of
+extra epochs with the adapter's optimizer and the same data order; its score is the test score at its best
+validation epoch. Arms, in two budgets of added parameters (one full dendrite per target, and one rank-R
+dendrite per target):
+
+    continue          nothing added (in both budgets)
+    widen             Net2WiderNet, function-preserving, to the same added parameters
+    lora              LoRA-style adapters on every Linear/Conv, to the same added parameters
+    gradient          fresh random dendrites with zero scale, trained with the network (the peer's way)
+    correlation       cascade-correlation candidates, frozen, scales and network trained (full budget only)
+    closed-form       second-order closed-form dendrites (training/closed_form_growth.py), then trained
+    closed-form 1st   first-order closed-form dendrites (full budget only)
+
+Paired 90 % bootstrap intervals (seeds resampled jointly) compare every arm with every other arm of its
+budget. Writes benchmarks/results/growth.{csv,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import dendrite_convert as dc  # noqa: E402
+from dendrite_convert.core.structure import add_dendrites  # noqa: E402
+from dendrite_convert.exporting.latency import count_flops  # noqa: E402
+from dendrite_convert.training.adapter import batch_size, load_adapter  # noqa: E402
+from dendrite_convert.training.closed_form_growth import ClosedFormConfig, add_closed_form_dendrites  # noqa: E402
+from dendrite_convert.training.correlation import (  # noqa: E402
+    CorrelationConfig, add_correlation_dendrites, freeze_dendrites,
+)
+from dendrite_convert.training.trainer import seed_everything  # noqa: E402
+from growth_arms import add_lora, lora_rank, widen  # noqa: E402
+from tasks import models  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Task:
+    factory: str
+    width: int
+    adapter: Path
+    patience: int = 10  # base training: epochs without a better validation score before its plateau is declared
+    max_epochs: int = 200
+    rank: int = 2  # the low-rank budget's dendrite rank
+
+
+TASKS = {  # the bundled tasks of benchmarks/results.py, plus wine
+    "digits (MLP)": Task("digits_mlp", 8, ROOT / "examples/digits/adapter.py"),
+    "breast cancer (MLP)": Task("cancer_mlp", 4, ROOT / "benchmarks/tasks/breast_cancer.py", rank=1),
+    "wine (MLP)": Task("wine_mlp", 4, ROOT / "benchmarks/tasks/wine.py", patience=30, max_epochs=400, rank=1),
+    "bars (CNN)": Task("bars_cnn", 4, ROOT / "benchmarks/tasks/bars.py", patience=4, max_epochs=60),
+    "reviews (tiny BERT)": Task("text_bert", 16, ROOT / "benchmarks/tasks/reviews.py", patience=3, max_epochs=40),
+}
+FULL, LOW = "full", "low-rank"
+ARMS = [("continue", FULL), ("widen", FULL), ("lora", FULL), ("gradient", FULL), ("correlation", FULL),
+        ("closed-form", FULL), ("closed-form 1st", FULL),
+        ("continue", LOW), ("widen", LOW), ("lora", LOW), ("gradient", LOW), ("closed-form", LOW)]
+DENDRITE_ARMS = ("gradient", "correlation", "closed-form", "closed-form 1st")
+COLUMNS = ["task", "budget", "arm", "seed", "added_params", "added_flops", "start_test", "test_at_best",
+           "insertion_loss_drop", "seconds"]
+
+
+class Runner:
+    """One task: its adapter and the loops every arm shares."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.adapter = load_adapter(task.adapter)
+
+    def forward_loss(self, model):
+        def loss(batch):
+            args, kwargs = self.adapter.model_inputs(batch)
+            return self.adapter.loss(model(*args, **kwargs), batch)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model, data) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for batch in data:
+            args, kwargs = self.adapter.model_inputs(batch)
+            total += float(self.adapter.score(model(*args, **kwargs), batch)) * batch_size(batch)
+            count += batch_size(batch)
+        return total / count
+
+    @torch.no_grad()
+    def train_loss(self, model) -> float:
+        """The training loss per sample, in eval mode (as the closed-form line search measures it)."""
+        model.eval()
+        loss = self.forward_loss(model)
+        pairs = [(float(loss(batch)), batch_size(batch)) for batch in self.adapter.train_data()]
+        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+    def train(self, model, epochs: int, seed: int, patience: int | None = None):
+        """Train for `epochs` (or until `patience` epochs without a better validation score); returns the
+        model at its best validation epoch, its test score, and the number of epochs run."""
+        seed_everything(seed)
+        optimizer = self.adapter.build_optimizer([p for p in model.parameters() if p.requires_grad])
+        loader, val_data, test_data = self.adapter.train_data(), self.adapter.val_data(), self.adapter.test_data()
+        best, best_state, best_test, since = -math.inf, None, None, 0
+        loss_of = self.forward_loss(model)
+        for epoch in range(epochs):
+            model.train()
+            for batch in loader:
+                loss = loss_of(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            val = self.evaluate(model, val_data)
+            if val > best:
+                best, best_state, best_test, since = val, copy.deepcopy(model.state_dict()), None, 0
+                best_test = self.evaluate(model, test_data)
+            else:
+                since += 1
+                if patience is not None and since >= patience:
+                    break
+        model.load_state_dict(best_state)
+        return model, best_test, epoch + 1
+
+    def example(self):
+        args, kwargs = self.adapter.model_inputs(next(iter(self.adapter.test_data())))
+        return kwargs if kwargs else tuple(args)
+
+
+def _added_dendrite_params(base: torch.nn.Module, rank: int | None) -> int:
+    model = dc.convert(copy.deepcopy(base), dc.DendriteConfig(rank=rank)).model
+    add_dendrites(model)
+    return dc.count_parameters(model) - dc.count_parameters(base)
+
+
+def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner: Runner, seed: int,
+         settings: dict) -> torch.nn.Module:
+    """The arm's model, grown from a copy of the trained `base` (which is left as it is)."""
+    model = copy.deepcopy(base)
+    if arm == "continue":
+        return model
+    if arm == "widen":
+        return widen(model, budget, torch.Generator().manual_seed(seed))
+    if arm == "lora":
+        return add_lora(model, lora_rank(model, budget))
+    model = dc.convert(model, dc.DendriteConfig(rank=rank)).model
+    seed_everything(seed)
+    loader, loss = runner.adapter.train_data(), runner.forward_loss(model)
+    if arm == "gradient":
+        add_dendrites(model)
+    elif arm == "correlation":
+        add_correlation_dendrites(model, dc.dendrite_layers(model), loader, loss, settings["correlation"])
+        freeze_dendrites(model)
+    else:
+        config = ClosedFormConfig(order=1 if arm.endswith("1st") else 2, max_samples=settings["samples"])
+        add_closed_form_dendrites(model, loader, loss, config)
+    return model
+
+
+def _flops(model, example) -> int:
+    has_dendrites = any(isinstance(m, dc.DendriteLayer) for m in model.modules())
+    return count_flops(dc.fold_model(model) if has_dendrites else model, example)
+
+
+def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -> list[dict]:
+    task = TASKS[name]
+    runner = Runner(task)
+    settings = {"correlation": CorrelationConfig(epochs=2 if quick else 20, max_samples=256 if quick else 4096),
+                "samples": 256 if quick else 4096}
+    patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
+    example = runner.example()
+    rows = []
+    for seed in range(seeds):
+        seed_everything(seed)
+        base, start_test, _ = runner.train(getattr(models, task.factory)(task.width), max_epochs, seed, patience)
+        path = out / "growth_runs" / task.factory / f"seed_{seed}" / "base.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), path)
+        base_flops, base_params, base_loss = _flops(base, example), dc.count_parameters(base), runner.train_loss(base)
+        budgets = {FULL: _added_dendrite_params(base, None), LOW: _added_dendrite_params(base, task.rank)}
+        for arm, budget in ARMS:
+            saved = getattr(models, task.factory)(task.width)
+            saved.load_state_dict(torch.load(path, weights_only=True))  # every arm starts from the saved model
+            start = time.perf_counter()
+            rank = task.rank if budget == LOW else None
+            model = grow(arm, saved, rank, budgets[budget], runner, 1000 + seed, settings)
+            drop = (base_loss - runner.train_loss(model)) / base_loss
+            model, test, _ = runner.train(model, extra_epochs, 2000 + seed)
+            rows.append({"task": name, "budget": budget, "arm": arm, "seed": seed,
+                         "added_params": dc.count_parameters(model) - base_params,
+                         "added_flops": _flops(model, example) - base_flops, "start_test": start_test,
+                         "test_at_best": test, "insertion_loss_drop": drop,
+                         "seconds": round(time.perf_counter() - start, 2)})
+            print(f"{name} | {budget} | {arm} | seed {seed}: test {test:.2f} (start {start_test:.2f}), "
+                  f"+{rows[-1]['added_params']} params, loss drop at insertion {drop:+.3f}", file=sys.stderr)
+    return rows
+
+
+def paired_interval(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float, float]:
+    """Mean of a - b over seeds and its 90 % bootstrap interval (seeds resampled jointly)."""
+    rng = random.Random(0)
+    diffs = [x - y for x, y in zip(a, b)]
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return statistics.fmean(diffs), means[int(0.05 * draws)], means[int(0.95 * draws) - 1]
+
+
+def _scores(rows, task, budget, arm) -> list[float]:
+    return [r["test_at_best"] for r in sorted(rows, key=lambda r: r["seed"])
+            if r["task"] == task and r["budget"] == budget and r["arm"] == arm]
+
+
+def summarize(rows: list[dict]) -> tuple[str, list[str]]:
+    """The markdown table, and one verdict line per task and budget."""
+    lines = ["| task | budget | arm | added params | added FLOPs | start test % | test % (mean ± std) | "
+             "loss drop at insertion | vs continue (90 % CI) | worst lower bound vs the others |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for budget in (FULL, LOW):
+            arms = list(dict.fromkeys(r["arm"] for r in rows if r["task"] == task and r["budget"] == budget))
+            winners = []
+            for arm in arms:
+                mine = [r for r in rows if r["task"] == task and r["budget"] == budget and r["arm"] == arm]
+                scores = _scores(rows, task, budget, arm)
+                std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+                vs = "-"
+                if arm != "continue":
+                    m, lo, hi = paired_interval(scores, _scores(rows, task, budget, "continue"))
+                    vs = f"{m:+.2f} ({lo:+.2f} to {hi:+.2f})"
+                worst = min((paired_interval(scores, _scores(rows, task, budget, o))[1] for o in arms if o != arm),
+                            default=float("nan"))
+                if worst > 0:
+                    winners.append(arm)
+                mean = lambda key: statistics.fmean(r[key] for r in mine)  # noqa: E731
+                lines.append(f"| {task} | {budget} | {arm} | {mean('added_params'):,.0f} | "
+                             f"{mean('added_flops'):,.0f} | {mean('start_test'):.2f} | "
+                             f"{statistics.fmean(scores):.2f} ± {std:.2f} | {mean('insertion_loss_drop'):+.3f} | "
+                             f"{vs} | {worst:+.2f} |")
+            best = max(arms, key=lambda a: statistics.fmean(_scores(rows, task, budget, a)))
+            winner = winners[0] if winners else None
+            verdicts.append(f"- {task}, {budget} budget: best mean {best}; "
+                            + (f"{winner} beats every other arm with a 90 % interval above zero"
+                               + (" (a dendrite arm)" if winner in DENDRITE_ARMS else "") if winner
+                               else "no arm beats every other with a 90 % interval above zero"))
+    return "\n".join(lines), verdicts
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    colors = dict(zip(dict.fromkeys(arm for arm, _ in ARMS), plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.6 * len(tasks)), squeeze=False)
+    for (ax_p, ax_f), task in zip(axes, tasks):
+        for (arm, budget) in dict.fromkeys((r["arm"], r["budget"]) for r in rows if r["task"] == task):
+            if arm == "continue" and budget == LOW:  # the same runs as in the full budget
+                continue
+            mine = [r for r in rows if r["task"] == task and r["arm"] == arm and r["budget"] == budget]
+            scores = [r["test_at_best"] for r in mine]
+            err = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            style = {"marker": "o" if budget == FULL else "s", "capsize": 3, "color": colors[arm],
+                     "label": arm if arm == "continue" else f"{arm} ({budget})"}
+            for ax, key in ((ax_p, "added_params"), (ax_f, "added_flops")):
+                ax.errorbar([statistics.fmean(r[key] for r in mine)], [statistics.fmean(scores)], yerr=[err], **style)
+        ax_p.set(title=f"{task}: test vs added parameters", xlabel="added parameters", ylabel="test score")
+        ax_f.set(title=f"{task}: test vs added inference FLOPs", xlabel="added FLOPs per forward")
+        ax_p.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI mode: 2 seeds, tiny budgets")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 10, quick 2)")
+    parser.add_argument("--extra-epochs", type=int, default=None,
+                        help="the epochs every arm gets (default 20, quick 1)")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="subset of task names")
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    seeds = args.seeds or (2 if args.quick else 10)
+    extra = args.extra_epochs or (1 if args.quick else 20)
+    torch.set_num_threads(1)
+    args.output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows = [row for name in args.tasks for row in run_task(name, args.output, seeds, args.quick, extra)]
+    with (args.output / "growth.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.output / "growth.png")
+    table, verdicts = summarize(rows)
+    command = "python benchmarks/growth.py" + (" --quick" if args.quick else "")
+    command += f" --seeds {seeds}" if args.seeds else ""
+    command += f" --extra-epochs {extra}" if args.extra_epochs else ""
+    command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
+    report = (f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread, torch {torch.__version__}, "
+              f"{time.perf_counter() - start:.0f} s)\n\n{table}\n\n" + "\n".join(verdicts) + "\n")
+    (args.output / "growth.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Closed-form dendrites, the fits (issue 18): the weights of a new dendrite that best fixes its target's
+error, after TINY (Verbockhaven et al., TMLR 2024) and GradMax (Evci et al., ICLR 2022).
+
+With the network frozen, training batches run forward and backward (correlation.each_error_signal) and,
+per target, streaming sufficient statistics of its input x and error signal e = dloss/dy are summed in
+float64: n, sum x, sum e, x x^T, x e^T (and, for the second order, e_c x x^T). A conv's x is the patch
+its own kernel sees, one row per output position (F.unfold), so a conv target is a Linear over patches.
+e is scaled by the batch size: the gradient of one sample's loss, whatever the batches.
+
+A new dendrite adds dy = s * a(z) to the output, and to first order the loss moves by sum_n e_n . dy_n.
+
+First order (a linearised: a(z) ~ a(z0) + a'(z0)(z - z0)): the map from centred x that best predicts -e
+(ridge least squares, C = centred covariances, S = C_xx + lambda I) is
+
+    M = -C_ex S^-1 = -(S^-1/2 G)^T   with   G = S^-1/2 C_xe
+
+and a rank-R dendrite takes the reduced-rank solution -(S^-1/2 [G]_R)^T, [G]_R being G's top R singular
+directions (the top-R SVD of M itself when x is white): the best rank-R fit in the data's metric.
+Moving along dy = eta M (x - mean) lowers the loss by eta ||G||^2 to first order. This is what the
+target's own weight could learn, so at a plateau (where W's gradient C_ex is zero) G vanishes.
+
+Second order (z0 where a'' is largest, the linear part taken out of W): dy_c = s_c a''(z0)(w_c . x)^2 / 2,
+and per channel the best unit-spread direction w_c is the eigenvector of largest |eigenvalue| of the
+whitened H_c = mean e_c (x - mean)(x - mean)^T, its eigenvalue setting s_c; this gain stays when the
+first-order one is gone.
+
+Either gain divided by the dendrite's parameter count says where to grow (closed_form_growth.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import batch_size
+from .correlation import each_error_signal, frozen
+from ..core.channels import flat
+from ..core.cheap import is_hf_conv1d
+from ..core.layers import DendriteLayer
+
+
+@dataclass
+class TargetStatistics:
+    """Running sums of one target's rows (x, e); `samples` counts batch samples, `rows` x rows (positions)."""
+
+    sum_x: torch.Tensor
+    sum_e: torch.Tensor
+    xx: torch.Tensor
+    xe: torch.Tensor
+    exx: torch.Tensor | None = None  # [C, d, d] sum of e_c x x^T, for the second-order fit
+    rows: int = 0
+    samples: int = 0
+
+    @classmethod
+    def empty(cls, d: int, c: int, curvature: bool = False) -> TargetStatistics:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(d), z(c), z(d, d), z(d, c), z(c, d, d) if curvature else None)
+
+    def add(self, x: torch.Tensor, e: torch.Tensor) -> None:
+        x, e = x.double().cpu(), e.double().cpu()
+        self.sum_x += x.sum(0)
+        self.sum_e += e.sum(0)
+        self.xx += x.T @ x
+        self.xe += x.T @ e
+        if self.exx is not None:
+            self.exx += torch.einsum("nc,nd,ne->cde", e, x, x)
+        self.rows += x.shape[0]
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        return self.sum_x / self.rows
+
+    def cov_xx(self) -> torch.Tensor:
+        mean = self.mean_x
+        return self.xx / self.rows - torch.outer(mean, mean)
+
+    def cov_xe(self) -> torch.Tensor:
+        return self.xe / self.rows - torch.outer(self.mean_x, self.sum_e / self.rows)
+
+    def curvature(self) -> torch.Tensor:
+        """[C, d, d]: H_c = mean of e_c (x - mean)(x - mean)^T, how the loss moves with a square of centred x."""
+        mean, n = self.mean_x, self.rows
+        m = self.xe.T / n  # [C, d]: mean of e_c x
+        outer = torch.einsum("cd,e->cde", m, mean)
+        return (self.exx / n - outer - outer.transpose(1, 2)
+                + (self.sum_e / n)[:, None, None] * torch.outer(mean, mean))
+
+    @property
+    def per_sample(self) -> float:
+        """Rows per sample: the means over rows become sums over a sample's positions."""
+        return self.rows / max(self.samples, 1)
+
+
+@dataclass
+class DendriteFit:
+    """The fitted map M = P @ Q ([C', d]) on centred x, for the output `channels` (None: all).
+
+    First order: M predicts -e. Second order: row c is the direction w_c (unit spread) along which the
+    loss bends most, `curvature[c]` = mean of e_c (w_c . (x - mean))^2."""
+
+    P: torch.Tensor  # [C', R] (R = d for a full fit, Q = I)
+    Q: torch.Tensor  # [R, d]
+    gain: float  # loss decrease per sample, to first order, at step 1
+    channel_gain: torch.Tensor  # [C] the same per output channel, for the full-rank fit
+    channels: torch.Tensor | None
+    curvature: torch.Tensor | None = None  # second order only
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.P @ self.Q
+
+
+def supported(layer: DendriteLayer) -> str | None:
+    """None when a closed-form dendrite can be fitted for this target, else why not."""
+    base = layer.base_layer
+    if not isinstance(base._parameters.get("weight"), nn.Parameter):
+        return "its weight is computed (weight or spectral norm)"
+    if isinstance(base, nn.Linear) or is_hf_conv1d(base):
+        return None
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d) and base.groups == 1:
+        return None
+    return f"{type(base).__name__} targets are not supported yet (Linear, Conv1D, Conv1d and Conv2d are)"
+
+
+def input_rows(layer: DendriteLayer, x: torch.Tensor) -> torch.Tensor:
+    """x as the target's weight sees it: [n, d] rows (a conv: one patch per output position, unfold order)."""
+    base = layer.base_layer
+    if not isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        return x.reshape(-1, x.shape[-1])
+    dims = base.weight.ndim - 2
+    if x.ndim == dims + 1:  # unbatched
+        x = x.unsqueeze(0)
+    mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+    x = F.pad(x, base._reversed_padding_repeated_twice, mode=mode)
+    kernel, dilation, stride = base.kernel_size, base.dilation, base.stride
+    if dims == 1:
+        x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, Cin * prod(kernel), positions]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callable[[object], torch.Tensor],
+                      targets: dict[str, DendriteLayer], max_samples: int = 4096,
+                      curvature: bool = False) -> dict[str, TargetStatistics]:
+    """Per target that reaches the loss, the sums of (x rows, per-sample e) over up to `max_samples` samples
+    (with `curvature`, also those the second-order fit needs)."""
+    stats: dict[str, TargetStatistics] = {}
+    current = {"n": 1, "batch": 0}
+    counted: dict[str, int] = {}
+
+    def counting(batch):
+        current["n"] = batch_size(batch)
+        current["batch"] += 1
+        return forward_loss(batch)
+
+    def visit(name: str, x: torch.Tensor, e: torch.Tensor) -> None:
+        layer = targets[name]
+        rows, errors = input_rows(layer, x), flat(e, layer) * current["n"]
+        if name not in stats:
+            stats[name] = TargetStatistics.empty(rows.shape[1], errors.shape[1], curvature)
+        stats[name].add(rows, errors)
+        if counted.get(name) != current["batch"]:  # a shared target is called more than once per batch
+            counted[name] = current["batch"]
+            stats[name].samples += current["n"]
+
+    with frozen(model):
+        each_error_signal(model, targets, batches, counting, max_samples, visit)
+    return stats
+
+
+def _sym_power(s: torch.Tensor, power: float) -> torch.Tensor:
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp_min(torch.finfo(w.dtype).tiny) ** power) @ v.T
+
+
+def _whitening(stats: TargetStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """S^-1/2 and S for S = C_xx + lambda I, lambda = ridge * mean eigenvalue of C_xx."""
+    cov = stats.cov_xx()
+    lam = ridge * max(float(cov.diagonal().mean()), 1e-12)
+    s = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    return _sym_power(s, -0.5), s
+
+
+def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float = 1e-3,
+                 width: int | None = None) -> DendriteFit:
+    """First order: the ridge least-squares map from centred x to -e, reduced to `rank` and to the `width`
+    channels with the largest gain (both None: full)."""
+    inv_sqrt, _ = _whitening(stats, ridge)
+    d = inv_sqrt.shape[0]
+    g = inv_sqrt @ stats.cov_xe()  # [d, C]
+    channel_gain = g.square().sum(0) * stats.per_sample
+    channels = None
+    if width is not None and width < g.shape[1]:
+        channels = channel_gain.topk(width).indices.sort().values
+        g = g[:, channels]
+    if rank is None or rank >= min(g.shape):
+        return DendriteFit(-(inv_sqrt @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
+                           channel_gain, channels)
+    u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
+    u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
+    return DendriteFit(-(vh.T * sigma), u.T @ inv_sqrt, float(sigma.square().sum()) * stats.per_sample,
+                       channel_gain, channels)
+
+
+def _strongest(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per symmetric matrix in a batch [C, k, k]: the eigenvalue of largest magnitude and its unit vector."""
+    w, v = torch.linalg.eigh(h)
+    pick = w.abs().argmax(-1)
+    index = torch.arange(h.shape[0])
+    return w[index, pick], v[index, :, pick]
+
+
+def fit_curvature(stats: TargetStatistics, rank: int | None = None, ridge: float = 1e-3,
+                  width: int | None = None) -> DendriteFit:
+    """Second order: per channel, the direction w (unit spread, w^T S w = 1) of largest |mean e_c (w.x)^2|.
+
+    At a plateau the error is uncorrelated with x (W's gradient is zero), so no linear fit helps; a
+    dendrite's curved part s a''(z0) (w.x)^2 / 2 still does. Rank R: the R whitened directions that carry
+    most of sum_c H_c^2, then each channel's best direction inside them. With dy_c = -eta curvature_c t_c^2 / 2
+(t_c = w_c . (x - mean)), the Gauss-Newton choice, the first-order gain is sum_c curvature_c^2 / 2."""
+    inv_sqrt, _ = _whitening(stats, ridge)
+    d = inv_sqrt.shape[0]
+    h = inv_sqrt @ stats.curvature() @ inv_sqrt  # [C, d, d], whitened
+    lam, _ = _strongest(h)
+    channel_gain = lam.square() / 2 * stats.per_sample
+    channels = None
+    if width is not None and width < h.shape[0]:
+        channels = channel_gain.topk(width).indices.sort().values
+        h = h[channels]
+    if rank is None or rank >= d:
+        basis = torch.eye(d, dtype=h.dtype)
+    else:
+        _, vectors = torch.linalg.eigh((h @ h).sum(0))
+        basis = vectors[:, -rank:]  # [d, R]
+    lam, v = _strongest(basis.T @ h @ basis)  # [C'], [C', R]
+    return DendriteFit(v, basis.T @ inv_sqrt, float(lam.square().sum() / 2) * stats.per_sample, channel_gain,
+                       channels, lam)

@@ -1,0 +1,223 @@
+"""Closed-form dendrites (issue 18): on problems with a known answer, insertion lowers the training loss at once,
+the rank-R dendrite is the best rank-R fit, conv targets see their own patches, and growth goes where it pays."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dendrite_convert import DendriteConfig, convert, dendrite_layers
+from dendrite_convert.training.closed_form import _sym_power, fit_dendrite, input_rows, record_statistics
+from dendrite_convert.training.closed_form_growth import (
+    ClosedFormConfig, add_closed_form_dendrites, most_curved_point,
+)
+
+FIRST = ClosedFormConfig(order=1)
+
+
+def _teacher_problem(d=6, c=3, n=2048, seed=0):
+    """y* = W x + b + s * sigmoid(V x); the student has W and b (b absorbing the residual's mean), so the error
+    signal of its only target is an exact function of the target's input."""
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.randn(c, d, generator=g), torch.randn(c, generator=g)
+    V, s = 0.4 * torch.randn(c, d, generator=g), 2 * torch.randn(c, generator=g)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 2.0, d)  # not white: the metric matters
+    residual = s * torch.sigmoid(x @ V.T)
+    y = x @ W.T + b + residual
+    student = nn.Sequential(nn.Linear(d, c))
+    with torch.no_grad():
+        student[0].weight.copy_(W)
+        student[0].bias.copy_(b + residual.mean(0))
+    batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, n, 256)]
+    return student, batches
+
+
+def _mse(model):
+    return lambda batch: nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_closed_form_dendrite_lowers_the_loss_at_insertion(rank):
+    student, batches = _teacher_problem(d=8, c=4)
+    model = convert(student, DendriteConfig(rank=rank)).model
+    layer = dendrite_layers(model)["0"]
+    loss = _mse(model)
+    with torch.no_grad():
+        before = sum(float(loss(b)) for b in batches) / len(batches)
+    report = add_closed_form_dendrites(model, batches, loss, FIRST)["0"]
+    with torch.no_grad():
+        after = sum(float(loss(b)) for b in batches) / len(batches)
+    assert report.grown and layer.num_dendrites == 1 and report.step > 0
+    assert abs(report.loss_before - before) < 1e-6 and abs(report.loss_after - after) < 1e-6
+    assert after < (0.2 if rank is None else 0.5) * before  # full: > 80 % of the loss gone at insertion
+    if rank:
+        assert isinstance(layer.dendrite_layers[0], nn.Sequential) and layer.dendrite_layers[0][0].out_features == rank
+    assert all(p.requires_grad for p in layer.dendrite_layers[0].parameters())  # it trains on from there
+
+
+def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
+    student, batches = _teacher_problem(d=8, c=5)
+    model = convert(student, DendriteConfig()).model
+    targets = dendrite_layers(model)
+    stats = record_statistics(model, batches, _mse(model), targets)["0"]
+    ridge = 1e-3
+    full = fit_dendrite(stats, None, ridge).weight  # [C, d]
+    cov = stats.cov_xx()
+    s = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    root, inv_root = _sym_power(s, 0.5), _sym_power(s, -0.5)
+    u, sigma, vh = torch.linalg.svd(root @ full.T, full_matrices=False)  # the full solution in the data's metric
+    for rank in (1, 2, 3):
+        best = (inv_root @ (u[:, :rank] * sigma[:rank]) @ vh[:rank]).T
+        fit = fit_dendrite(stats, rank, ridge)
+        assert fit.P.shape == (5, rank) and fit.Q.shape == (rank, 8)
+        assert torch.allclose(fit.weight, best, atol=1e-5, rtol=0)
+        assert abs(fit.gain - float(sigma[:rank].square().sum())) < 1e-5 * fit.gain
+    # rank >= min(d, C) is the full solution
+    assert torch.allclose(fit_dendrite(stats, 5, ridge).weight, full, atol=1e-10)
+
+
+def test_with_white_inputs_the_rank_r_fit_is_the_top_r_svd_of_the_full_solution():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4096, 6, generator=g, dtype=torch.float64)
+    x = (torch.linalg.qr(z - z.mean(0))[0] * 64).float()  # centred and exactly white: C_xx = I
+    model = convert(nn.Sequential(nn.Linear(6, 4)), DendriteConfig()).model
+    target = torch.tanh(x @ torch.randn(6, 4, generator=g))
+    batches = [(x[i:i + 512], target[i:i + 512]) for i in range(0, 4096, 512)]
+    stats = record_statistics(model, batches, _mse(model), dendrite_layers(model))["0"]
+    full = fit_dendrite(stats, None, 0.0).weight
+    u, sigma, vh = torch.linalg.svd(full, full_matrices=False)
+    best = (u[:, :2] * sigma[:2]) @ vh[:2]
+    assert torch.allclose(fit_dendrite(stats, 2, 0.0).weight, best, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, (3, 2), stride=2, dilation=(1, 2), padding="valid"),
+    nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False), nn.Conv1d(2, 3, 3, stride=2, padding=2),
+    nn.Conv1d(2, 3, 5, padding="same", padding_mode="circular"),
+])
+def test_conv_rows_are_the_patches_the_conv_sees(conv):
+    model = convert(nn.Sequential(conv), DendriteConfig()).model
+    layer = dendrite_layers(model)["0"]
+    x = torch.randn(4, 2, 9, 8) if isinstance(conv, nn.Conv2d) else torch.randn(4, 2, 11)
+    rows = input_rows(layer, x)
+    y = rows @ conv.weight.reshape(3, -1).T + (0 if conv.bias is None else conv.bias)
+    expected = conv(x).movedim(1, -1).reshape(-1, 3)
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_conv_bn_target_gets_a_dendrite_that_lowers_the_loss(order):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    x = torch.randn(512, 2, 6, 6)
+    teacher = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                            nn.Linear(8, 3))
+    with torch.no_grad():
+        labels = teacher(x).argmax(1)
+    batches = [(x[i:i + 128], labels[i:i + 128]) for i in range(0, 512, 128)]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(3):  # a little training: the loss is far from its plateau
+        for bx, by in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(bx), by).backward()
+            optimizer.step()
+    model = convert(net, DendriteConfig()).model
+    layers = dendrite_layers(model)
+    assert layers["0"].norm is not None  # conv -> BN is one neuron: the dendrite is (conv, BN)
+
+    def loss(batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    reports = add_closed_form_dendrites(model, batches, loss, ClosedFormConfig(order=order),
+                                        targets={"0": layers["0"]})
+    report = reports["0"]
+    assert report.grown and report.loss_after < 0.99 * report.loss_before
+    dendrite = layers["0"].dendrite_layers[0]
+    assert isinstance(dendrite[1], nn.BatchNorm2d)
+    model.eval()
+    with torch.no_grad():
+        eval_loss = sum(float(loss(b)) * len(b[1]) for b in batches) / 512
+    assert abs(eval_loss - report.loss_after) < 1e-5  # what the line search measured is what the model computes
+
+
+def test_where_to_grow_picks_the_target_with_the_most_gain_per_parameter():
+    student, batches = _teacher_problem(d=6, c=3)
+    # a second target whose error is unrelated to its input: a fixed projection of the labels it cannot see
+    model = convert(nn.Sequential(copy.deepcopy(student[0]), nn.Identity(), nn.Linear(3, 3)), DendriteConfig()).model
+    with torch.no_grad():
+        model[2].base_layer.weight.copy_(torch.eye(3))
+        model[2].base_layer.bias.zero_()
+    untouched = copy.deepcopy(model[2].base_layer.state_dict())
+    reports = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=1, top_k=1))
+    assert reports["0"].score > reports["2"].score > 0
+    assert reports["0"].grown and not reports["2"].grown
+    assert reports["2"].reason == "other targets gain more per parameter"
+    assert model[2].num_dendrites == 0
+    assert all(torch.equal(t, model[2].base_layer.state_dict()[k]) for k, t in untouched.items())
+    assert reports["0"].params == 6 * 3 + 3 + 3  # weights, bias, scales (no cascade for a first dendrite)
+
+
+def test_unsupported_targets_are_reported_and_left_alone():
+    model = convert(nn.Sequential(nn.ConvTranspose2d(2, 3, 2), nn.Flatten(), nn.Linear(3 * 9, 2)),
+                    DendriteConfig()).model
+    batches = [(torch.randn(16, 2, 2, 2), torch.randint(0, 2, (16,)))]
+    reports = add_closed_form_dendrites(model, batches,
+                                        lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), FIRST)
+    assert not reports["0"].grown and "ConvTranspose2d" in reports["0"].reason
+    assert dendrite_layers(model)["0"].num_dendrites == 0
+
+
+def _plateau_problem(d=6, c=3, n=4096, seed=0):
+    """y* = W x + s * (V x)^2 and a student at the least-squares optimum of a Linear: its gradient is zero, so
+    its error is uncorrelated with its input, yet an exact (curved) function of it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    V, s = torch.randn(c, d, generator=g, dtype=torch.float64) / d ** 0.5, torch.randn(c, generator=g,
+                                                                                       dtype=torch.float64)
+    y = x @ torch.randn(d, c, generator=g, dtype=torch.float64) + s * (x @ V.T).square()
+    ones = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(ones, y).solution
+    student = nn.Sequential(nn.Linear(d, c))
+    with torch.no_grad():
+        student[0].weight.copy_(solution[:d].T)
+        student[0].bias.copy_(solution[d])
+    x, y = x.float(), y.float()
+    return student, [(x[i:i + 512], y[i:i + 512]) for i in range(0, n, 512)]
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_second_order_dendrite_fixes_a_plateau_that_first_order_cannot(rank):
+    student, batches = _plateau_problem(d=8, c=4)
+    first = convert(copy.deepcopy(student), DendriteConfig(rank=rank)).model
+    linear = add_closed_form_dendrites(first, batches, _mse(first), FIRST)["0"]
+    model = convert(student, DendriteConfig(rank=rank)).model
+    with torch.no_grad():
+        x = batches[0][0]
+        outside = model(x) - model[0].base_layer(x)  # no dendrite yet: zero
+    report = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=2))["0"]
+    assert report.order == 2 and report.grown and not outside.any()
+    assert linear.gain < 1e-4 * report.gain  # at the plateau nothing linear is left to fit
+    assert linear.loss_after > 0.99 * linear.loss_before or not linear.grown
+    # the curved part removes most of the loss at once (rank 1 can only serve one direction for all channels)
+    assert report.loss_after < (0.5 if rank is None else 0.8) * report.loss_before
+
+
+def test_most_curved_points_of_the_activations():
+    assert abs(most_curved_point("sigmoid") + 1.317) < 2e-3  # where sigmoid's third derivative is zero: -ln(2 + sqrt 3)
+    assert abs(most_curved_point("tanh") + 0.658) < 2e-3
+    assert most_curved_point("identity") == 0.0
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_channel_selective_dendrite_serves_the_channels_with_the_most_gain(order):
+    student, batches = (_teacher_problem if order == 1 else _plateau_problem)(d=8, c=4)
+    y_scale = torch.tensor([1.0, 0.0, 1.0, 0.0])  # channels 1 and 3 are fitted exactly: nothing to gain there
+    with torch.no_grad():
+        exact = [(x, torch.where(y_scale.bool(), y, student(x))) for x, y in batches]
+    model = convert(student, DendriteConfig(channel_fraction=0.5)).model
+    layer = dendrite_layers(model)["0"]
+    report = add_closed_form_dendrites(model, exact, _mse(model), ClosedFormConfig(order=order))["0"]
+    assert report.grown and report.loss_after < 0.7 * report.loss_before
+    assert layer.dendrite_channels.tolist() == [[0, 2]]

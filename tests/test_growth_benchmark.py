@@ -1,0 +1,70 @@
+"""The fair growth benchmark (issue 18) in its reduced CI mode, and the function-preserving arms it compares."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+from growth_arms import add_lora, lora_cost, lora_rank, widen, widen_pairs  # noqa: E402
+from tasks import models  # noqa: E402
+
+from dendrite_convert import count_parameters  # noqa: E402
+
+
+@pytest.mark.parametrize("factory, width, x", [
+    ("digits_mlp", 8, torch.randn(6, 64)), ("bars_cnn", 4, torch.randn(6, 1, 12, 12)),
+])
+def test_widening_and_lora_preserve_the_function_and_add_the_budget(factory, width, x):
+    model = getattr(models, factory)(width).eval()
+    wide = widen(model, 600, torch.Generator().manual_seed(0)).eval()
+    rank = lora_rank(model, 600)
+    adapted = add_lora(model, rank).eval()
+    with torch.no_grad():
+        assert torch.allclose(wide(x), model(x), atol=1e-5)
+        assert torch.equal(adapted(x), model(x))
+    assert len(widen_pairs(model)) == 2
+    added = count_parameters(wide) - count_parameters(model)
+    assert 400 < added < 800  # the closest whole number of units to 600
+    assert count_parameters(adapted) - count_parameters(model) == lora_cost(model, rank)
+    # the copies do not stay copies: one training step moves a duplicated unit and its original apart
+    first = wide[0].weight
+    n = model[0].weight.shape[0]
+    loss = wide.train()(x).square().sum()
+    loss.backward()
+    original = next(k for k in range(n) if torch.equal(first[n], first[k]))  # unit n is a copy of `original`
+    assert not torch.allclose(first.grad[original], first.grad[n])
+
+
+@pytest.mark.slow
+def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
+    out = tmp_path / "results"
+    tasks = ["wine (MLP)", "bars (CNN)"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/growth.py"), "--quick", "-o", str(out), "--tasks",
+                           *tasks], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((out / "growth.csv").open()))
+    assert len(rows) == len(tasks) * 12 * 2  # tasks x (arm, budget) x seeds
+    for task in tasks:
+        for seed in ("0", "1"):
+            mine = [r for r in rows if r["task"] == task and r["seed"] == seed]
+            assert len({r["start_test"] for r in mine}) == 1  # every arm starts from the same saved model
+            by_arm = {(r["arm"], r["budget"]): r for r in mine}
+            for arm in ("continue", "widen", "lora", "gradient", "correlation"):  # function-preserving insertions
+                assert abs(float(by_arm[(arm, "full")]["insertion_loss_drop"])) < 1e-4
+            assert int(by_arm[("continue", "full")]["added_params"]) == 0
+            full = int(by_arm[("gradient", "full")]["added_params"])
+            assert int(by_arm[("correlation", "full")]["added_params"]) == full
+            assert 0 < int(by_arm[("closed-form", "full")]["added_params"]) <= full
+            assert int(by_arm[("gradient", "low-rank")]["added_params"]) < full
+            # closed-form insertion lowers the training loss at once (it is line-searched on training batches)
+            assert float(by_arm[("closed-form 1st", "full")]["insertion_loss_drop"]) > 0
+    table = (out / "growth.md").read_text()
+    assert table.count("\n| ") == 1 + len(tasks) * 12  # header + one line per task, budget and arm
+    assert table.count("\n- ") == len(tasks) * 2  # one verdict per task and budget
+    assert (out / "growth.png").stat().st_size > 20_000
