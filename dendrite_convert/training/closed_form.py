@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import batch_size
-from .correlation import each_error_signal, frozen
+from .error_signal import each_error_signal, frozen
 from ..core.channels import flat
-from ..core.cheap import is_hf_conv1d
+from ..core.families import DendriteHFConv1D
 from ..core.layers import DendriteLayer
 
 
@@ -119,7 +119,7 @@ def supported(layer: DendriteLayer) -> str | None:
     base = layer.base_layer
     if not isinstance(base._parameters.get("weight"), nn.Parameter):
         return "its weight is computed (weight or spectral norm)"
-    if isinstance(base, nn.Linear) or is_hf_conv1d(base):
+    if isinstance(base, nn.Linear) or DendriteHFConv1D.matches(base):
         return None
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d) and base.groups == 1:
         return None

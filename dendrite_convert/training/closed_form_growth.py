@@ -25,8 +25,8 @@ from torch import nn
 from .adapter import batch_size
 from .closed_form import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, record_statistics,
                           supported)
-from .correlation import frozen
-from ..core.cheap import is_hf_conv1d
+from .error_signal import frozen
+from ..core.families import DendriteHFConv1D
 from ..core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
@@ -86,7 +86,7 @@ def _has_norm(dendrite: nn.Module) -> bool:
 
 def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
-        w = weight.T if is_hf_conv1d(module) else weight
+        w = weight.T if DendriteHFConv1D.matches(module) else weight
         module.weight.copy_(w.reshape(module.weight.shape))
         if module.bias is not None:
             module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
@@ -207,9 +207,9 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStat
             if compensate:
                 linear = (s * slope)[:, None] * directions  # [C', d]: s_c a'(z0) r_c
                 constant = constant - linear @ mean
-                rows = weight0.T.clone() if is_hf_conv1d(base) else weight0.reshape(weight0.shape[0], -1).clone()
+                rows = weight0.T.clone() if DendriteHFConv1D.matches(base) else weight0.reshape(weight0.shape[0], -1).clone()
                 rows[served] -= linear.to(rows)
-                base.weight.copy_(rows.T if is_hf_conv1d(base) else rows.reshape(weight0.shape))
+                base.weight.copy_(rows.T if DendriteHFConv1D.matches(base) else rows.reshape(weight0.shape))
             if bias is not None:
                 shifted = bias0.clone()
                 shifted[served] -= constant.to(shifted)
@@ -282,4 +282,4 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
 
 def _fan_in(layer: DendriteLayer) -> int:
     weight = layer.base_layer.weight
-    return weight.shape[0] if is_hf_conv1d(layer.base_layer) else weight[0].numel()
+    return weight.shape[0] if DendriteHFConv1D.matches(layer.base_layer) else weight[0].numel()
