@@ -61,8 +61,9 @@ def _tensor(spec: dict, generator: torch.Generator, device: torch.device) -> tor
 
 @contextlib.contextmanager
 def _isolated(model: nn.Module, device: torch.device):
-    """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards, whether
+    forward updated them in place or assigned new tensors."""
+    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.random.default_generator.manual_seed(0)
         if device.type == "cuda":
@@ -70,8 +71,9 @@ def _isolated(model: nn.Module, device: torch.device):
         try:
             yield
         finally:
-            for buffer, value in saved:
+            for module, name, buffer, value in saved:
                 buffer.copy_(value)
+                module._buffers[name] = buffer
 
 
 def _device(model: nn.Module) -> torch.device:
