@@ -30,7 +30,7 @@ class Reference:
     description: str
     outputs: list[torch.Tensor]
     exact: bool = True  # bit for bit on CPU; accelerators may pick nondeterministic kernels (see _same)
-    calls: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)  # id(module) -> outputs per call
+    calls: dict[int | tuple, list[list[torch.Tensor]]] = field(default_factory=dict)  # _site_key -> outputs per call
 
 
 def derived_inputs(model: nn.Module) -> list[dict]:
