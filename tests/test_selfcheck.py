@@ -146,3 +146,22 @@ def test_an_input_shape_the_model_cannot_take_is_a_usage_error(fixture_files, tm
                                          "fixtures.models:small_cnn", "--input-shape", "2,7"])
     assert result.exit_code == 2, result.output
     assert "cannot run on the example input of shape [2, 7]" in result.stderr and "--input-shape" in result.stderr
+
+
+def test_a_forward_that_reassigns_a_buffer_is_compared_from_the_same_state():
+    class Counting(nn.Module):
+        """Adds how often it has run: the converted model must start from the same count as the original."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1  # a new tensor, not an in-place update
+            return self.lin(x) + self.calls
+
+    model = Counting()
+    converted = dc.convert(model)
+    assert converted.report.notes[-1].startswith("self-check passed")
+    assert converted.model.calls.item() == 0

@@ -19,7 +19,7 @@ def convert(
     output: Annotated[Path, typer.Option("-o", "--output", help="Converted-model directory to write.", show_default=False)],
     factory: Annotated[str | None, typer.Option(help="Builds the architecture for weights-only inputs: pkg.module:fn or path/to/file.py:fn.", rich_help_panel=_IN)] = None,
     factory_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --factory.", rich_help_panel=_IN)] = None,
-    input_shape: Annotated[str | None, typer.Option(help="Record an example input shape for export, e.g. 2,3,32,32.", rich_help_panel=_IN)] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Example input shape, e.g. 2,3,32,32: the conversion is checked on it bit for bit, and it is recorded for export.", rich_help_panel=_IN)] = None,
     dendrites: Annotated[int, typer.Option(min=0, help="Dendrites to pre-insert in every target.", rich_help_panel=_DENDRITES)] = 0,
     activation: Annotated[str, typer.Option(help="Dendrite nonlinearity: sigmoid, tanh or identity.", rich_help_panel=_DENDRITES)] = "sigmoid",
     dendrite_rank: Annotated[int | None, typer.Option(min=1, help="Low-rank dendrites (in → R → out) instead of full copies of each layer.", rich_help_panel=_DENDRITES)] = None,

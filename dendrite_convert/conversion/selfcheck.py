@@ -29,7 +29,8 @@ class Reference:
     inputs: tuple
     description: str
     outputs: list[torch.Tensor]
-    calls: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)  # id(module) -> outputs per call
+    exact: bool = True  # bit for bit on CPU; accelerators may pick nondeterministic kernels (see _same)
+    calls: dict[int | tuple, list[list[torch.Tensor]]] = field(default_factory=dict)  # _site_key -> outputs per call
 
 
 def derived_inputs(model: nn.Module) -> list[dict]:
@@ -61,8 +62,9 @@ def _tensor(spec: dict, generator: torch.Generator, device: torch.device) -> tor
 
 @contextlib.contextmanager
 def _isolated(model: nn.Module, device: torch.device):
-    """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards, whether
+    forward updated them in place or assigned new tensors."""
+    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.random.default_generator.manual_seed(0)
         if device.type == "cuda":
@@ -70,8 +72,9 @@ def _isolated(model: nn.Module, device: torch.device):
         try:
             yield
         finally:
-            for buffer, value in saved:
+            for module, name, buffer, value in saved:
                 buffer.copy_(value)
+                module._buffers[name] = buffer
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -101,7 +104,7 @@ def record(model: nn.Module, specs: list[dict], description: str, explicit: bool
         inputs = tuple(_tensor(s, generator, device) for s in specs)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise UsageError(f"example input {specs!r} cannot be made ({exc}); give shapes as lists of positive integers.") from exc
-    reference = Reference(inputs, f"{description} of shape {shapes}", [])
+    reference = Reference(inputs, f"{description} of shape {shapes}", [], exact=device.type == "cpu")
     sites = [m for m in model.modules() if dendrite_class_for(m) is not None or isinstance(m, NORM_LAYERS)]
 
     def keep(module, args, output):
@@ -125,17 +128,21 @@ def record(model: nn.Module, specs: list[dict], description: str, explicit: bool
     return reference
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-for-bit equal values (NaN where the other has NaN counts as equal)."""
+def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
+    """Bit-for-bit equal values (NaN where the other has NaN counts as equal); off the CPU, within 16 units
+    of the dtype's precision at the output's scale, since two runs there may reduce in another order."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    if a.is_floating_point() or a.is_complex():
+    if not (a.is_floating_point() or a.is_complex()):
+        return torch.equal(a, b)
+    if exact:
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
-    return torch.equal(a, b)
+    scale = max(1.0, float(b.abs().nan_to_num().max())) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=0.0, atol=16 * torch.finfo(b.dtype).eps * scale, equal_nan=True)
 
 
-def _all_same(left: list[torch.Tensor], right: list[torch.Tensor]) -> bool:
-    return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))
+def _all_same(left: list[torch.Tensor], right: list[torch.Tensor], exact: bool) -> bool:
+    return len(left) == len(right) and all(_same(a, b, exact) for a, b in zip(left, right))
 
 
 def _site_key(module: nn.Module) -> int | tuple[int, ...]:
@@ -169,7 +176,7 @@ def verify(model: nn.Module, reference: Reference) -> str:
             got = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
             if index >= len(recorded):
                 mismatches.append(f"{name} is called more often than in the original ({index + 1} > {len(recorded)})")
-            elif not _all_same(got, recorded[index]):
+            elif not _all_same(got, recorded[index], reference.exact):
                 mismatches.append(f"{name}{f' (call {index + 1})' if index else ''} differs from the original")
         return hook
 
@@ -188,8 +195,9 @@ def verify(model: nn.Module, reference: Reference) -> str:
         raise ConversionError(f"self-check failed: with zero dendrites the converted model does not compute what the "
                               f"original computed on the {reference.description}: target {mismatches[0]}; "
                               "nothing was written; exclude that target (--exclude) and report the model as a bug.")
-    if not _all_same(outputs, reference.outputs):
+    if not _all_same(outputs, reference.outputs, reference.exact):
         raise ConversionError(f"self-check failed: with zero dendrites the converted model's output differs from the "
                               f"original's on the {reference.description}, although every target's own output "
                               "matches; nothing was written.")
-    return f"self-check passed: with zero dendrites the output matches the original bit for bit on the {reference.description}"
+    how = "bit for bit" if reference.exact else f"to 16 units of precision on {_device(model).type}"
+    return f"self-check passed: with zero dendrites the output matches the original {how} on the {reference.description}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import os
@@ -84,10 +85,35 @@ class TraceResult:
     error: Fallback | None  # why the module itself failed
 
 
+@contextlib.contextmanager
+def _state_kept(module: nn.Module):
+    """Tracing runs forward on real buffers and attributes: put back whatever it assigned or updated in place
+    (a step counter, say), so that tracing never changes the model it looks at."""
+    buffers = [(m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items()
+               if b is not None]
+    plain = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, before in plain:
+            for key, value in before.items():
+                if m.__dict__.get(key) is not value:
+                    m.__dict__[key] = value
+        with torch.no_grad():
+            for m, name, buffer, value in buffers:
+                m._buffers[name] = buffer
+                buffer.copy_(value)
+
+
 def trace(module: nn.Module, max_leaves: int = 200) -> TraceResult:
     """Trace `module`; each failure inside a submodule makes that submodule a leaf and retries."""
     if isinstance(module, fx.GraphModule):  # e.g. a torch.export program: its graph is already there
         return TraceResult(module.graph, [], None)
+    with _state_kept(module):
+        return _trace_with_leaves(module, max_leaves)
+
+
+def _trace_with_leaves(module: nn.Module, max_leaves: int) -> TraceResult:
     leaves: set[str] = set()
     fallbacks: list[Fallback] = []
     while len(leaves) <= max_leaves:
