@@ -58,7 +58,7 @@ def export(
         verify = getattr(exc, "report", None)
         if verify is not None and not quiet:
             for line in verify.lines():
-                console.print(line, highlight=False)
+                console.print(line, highlight=False, soft_wrap=True)
         raise
     if not quiet:
         _render(report)
@@ -78,7 +78,7 @@ def _render(report) -> None:
                   f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False)
     if report.verify:
         for line in report.verify.lines():
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
     if report.latency:
