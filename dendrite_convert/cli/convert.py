@@ -18,7 +18,7 @@ def convert(
     output: Annotated[Path, typer.Option("-o", "--output", help="Converted-model directory to write.", show_default=False)],
     factory: Annotated[str | None, typer.Option(help="Builds the architecture for weights-only inputs: pkg.module:fn or path/to/file.py:fn.", rich_help_panel=_IN)] = None,
     factory_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --factory.", rich_help_panel=_IN)] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow full unpickling (runs code from the file) after listing what it imports.", rich_help_panel=_IN)] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling (runs code from the file) after listing what it imports.", rich_help_panel=_IN)] = False,
     input_shape: Annotated[str | None, typer.Option(help="Record an example input shape for export, e.g. 2,3,32,32.", rich_help_panel=_IN)] = None,
     dendrites: Annotated[int, typer.Option(min=0, help="Dendrites to pre-insert in every target.", rich_help_panel=_DENDRITES)] = 0,
     activation: Annotated[str, typer.Option(help="Dendrite nonlinearity: sigmoid, tanh or identity.", rich_help_panel=_DENDRITES)] = "sigmoid",
@@ -26,8 +26,8 @@ def convert(
     dendrite_channels: Annotated[float | None, typer.Option(help="Channel-selective dendrites: each new dendrite serves only this fraction of its layer's output channels, those with the largest remaining error.", rich_help_panel=_DENDRITES)] = None,
     include: Annotated[list[str] | None, typer.Option(help="Only targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Skip targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
-    no_norm_pairs: Annotated[bool, typer.Option(help="Do not treat conv/linear -> BatchNorm as one neuron.", rich_help_panel=_DENDRITES)] = False,
-    strict_graph: Annotated[bool, typer.Option(help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
+    norm_pairs: Annotated[bool, typer.Option("--norm-pairs/--no-norm-pairs", help="Treat a conv/linear that alone feeds a BatchNorm and the norm as one neuron.", rich_help_panel=_DENDRITES)] = True,
+    strict_graph: Annotated[bool, typer.Option("--strict-graph", help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -40,7 +40,7 @@ def convert(
     check_writable(output, force)
     config = DendriteConfig(
         dendrites=dendrites, activation=activation, rank=dendrite_rank, channel_fraction=dendrite_channels, include=include or [], exclude=exclude or [],
-        pair_norms=not no_norm_pairs, strict_graph=strict_graph,
+        pair_norms=norm_pairs, strict_graph=strict_graph,
     )
     shape = parse_shape(input_shape)
     converted = convert_api(

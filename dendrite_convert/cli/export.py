@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.words import plural
 from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, parse_shape, print_json
 
 _FMT, _VERIFY, _FOLD, _IN = "Format", "Verification", "Folding", "Inputs"
@@ -34,7 +35,7 @@ def export(
     gemm_layout: Annotated[GemmLayout, typer.Option(help="Nonlinear dendrites as separate GEMMs/convs, concatenated with the main weight, or whichever measures faster.", rich_help_panel=_FOLD)] = GemmLayout.auto,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency table.")] = False,
     latency_threads: Annotated[int, typer.Option(min=0, help="Threads for the latency table, torch and onnxruntime alike (0: torch's default).")] = 1,
-    trust_pickle: Annotated[bool, typer.Option(help="The model was converted with --trust-pickle; allow it again.", rich_help_panel=_IN)] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="The model was converted with --trust-pickle; allow it again.", rich_help_panel=_IN)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -73,7 +74,7 @@ def _render(report) -> None:
     folded = sum(r.folded for r in report.folds)
     dropped = sum(r.dropped + len(r.pruned) for r in report.folds)
     layouts = sorted({r.layout for r in report.folds if r.layout})
-    console.print(f"folded {len(report.folds)} targets: {kept} dendrites kept as extra GEMMs/convs"
+    console.print(f"folded {plural(len(report.folds), 'target')}: {plural(kept, 'dendrite')} kept as extra GEMMs/convs"
                   f"{' (' + ', '.join(layouts) + ')' if layouts else ''}, {folded} folded into weights, {dropped} dropped; "
                   f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False)
     if report.verify:

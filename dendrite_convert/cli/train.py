@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.words import plural
 from ._common import ForceOpt, JsonOpt, QuietOpt, command_app, console, handle_errors, print_json
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
@@ -75,9 +76,14 @@ def train(
             raise UsageError("--seeds/--baseline start new runs; they cannot be combined with --resume.")
         _compare(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet)
         return
-    with _Progress(max_epochs, quiet) as progress:
-        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            on_epoch=progress.epoch)
+    try:
+        with _Progress(max_epochs, quiet) as progress:
+            summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
+                                on_epoch=progress.epoch)
+    except KeyboardInterrupt:  # handle_errors prints the argument as the next step
+        if (run_dir / "checkpoint").is_dir():
+            raise KeyboardInterrupt(f"continue from the last completed epoch: dendrite-train --resume {run_dir}") from None
+        raise KeyboardInterrupt("no epoch had finished, so there is nothing to resume") from None
     _report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
@@ -109,7 +115,7 @@ def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
     test = "" if summary["test_at_best"] is None else f", test {summary['test_at_best']:.6g}"
     console.print(
         f"done: {summary['stop_reason']}. Best val {summary['best_val']:.6g}{test} at epoch {summary['best_epoch']} "
-        f"with {summary['dendrites']} dendrite(s) per target, {summary['params']:,} params "
+        f"with {plural(summary['dendrites'], 'dendrite')} per target, {summary['params']:,} params "
         f"(base {summary['base_params']:,}); wrote {run_dir}", highlight=False, soft_wrap=True,
     )
 
@@ -124,10 +130,7 @@ class _Progress:
 
     def __enter__(self):
         if not self.quiet and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=False)
+            self.bar = progress_bar(console)
             self.bar.start()
             self.task = self.bar.add_task("training", total=self.total)
         return self
@@ -141,12 +144,24 @@ class _Progress:
             return
         test = "" if row["test"] is None else f" test {row['test']:.4g}"
         loss = "" if row["train_loss"] is None else f" loss {row['train_loss']:.4g}"
-        text = (f"epoch {row['epoch']} {row['phase']}: {row['dendrites']} dendrite(s){loss} val {row['val']:.4g}"
-                f"{test} ({row['seconds']:.2f}s)")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=row["epoch"], description=text)
+        state = f"{row['phase']}: {plural(row['dendrites'], 'dendrite')}{loss} val {row['val']:.4g}{test}"
+        if self.bar is not None:  # the bar shows the epoch count and the elapsed time itself
+            self.bar.update(self.task, completed=row["epoch"], description=state)
         else:
-            console.print(text, highlight=False, soft_wrap=True)
+            console.print(f"epoch {row['epoch']} {state} ({row['seconds']:.2f}s)", highlight=False, soft_wrap=True)
+
+
+def progress_bar(console):
+    """The training bar: count and elapsed time keep their width in an 80-column terminal, the text gives way."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=10), MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+        console=console, transient=False, expand=True,
+    )
 
 
 app = command_app(train)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from ..core.files import atomic_file, check_writable
+from ..core.words import plural
 from .fold import LAYOUTS, FoldedDendrites, FoldRecord, fold, strip_dendrites
 from .foldeddir import save_folded
 from ..conversion.modeldir import ConvertedModel, load_converted
@@ -223,7 +224,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         report.fold_max_abs = max((compare("", e, g, 0, 0).max_abs for e, g in zip(expected, got)), default=0.0)
     if any(r.pruned for r in result.records):
         report.notes.append(f"--prune-below {config.prune_below:g} pruned "
-                            f"{sum(len(r.pruned) for r in result.records)} dendrites; max output change "
+                            f"{plural(sum(len(r.pruned) for r in result.records), 'dendrite')}; max output change "
                             f"{report.fold_max_abs:.3g} on the verification inputs")
     if config.format == "safetensors":
         save_folded(converted, folded, output, inputs, config, report, _raise_if_failed)

@@ -48,6 +48,7 @@ from ..training.correlation import error_ranked_channels
 from ..training.growth import Growth, carry_lr_schedule
 from ..core.structure import dendrite_counts, restore_structure, selective
 from ..core.layers import DendriteLayer, dendrite_layers
+from ..core.words import plural
 from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure"]
@@ -106,8 +107,8 @@ class DendriteCallback(pl.Callback):
         self._trainer = trainer
         if self.resume_from is not None:
             counts = restore_structure(pl_module, self.resume_from)
-            log.info("DendriteCallback: restored the dendrite structure of %s (%d dendrites at most)",
-                     self.resume_from, max(counts.values(), default=0))
+            log.info("DendriteCallback: restored the dendrite structure of %s (%s at most)",
+                     self.resume_from, plural(max(counts.values(), default=0), "dendrite"))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.growth.start(pl_module)
@@ -122,8 +123,8 @@ class DendriteCallback(pl.Callback):
                            "in validation_step.")
         decision = self.growth.observe(pl_module, float(value), trainer.global_step)
         if decision.action in ("add", "retry"):
-            log.info("step %d: %s=%.6g; %s -> %d dendrites per target", trainer.global_step, self.monitor,
-                     float(value), decision.action, self.growth.schedule.dendrites)
+            log.info("step %d: %s=%.6g; %s -> %s per target", trainer.global_step, self.monitor,
+                     float(value), decision.action, plural(self.growth.schedule.dendrites, "dendrite"))
             self._rebuild_optimizers(trainer)
         elif decision.action == "stop":
             log.info("step %d: dendrite schedule stopped: %s", trainer.global_step, decision.reason)
@@ -132,8 +133,8 @@ class DendriteCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         before = dendrite_counts(pl_module)
         if self.growth.restore_best(pl_module) and dendrite_counts(pl_module) != before:
-            log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.monitor,
-                     self.growth.best_value, self.growth.schedule.best_dendrites)
+            log.info("DendriteCallback: restored the best model (%s=%s, %s per target)", self.monitor,
+                     self.growth.best_value, plural(self.growth.schedule.best_dendrites, "dendrite"))
 
     def _rank_channels(self, pl_module: pl.LightningModule) -> dict:
         """Channel-selective dendrites serve the channels where the module's own `training_step` loss, on the

@@ -62,6 +62,7 @@ from ..training.correlation import error_ranked_channels
 from ..training.growth import Growth, carry_lr_schedule
 from ..core.structure import STRUCTURE_FILE, dendrite_counts, restore_structure, save_structure
 from ..core.layers import DendriteLayer, dendrite_layers
+from ..core.words import plural
 from ..conversion.rewrite import retie_weight_keys
 from ..training.schedule import ScheduleConfig
 
@@ -188,8 +189,8 @@ class DendriteCallback(TrainerCallback):
         state.log_history.append({"step": state.global_step, self.metric_key: value, "dendrites": evaluated,
                                   "dendrite_action": decision.action})
         if decision.action in ("add", "retry"):
-            log.info("step %d: %s=%.6g; %s -> %d dendrites per target", state.global_step, self.metric_key, value,
-                     decision.action, self.growth.schedule.dendrites)
+            log.info("step %d: %s=%.6g; %s -> %s per target", state.global_step, self.metric_key, value,
+                     decision.action, plural(self.growth.schedule.dendrites, "dendrite"))
             self._rebuild_optimizer()
         elif decision.action == "stop":
             log.info("step %d: dendrite schedule stopped: %s", state.global_step, decision.reason)
@@ -211,8 +212,8 @@ class DendriteCallback(TrainerCallback):
             return
         before = dendrite_counts(trainer.model)
         if self.growth.restore_best(trainer.model):
-            log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.metric_key,
-                     self.growth.best_value, self.growth.schedule.best_dendrites)
+            log.info("DendriteCallback: restored the best model (%s=%s, %s per target)", self.metric_key,
+                     self.growth.best_value, plural(self.growth.schedule.best_dendrites, "dendrite"))
         if dendrite_counts(trainer.model) != before:
             # The optimizer holds parameters of the grown model: a later train() must build a new one.
             trainer.optimizer = trainer.lr_scheduler = None

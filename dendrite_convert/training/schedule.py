@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..core.words import plural
+
 # The peer's improvement_threshold (relative, indexed by the dendrite count) and improvement_threshold_raw.
 DEFAULT_THRESHOLDS = (0.001, 0.0001, 0.0)
 DEFAULT_RAW_THRESHOLD = 1e-5
@@ -109,7 +111,7 @@ class Schedule:
                     self.tries += 1
                     self._switch("retry", self.best_dendrites + 1)
                     return self._within_budget(Decision("retry", save_best))
-                return self._stop(save_best, f"{self.dendrites} dendrites did not beat the best score after a retry")
+                return self._stop(save_best, f"{plural(self.dendrites, 'dendrite')} did not beat the best score after a retry")
             if self.dendrites >= cfg.max_dendrites:
                 return self._stop(save_best, f"reached --max-dendrites {cfg.max_dendrites}")
             self.tries = 0
