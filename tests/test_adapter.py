@@ -1,4 +1,4 @@
-"""The data adapter contract (DESIGN §4): loading, checks, defaults, and the CLI's errors for bad adapters."""
+"""The data adapter contract (docs/design.md §4): loading, checks, defaults, and the CLI's errors for bad adapters."""
 
 import json
 import textwrap

@@ -62,7 +62,7 @@ _library_log.propagate = False
 
 
 def handle_errors(fn):
-    """Map library errors to one sentence on stderr and the exit codes of DESIGN §6."""
+    """Map library errors to one sentence on stderr and the exit codes of docs/design.md §6."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Typed errors: each user mistake maps to one sentence and one exit code (DESIGN §6)."""
+"""Typed errors: each user mistake maps to one sentence and one exit code (docs/design.md §6)."""
 
 
 class DendriteError(Exception):

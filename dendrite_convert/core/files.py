@@ -1,5 +1,5 @@
 """Atomic outputs: everything is written under a temporary name and renamed, so a crash leaves
-either the old result or the new one, never half of one (DESIGN §6)."""
+either the old result or the new one, never half of one (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (DESIGN §5).
+"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (docs/design.md §5).
 
 ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
 integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
@@ -35,7 +35,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class ExportConfig:
-    """How to fold, write and verify (DESIGN §5)."""
+    """How to fold, write and verify (docs/design.md §5)."""
 
     format: str = "onnx"  # onnx | safetensors
     opset: int | None = None  # ONNX opset; None: the exporter's default (20 on torch 2.13)

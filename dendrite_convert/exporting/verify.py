@@ -1,4 +1,4 @@
-"""Strict verification of an exported ONNX file against the reference PyTorch model (DESIGN §5).
+"""Strict verification of an exported ONNX file against the reference PyTorch model (docs/design.md §5).
 
 Shaped on optimum's `validate_model_outputs`: run both on the same fresh inputs, compare every output
 (names/count, shape, then `|a - b| <= atol + rtol·|b|` per element), record a ✓/✗ line per output that

@@ -7,7 +7,7 @@
     trainer = L.Trainer(max_epochs=50, callbacks=[DendriteCallback(monitor="val_loss", patience=3)])
     trainer.fit(module, train_loader, val_loader)   # the module holds the best model afterwards
 
-What it does (DESIGN §4, the same `schedule.Schedule` as `dendrite-train`; one validation run plays
+What it does (docs/design.md §4, the same `schedule.Schedule` as `dendrite-train`; one validation run plays
 the role of one epoch): at the end of every validation (not the sanity check) it reads `monitor` from
 `trainer.callback_metrics` (log it with `self.log("val_loss", ...)` in `validation_step`), keeps the
 best state (weights and dendrite counts) in CPU memory, and when the metric has not improved for

@@ -9,7 +9,7 @@
     DendriteCallback(patience=3).attach(trainer)
     trainer.train()            # trainer.model is the best model when this returns
 
-What it does (DESIGN §4, the same `schedule.Schedule` as `dendrite-train`; one *evaluation* plays
+What it does (docs/design.md §4, the same `schedule.Schedule` as `dendrite-train`; one *evaluation* plays
 the role of one epoch): after every evaluation it reads `metric` (default `eval_loss`, minimised;
 a metric whose name has no "loss" is maximised unless `maximize` says otherwise), keeps the best
 state (weights and dendrite counts) in CPU memory, and when the metric has not improved for

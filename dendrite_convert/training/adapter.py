@@ -1,4 +1,4 @@
-"""The data adapter of DESIGN §4: a Python file (or `pkg.module`) the user writes once.
+"""The data adapter of docs/design.md §4: a Python file (or `pkg.module`) the user writes once.
 
 Only `train_data`, `val_data` and `loss` are required. Everything is checked when the adapter is
 loaded, so a missing or mistyped function is one sentence naming it and its expected signature

@@ -1,6 +1,6 @@
-"""When to add a dendrite and when to stop: the phase state machine of DESIGN §4, without torch.
+"""When to add a dendrite and when to stop: the phase state machine of docs/design.md §4, without torch.
 
-It follows the peer's switching rules (reference/pai_algorithm.md §3): a neuron phase trains the
+It follows the peer's switching rules (docs/algorithm.md §3): a neuron phase trains the
 network; when validation has not improved for `patience` epochs (an improvement must beat the old
 score by a relative *and* an absolute threshold) — or every `switch_every` epochs — every target gets
 one more dendrite. The new architecture must beat the global best during its cycle; if it does not,

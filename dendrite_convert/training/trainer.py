@@ -1,4 +1,4 @@
-"""The training loop of DESIGN §4: neuron phases, dendrite switches, outputs and exact resume.
+"""The training loop of docs/design.md §4: neuron phases, dendrite switches, outputs and exact resume.
 
 `train(converted, adapter, output, config)` runs the loop and returns the summary dict that is also
 written to `output/summary.json`. Every output is written atomically after each epoch, so a crash or
@@ -52,7 +52,7 @@ DURABLE_EVERY_S = 60.0
 
 @dataclass
 class TrainConfig:
-    """How `dendrite-train` alternates phases (DESIGN §4); defaults follow the peer."""
+    """How `dendrite-train` alternates phases (docs/design.md §4); defaults follow the peer."""
 
     objective: str = "gradient"  # gradient | correlation
     candidates: int = 4  # correlation: candidate dendrites per target
