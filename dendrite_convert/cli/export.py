@@ -76,12 +76,12 @@ def _render(report) -> None:
     layouts = sorted({r.layout for r in report.folds if r.layout})
     console.print(f"folded {plural(len(report.folds), 'target')}: {plural(kept, 'dendrite')} kept as extra GEMMs/convs"
                   f"{' (' + ', '.join(layouts) + ')' if layouts else ''}, {folded} folded into weights, {dropped} dropped; "
-                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False)
+                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False, soft_wrap=True)
     if report.verify:
         for line in report.verify.lines():
             console.print(line, highlight=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if report.latency:
         render(report.latency, console, report.latency_inputs, report.latency_threads)
     console.print(f"wrote {report.output}", highlight=False)

@@ -56,7 +56,7 @@ class OutputCheck:
         elif diff == 0:
             verdict = "0 (equal)"
         elif self.ok:
-            verdict = f"{diff:.3g}, {diff / bound:.0%} of its bound {bound:.3g}"
+            verdict = f"{diff:.3g}, {100 * diff / bound:.2g}% of its bound {bound:.3g}"
         else:
             verdict = f"{diff:.3g}, beyond its bound {bound:.3g} by {diff - bound:.3g}"
         return (f"{'✓' if self.ok else '✗'} {self.name} {tuple(self.shape)}: {CRITERION} {held} (a exported, "
