@@ -75,3 +75,6 @@ def inspect(
 
 
 app = command_app(convert)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.convert
+    app()

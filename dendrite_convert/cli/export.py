@@ -88,3 +88,6 @@ def _render(report) -> None:
 
 
 app = command_app(export)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.export
+    app()

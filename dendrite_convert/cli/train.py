@@ -165,3 +165,6 @@ def progress_bar(console):
 
 
 app = command_app(train)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.train
+    app()
