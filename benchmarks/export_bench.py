@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/export_bench.py [--threads N]
 For each model: base (no dendrites), unfolded dendritic torch, folded torch, and onnxruntime for the base and
 for the folded export in each GEMM layout. "× FLOP pred." divides a latency by what FLOPs predict from the base
 of the same runtime (torch rows by base torch, onnxruntime rows by base onnxruntime): 1.00 means the dendrites
-cost exactly their FLOPs. Goal (DESIGN §5): onnxruntime within 1.15x of the prediction, never slower than the
+cost exactly their FLOPs. Goal (docs/design.md §5): onnxruntime within 1.15x of the prediction, never slower than the
 unfolded torch model. Latencies are medians of interleaved runs in one process.
 """
 

@@ -100,7 +100,7 @@ def table(rows: list[dict]) -> str:
             scores = [r["test_at_best"] for r in mine]
             std = statistics.stdev(scores) if len(scores) > 1 else 0.0
             p = d = "-"
-            if arm != "plain" and len(scores) > 1 and len(plain) > 1:
+            if arm != "plain" and welch_p_value(scores, plain) is not None:
                 p, d = f"{welch_p_value(scores, plain):.3g}", f"{cohens_d(scores, plain):+.2f}"
             lines.append(
                 f"| {task} | {arm} | {statistics.fmean(r['params'] for r in mine):,.0f} | "

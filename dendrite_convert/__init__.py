@@ -1,20 +1,39 @@
-"""dendrite_convert: add dendrites to any saved PyTorch model, train them, export plain inference artifacts."""
+"""dendrite_convert: add dendrites to any saved PyTorch model, train them, export plain inference artifacts.
+
+The public names are imported on first use (PEP 562), so `import dendrite_convert` and every `--help` stay
+instant: torch is loaded only when something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .conversion.convert import convert
-from .conversion.config import DendriteConfig
-from .exporting.export import ExportConfig, export
-from .exporting.foldeddir import load_folded
-from .core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
-from .exporting.fold import fold_model
-from .core.layers import DendriteLayer, count_parameters, dendrite_layers
-from .conversion.modeldir import ConvertedModel, load, load_converted
-from .training.trainer import TrainConfig, train
+# public name -> the module that defines it
+_PUBLIC = {
+    "convert": ".conversion.convert",
+    "DendriteConfig": ".conversion.config",
+    "ConvertedModel": ".conversion.modeldir", "load": ".conversion.modeldir", "load_converted": ".conversion.modeldir",
+    "ExportConfig": ".exporting.export", "export": ".exporting.export",
+    "load_folded": ".exporting.foldeddir",
+    "fold_model": ".exporting.fold",
+    "ConversionError": ".core.errors", "DendriteError": ".core.errors", "LoadError": ".core.errors",
+    "UsageError": ".core.errors", "VerificationError": ".core.errors",
+    "DendriteLayer": ".core.layers", "count_parameters": ".core.layers", "dendrite_layers": ".core.layers",
+    "TrainConfig": ".training.trainer", "train": ".training.trainer",
+}
 
-__all__ = [
-    "ConversionError", "ConvertedModel", "DendriteConfig", "DendriteError", "DendriteLayer", "ExportConfig", "LoadError",
-    "UsageError", "VerificationError", "__version__", "convert", "count_parameters", "dendrite_layers", "export",
-    "fold_model", "load_folded",
-    "load", "load_converted", "TrainConfig", "train",
-]
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

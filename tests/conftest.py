@@ -25,7 +25,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def fixture_files(tmp_path_factory):
-    """Every saved-model form of DESIGN §3, written once per session."""
+    """Every saved-model form of docs/design.md §3, written once per session."""
     from fixtures.make_fixtures import make_fixtures
 
     return make_fixtures(tmp_path_factory.mktemp("fixtures"))

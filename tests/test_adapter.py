@@ -1,4 +1,4 @@
-"""The data adapter contract (DESIGN §4): loading, checks, defaults, and the CLI's errors for bad adapters."""
+"""The data adapter contract (docs/design.md §4): loading, checks, defaults, and the CLI's errors for bad adapters."""
 
 import json
 import textwrap
@@ -99,6 +99,38 @@ def test_module_spec_and_missing_file(tmp_path, monkeypatch):
     assert load_adapter("my_adapter_mod").spec == "my_adapter_mod"
     with pytest.raises(LoadError, match="file does not exist"):
         load_adapter(tmp_path / "nope.py")
+
+
+def test_near_miss_names_are_warned_about_once_each(tmp_path, caplog):
+    text = (GOOD.replace("def loss(", "def lost(") + "def loss(outputs, batch): return lost(outputs, batch)\n"
+            + "def scores(outputs, batch): return 1.0\n"
+            + "def optimiser(params): return torch.optim.SGD(params, lr=0.1)\n"
+            + "def train_dataset(): return None\nMAXIMISE = False\n"
+            + "def _helper(): return None\ndef accuracy(outputs, batch): return 0.0\n")
+    with caplog.at_level("WARNING", logger="dendrite_convert"):
+        adapter = load_adapter(write(tmp_path, text))
+    assert adapter.score is None and adapter.optimizer is None  # the defaults apply, as the warnings say
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("defines scores(), which dendrite-train does not use; did you mean score()?" in m for m in lines)
+    assert any("defines optimiser()" in m and "did you mean optimizer()?" in m for m in lines)
+    assert any("defines MAXIMISE" in m and "did you mean MAXIMIZE?" in m for m in lines)
+    assert not any(w in m for m in lines for w in ("lost", "train_dataset", "_helper", "accuracy", "torch"))
+    assert len(lines) == 3
+
+
+def test_near_miss_of_a_required_name_comes_before_the_error(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dendrite_convert"), pytest.raises(LoadError, match="has no val_data"):
+        load_adapter(write(tmp_path, GOOD.replace("def val_data(", "def val_dat(")))
+    assert "defines val_dat(), which dendrite-train does not use; did you mean val_data()?" in caplog.text
+
+
+def test_cli_shows_the_near_miss_warning_on_stderr(tmp_path, converted_dir):
+    adapter = write(tmp_path, GOOD + "def optimiser(params): return torch.optim.SGD(params, lr=0.1)\n")
+    result = runner.invoke(app, [str(converted_dir), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
+                                 "--max-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "optimiser()" in warning[0] and "did you mean optimizer()?" in warning[0]
 
 
 def _cli(converted_dir, adapter, out, *extra):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dendrite_convert.training.compare import cohens_d, compare, welch_p_value
+from dendrite_convert.training.compare import cohens_d, compare, render, summarize, untestable, welch_p_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,55 @@ def test_welch_and_cohen_match_scipy(a, b):
     assert welch_p_value(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
     pooled = ((len(a) - 1) * stats.tvar(a) + (len(b) - 1) * stats.tvar(b)) / (len(a) + len(b) - 2)
     assert cohens_d(a, b) == pytest.approx((sum(a) / len(a) - sum(b) / len(b)) / pooled**0.5)
+
+
+def test_regular_case_uses_student_t_and_reports_it():
+    stats = pytest.importorskip("scipy.stats")
+    dendrites, baseline = [93.1, 93.6, 93.9, 93.4], [92.5, 92.9, 92.6]
+    result = summarize(_runs(dendrites, baseline))
+    expected = stats.ttest_ind(dendrites, baseline, equal_var=False).pvalue
+    assert result.untestable is None and result.p_value == pytest.approx(expected, rel=1e-12) and result.p_value < 0.05
+    assert result.beyond_noise is True
+    assert f"Welch's t-test p = {expected:.3g}" in _rendered(result)
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss")  # scipy's own reference, on a constant arm
+def test_one_sided_zero_spread_is_still_a_welch_test():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [90.0, 90.0, 90.0], [89.0, 90.5, 89.5]
+    assert untestable(a, b) is None
+    assert welch_p_value(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
+
+
+@pytest.mark.parametrize("dendrites,baseline,words", [
+    ([96.5, 96.5, 96.5], [96.5, 96.5, 96.5], "same scores on every seed"),          # equal arms, no spread
+    ([91.0, 92.0, 93.0], [93.0, 91.0, 92.0], "same scores on every seed"),          # equal arms, with spread
+    ([97.0, 97.0, 97.0], [96.5, 96.5, 96.5], "no seed-to-seed spread in either arm"),  # was "p = 0 ... beyond noise"
+    ([97.0], [96.5], "at least 2 seeds in both arms"),                              # one seed
+    ([97.0, 96.0], [], "at least 2 seeds in both arms"),                            # no baseline
+])
+def test_degenerate_comparisons_say_so_instead_of_a_p_value(dendrites, baseline, words):
+    result = summarize(_runs(dendrites, baseline))
+    assert result.p_value is None and result.beyond_noise is None and result.effect_size is None
+    assert words in result.untestable
+    text = _rendered(result)
+    assert "no test" in text and words in text.replace("\n", " ")
+    assert "beyond seed-to-seed noise" not in text and "p = 0" not in text
+
+
+def _runs(dendrites: list[float], baseline: list[float]) -> list[tuple]:
+    """(arm, seed, run dir, summary.json) as `compare` reads them from finished runs."""
+    summary = {"best_val": 0.0, "params": 100, "dendrites": 1, "epochs": 5, "wall_seconds": 1.0, "maximize": True}
+    return [(arm, seed, Path(f"{arm}/seed_{seed}"), summary | {"test_at_best": score})
+            for arm, scores in (("dendrites", dendrites), ("baseline", baseline)) for seed, score in enumerate(scores)]
+
+
+def _rendered(result) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render(result, console)
+    return console.export_text()
 
 
 @pytest.mark.slow
@@ -77,8 +126,11 @@ def test_cli_seeds_and_baseline(tmp_path):
                                       "--patience", "1", "--json", "--factory", str(ROOT / "examples/digits/model.py") + ":build"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [a["arm"] for a in data["arms"]] == ["dendrites", "baseline"] and data["p_value"] is not None
-    assert "Welch's t-test p =" in result.stderr
+    assert [a["arm"] for a in data["arms"]] == ["dendrites", "baseline"]
+    # 3 epochs are too few to keep a dendrite: both arms are the same runs, which is said, not tested (p was 1)
+    assert all(r["dendrites"] == 0 for r in data["runs"]) and data["p_value"] is None
+    assert "no test: both arms gave the same scores on every seed" in result.stderr
+    assert "Welch's t-test p =" not in result.stderr
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
         "baseline", "comparison.csv", "comparison.json", "comparison.png", "dendrites"]
     again = CliRunner().invoke(app, [str(converted), "--adapter", str(ROOT / "examples/digits/adapter.py"),

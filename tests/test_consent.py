@@ -1,4 +1,4 @@
-"""Consent for code (DESIGN §9): every way a file or directory could make the tool run code is refused without
+"""Consent for code (docs/design.md §9): every way a file or directory could make the tool run code is refused without
 the flag (exit 3, one sentence naming it, the attack's marker file never created) and runs with it."""
 
 import importlib.util

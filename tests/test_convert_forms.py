@@ -1,4 +1,4 @@
-"""Every input form of DESIGN §3 converts, saves and loads back to the original function (0 dendrites)."""
+"""Every input form of docs/design.md §3 converts, saves and loads back to the original function (0 dendrites)."""
 
 import pytest
 import torch

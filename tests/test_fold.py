@@ -1,4 +1,4 @@
-"""The fold (DESIGN §5): folded torch vs the unfolded dendritic model, with non-trivial scales, cascades and BN."""
+"""The fold (docs/design.md §5): folded torch vs the unfolded dendritic model, with scales, cascades and BN."""
 
 import pytest
 import torch

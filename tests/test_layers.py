@@ -1,4 +1,4 @@
-"""The dendrite layer math of DESIGN §2."""
+"""The dendrite layer math of docs/design.md §2."""
 
 import pytest
 import torch

@@ -60,7 +60,7 @@ def test_failed_architecture_is_retried_once_then_best_restored():
                                           "continue", "stop"]
     assert [sw["kind"] for sw in s.switches] == ["add", "retry"]
     assert s.switches[1] == {"epoch": 7, "dendrites": 1, "kind": "retry"}
-    assert s.done and "did not beat" in s.stop_reason
+    assert s.done and s.stop_reason == "1 dendrite did not beat the best score after a retry"  # not "1 dendrites"
     assert s.dendrites == 0 and s.best == 0.7 and s.best_epoch == 2
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from ..core.errors import DendriteError, UsageError
 
@@ -36,10 +37,29 @@ FactoryAgainOpt = Annotated[str | None, typer.Option(
          "its file must be the one recorded at conversion.")]
 
 
+class _FlagsWithoutType:
+    """On/off flags show no `<bool>` type column in --help (Typer prints one for every flag, --help included)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsWithoutType, TyperCommand):
+    pass
+
+
+class Group(_FlagsWithoutType, TyperGroup):
+    pass
+
+
 def command_app(fn, help: str | None = None) -> typer.Typer:
     """A one-command Typer app, so each `dendrite-*` script runs its command without a subcommand name."""
     app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_show_locals=False)
-    app.command(help=help)(fn)
+    app.command(help=help, cls=Command)(fn)
     return app
 
 
@@ -56,7 +76,7 @@ _library_log.propagate = False
 
 
 def handle_errors(fn):
-    """Map library errors to one sentence on stderr and the exit codes of DESIGN §6."""
+    """Map library errors to one sentence on stderr and the exit codes of docs/design.md §6."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -65,8 +85,10 @@ def handle_errors(fn):
         except DendriteError as exc:
             console.print(f"[red]error:[/red] {cli_message(exc, fn)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]; completed outputs were kept, partial ones removed.")
+        except KeyboardInterrupt as exc:  # a command may add what to do next as the exception's argument
+            next_step = f"; {exc.args[0]}" if exc.args else ""
+            console.print(f"[red]interrupted[/red]; completed outputs were kept, partial ones removed{next_step}.",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except typer.Exit:
             raise

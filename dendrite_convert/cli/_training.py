@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import UsageError
+from ..core.words import plural
 from ._common import console, print_json
 
 
@@ -63,7 +64,7 @@ def report(summary: dict, run_dir: Path, quiet: bool) -> None:
     test = "" if summary["test_at_best"] is None else f", test {summary['test_at_best']:.6g}"
     console.print(
         f"done: {summary['stop_reason']}. Best val {summary['best_val']:.6g}{test} at epoch {summary['best_epoch']} "
-        f"with {summary['dendrites']} dendrite(s) per target, {summary['params']:,} params "
+        f"with {plural(summary['dendrites'], 'dendrite')} per target, {summary['params']:,} params "
         f"(base {summary['base_params']:,}); wrote {run_dir}", highlight=False, soft_wrap=True,
     )
 
@@ -78,10 +79,7 @@ class Progress:
 
     def __enter__(self):
         if not self.quiet and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=False)
+            self.bar = progress_bar(console)
             self.bar.start()
             self.task = self.bar.add_task("training", total=self.total)
         return self
@@ -95,9 +93,21 @@ class Progress:
             return
         test = "" if row["test"] is None else f" test {row['test']:.4g}"
         loss = "" if row["train_loss"] is None else f" loss {row['train_loss']:.4g}"
-        text = (f"epoch {row['epoch']} {row['phase']}: {row['dendrites']} dendrite(s){loss} val {row['val']:.4g}"
-                f"{test} ({row['seconds']:.2f}s)")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=row["epoch"], description=text)
+        state = f"{row['phase']}: {plural(row['dendrites'], 'dendrite')}{loss} val {row['val']:.4g}{test}"
+        if self.bar is not None:  # the bar shows the epoch count and the elapsed time itself
+            self.bar.update(self.task, completed=row["epoch"], description=state)
         else:
-            console.print(text, highlight=False, soft_wrap=True)
+            console.print(f"epoch {row['epoch']} {state} ({row['seconds']:.2f}s)", highlight=False, soft_wrap=True)
+
+
+def progress_bar(console):
+    """The training bar: count and elapsed time keep their width in an 80-column terminal, the text gives way."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=10), MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+        console=console, transient=False, expand=True,
+    )

@@ -26,8 +26,8 @@ def convert(
     dendrite_channels: Annotated[float | None, typer.Option(help="Channel-selective dendrites: each new dendrite serves only this fraction of its layer's output channels, those with the largest remaining error.", rich_help_panel=_DENDRITES)] = None,
     include: Annotated[list[str] | None, typer.Option(help="Only targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Skip targets whose name matches this glob or whose type is this name (repeatable).", rich_help_panel=_DENDRITES)] = None,
-    no_norm_pairs: Annotated[bool, typer.Option(help="Do not treat conv/linear -> BatchNorm as one neuron.", rich_help_panel=_DENDRITES)] = False,
-    strict_graph: Annotated[bool, typer.Option(help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
+    norm_pairs: Annotated[bool, typer.Option("--norm-pairs/--no-norm-pairs", help="Treat a conv/linear that alone feeds a BatchNorm and the norm as one neuron.", rich_help_panel=_DENDRITES)] = True,
+    strict_graph: Annotated[bool, typer.Option("--strict-graph", help="Fail (exit 4) instead of falling back to module swapping where fx cannot trace.", rich_help_panel=_GRAPH)] = False,
     trust_code: TrustOpt = False,
     allow_module: AllowModuleOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -45,7 +45,7 @@ def convert(
     check_writable(output, force)
     config = DendriteConfig(
         dendrites=dendrites, activation=activation, rank=dendrite_rank, channel_fraction=dendrite_channels, include=include or [], exclude=exclude or [],
-        pair_norms=not no_norm_pairs, strict_graph=strict_graph,
+        pair_norms=norm_pairs, strict_graph=strict_graph,
     )
     shape = parse_shape(input_shape)
     converted = convert_api(
@@ -85,3 +85,6 @@ def inspect(
 
 
 app = command_app(convert)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.convert
+    app()

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.words import plural
 from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
                       console, consent, handle_errors, parse_shape, print_json)
 
@@ -62,7 +63,7 @@ def export(
         verify = getattr(exc, "report", None)
         if verify is not None and not quiet:
             for line in verify.lines():
-                console.print(line, highlight=False)
+                console.print(line, highlight=False, soft_wrap=True)
         raise
     if not quiet:
         _render(report)
@@ -77,17 +78,20 @@ def _render(report) -> None:
     folded = sum(r.folded for r in report.folds)
     dropped = sum(r.dropped + len(r.pruned) for r in report.folds)
     layouts = sorted({r.layout for r in report.folds if r.layout})
-    console.print(f"folded {len(report.folds)} targets: {kept} dendrites kept as extra GEMMs/convs"
+    console.print(f"folded {plural(len(report.folds), 'target')}: {plural(kept, 'dendrite')} kept as extra GEMMs/convs"
                   f"{' (' + ', '.join(layouts) + ')' if layouts else ''}, {folded} folded into weights, {dropped} dropped; "
-                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False)
+                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False, soft_wrap=True)
     if report.verify:
         for line in report.verify.lines():
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if report.latency:
         render(report.latency, console, report.latency_inputs, report.latency_threads)
     console.print(f"wrote {report.output}", highlight=False)
 
 
 app = command_app(export)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.export
+    app()

@@ -67,9 +67,14 @@ def train(
     if seeds > 1 or baseline:
         compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
-    with Progress(config.max_epochs, quiet) as progress:
-        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
+    try:
+        with Progress(config.max_epochs, quiet) as progress:
+            summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
+                                budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
+    except KeyboardInterrupt:  # handle_errors prints the argument as the next step
+        if (run_dir / "checkpoint").is_dir():
+            raise KeyboardInterrupt(f"continue from the last completed epoch: dendrite-train --resume {run_dir}") from None
+        raise KeyboardInterrupt("no epoch had finished, so there is nothing to resume") from None
     report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
@@ -78,3 +83,6 @@ def train(
 
 
 app = command_app(train)
+
+if __name__ == "__main__":  # python -m dendrite_convert.cli.train
+    app()

@@ -13,7 +13,7 @@ from ..core.layers import ACTIVATIONS
 
 @dataclass
 class DendriteConfig:
-    """How dendrites are inserted (DESIGN §2-3)."""
+    """How dendrites are inserted (docs/design.md §2-3)."""
 
     dendrites: int = 0  # dendrites pre-inserted in every target
     activation: str = "sigmoid"  # sigmoid | tanh | identity

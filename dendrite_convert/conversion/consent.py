@@ -1,4 +1,4 @@
-"""Consent for code (DESIGN §9): what a file may make this process run, and the flag that allows more.
+"""Consent for code (docs/design.md §9): what a file may make this process run, and the flag that allows more.
 
 Without `trust_code`, a pickle may name only torch's own `nn.Module` classes (and `torch.nn.functional`
 functions) and objects of the modules the user named (`--allow-module`, the `--factory` module). Names are

@@ -1,4 +1,4 @@
-"""Load a model from any of the saved forms of DESIGN §3, and rebuild its architecture later.
+"""Load a model from any of the saved forms of docs/design.md §3, and rebuild its architecture later.
 
 A `Source` records how the model was obtained so that a converted directory can rebuild the
 architecture without ever pickling it: the converted weights then come from `model.safetensors`.

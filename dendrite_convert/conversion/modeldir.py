@@ -5,7 +5,7 @@ Loading rebuilds the original architecture from the recorded source, re-applies 
 strictly, so a directory written by this version always loads and a changed model fails loudly.
 The directory carries copies of the files its architecture comes from (a factory's .py file, a pickled
 model or .pt2), so it loads after being moved or after the originals are deleted; code among them runs
-only with the user's consent (DESIGN §9).
+only with the user's consent (docs/design.md §9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rebuild the original architecture of a directory the tool wrote, under the consent rule of DESIGN §9.
+"""Rebuild the original architecture of a directory the tool wrote, under the consent rule of docs/design.md §9.
 
 A directory records how its model was obtained (`Source`) and carries copies of the files that are its
 architecture. Rebuilding runs code only as the user allows: a factory they name again (whose file must be

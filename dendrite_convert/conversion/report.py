@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .tracing import Fallback
+from ..core.words import plural
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ConversionReport:
     def render(self, console) -> None:
         """Print the report as rich tables on `console` (stderr in the CLI)."""
         console.print(_table(
-            f"{len(self.targets)} dendrite targets",
+            f"{plural(len(self.targets), 'dendrite target')}",
             ("target", "type", "shape", "dendrites", "params before → after", "reached", "shared"),
             [(t.name, t.type, "×".join(map(str, t.weight_shape)), str(t.dendrites),
               f"{t.params_before:,} → {t.params_after:,}", t.reached + (f" ({t.via})" if t.via else ""),

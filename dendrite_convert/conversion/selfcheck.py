@@ -1,4 +1,4 @@
-"""Conversion proves itself (DESIGN §9): with zero dendrites the converted model must compute, bit for bit,
+"""Conversion proves itself (docs/design.md §9): with zero dendrites the converted model must compute, bit for bit,
 what the original computed on an example input, or the conversion fails naming the first target that differs.
 
 The original is not copied: its outputs (the model's and every candidate target's and norm's, per call)

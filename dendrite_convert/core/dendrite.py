@@ -1,4 +1,4 @@
-"""The dendrite layer of DESIGN §2, in one file: the math every layer family shares.
+"""The dendrite layer of docs/design.md §2, in one file: the math every layer family shares.
 
 After k dendrites a target computes, per output channel c:
 

@@ -1,4 +1,4 @@
-"""Typed errors: each user mistake maps to one sentence and one exit code (DESIGN §6).
+"""Typed errors: each user mistake maps to one sentence and one exit code (docs/design.md §6).
 
 Library code words its messages in Python terms (`switch_every must be at least 1`), never as command-line
 flags, and names the argument at fault in `parameter`; the CLI (cli/_common.py) turns that name into the

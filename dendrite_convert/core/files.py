@@ -1,5 +1,5 @@
 """Atomic outputs: everything is written under a temporary name and renamed, so a crash leaves
-either the old result or the new one, never half of one (DESIGN §6).
+either the old result or the new one, never half of one (docs/design.md §6).
 
 Temporaries are named `.<name>.dendrite-tmp-<pid>-<token>` (`-old-` for a previous version moved aside),
 with a random 32-hex-digit token: clean-up removes only names of exactly that form, so a user's file

@@ -1,4 +1,4 @@
-"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (DESIGN §5).
+"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (docs/design.md §5).
 
 ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
 integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
@@ -24,6 +24,7 @@ from ..core.files import atomic_file, check_writable
 from ..core.outputs import check_output_location
 from .fold import LAYOUTS, FoldRecord, fold, strip_dendrites
 from .folded import FoldedDendrites
+from ..core.words import plural
 from .foldeddir import save_folded
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
@@ -36,7 +37,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class ExportConfig:
-    """How to fold, write and verify (DESIGN §5)."""
+    """How to fold, write and verify (docs/design.md §5)."""
 
     format: str = "onnx"  # onnx | safetensors
     opset: int | None = None  # ONNX opset; None: the exporter's default (20 on torch 2.13)
@@ -230,7 +231,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         report.fold_max_abs = max((compare("", e, g, 0, 0).max_abs for e, g in zip(expected, got)), default=0.0)
     if any(r.pruned for r in result.records):
         report.notes.append(f"--prune-below {config.prune_below:g} pruned "
-                            f"{sum(len(r.pruned) for r in result.records)} dendrites; max output change "
+                            f"{plural(sum(len(r.pruned) for r in result.records), 'dendrite')}; max output change "
                             f"{report.fold_max_abs:.3g} on the verification inputs")
     if config.format == "safetensors":
         save_folded(converted, folded, output, inputs, config, report, _raise_if_failed)

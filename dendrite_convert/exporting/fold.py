@@ -1,4 +1,4 @@
-"""The fold of DESIGN §5: every dendrite layer becomes standard layers and ops, verified against the original.
+"""The fold of docs/design.md §5: every dendrite layer becomes standard layers and ops, verified against the original.
 
 Per target (the math of layers.py, eval semantics):
 

@@ -1,7 +1,7 @@
 """The folded-model directory: `model.safetensors` (folded weights) + `folded_config.json` (the recipe).
 
 Like the converted-model directory it never pickles code and carries copies of the source's files:
-`load_folded` rebuilds the source architecture (running code only with the user's consent, DESIGN §9),
+`load_folded` rebuilds the source architecture (running code only with the user's consent, docs/design.md §9),
 converts it again (deterministic), replaces every target by the plain layers its recipe entry describes and
 loads the folded weights strictly.
 """

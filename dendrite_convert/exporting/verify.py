@@ -1,13 +1,15 @@
-"""Strict verification of an exported ONNX file against the reference PyTorch model (DESIGN §5).
+"""Strict verification of an exported ONNX file against the reference PyTorch model (docs/design.md §5).
 
 Shaped on optimum's `validate_model_outputs`: run both on the same fresh inputs, compare every output
-(names/count, shape, then max abs/rel error), record a ✓/✗ line per output, and raise one
+(names/count, shape, then `|a - b| <= atol + rtol·|b|` per element), record a ✓/✗ line per output that
+states that criterion and its worst element, and raise one
 `VerificationError` listing every bad output. A tolerance failure is never downgraded to a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,21 +21,47 @@ from torch.utils._pytree import tree_leaves
 from ..core.errors import VerificationError
 
 
+CRITERION = "|a - b| <= atol + rtol·|b|"
+
+
 @dataclass
 class OutputCheck:
+    """One output against its reference: `a` the exported value, `b` the PyTorch one (numpy allclose semantics).
+
+    The worst element is the one that uses the largest share of its own bound `atol + rtol·|b|`: a max abs and a
+    max rel error taken from different elements can both exceed the tolerances while every element passes.
+    """
+
     name: str
     shape: list[int]
     max_abs: float
-    max_rel: float
     ok: bool
     problem: str = ""
+    failing: int = 0  # elements outside their bound
+    worst_index: list[int] | None = field(default_factory=list)  # None: an empty output
+    worst_actual: float = float("nan")
+    worst_expected: float = float("nan")
+    worst_excess: float = float("nan")  # |a - b| minus its bound: > 0 fails, <= 0 is the margin left
 
     def line(self, atol: float, rtol: float) -> str:
         if self.problem:
             return f"✗ {self.name}: {self.problem}"
-        mark = "✓" if self.ok else "✗"
-        return (f"{mark} {self.name} {tuple(self.shape)}: max abs error {self.max_abs:.3g}, max rel error "
-                f"{self.max_rel:.3g} (atol {atol:g}, rtol {rtol:g})")
+        if self.worst_index is None:
+            return f"✓ {self.name} {tuple(self.shape)}: no elements to compare"
+        held = "holds everywhere" if self.ok else f"fails at {self.failing} of {math.prod(self.shape)} elements"
+        a, b = self.worst_actual, self.worst_expected
+        diff, bound = abs(a - b), atol + rtol * abs(b)
+        if math.isnan(diff):
+            verdict = "NaN"
+        elif diff == 0:
+            verdict = "0 (equal)"
+        elif self.ok:
+            verdict = f"{diff:.3g}, {100 * diff / bound:.2g}% of its bound {bound:.3g}"
+        else:
+            verdict = f"{diff:.3g}, beyond its bound {bound:.3g} by {diff - bound:.3g}"
+        return (f"{'✓' if self.ok else '✗'} {self.name} {tuple(self.shape)}: {CRITERION} {held} (a exported, "
+                f"b PyTorch, atol {atol:g}, rtol {rtol:g}); worst element {self.worst_index}: a = {a:.7g}, "
+                f"b = {b:.7g}, |a - b| = {verdict}")
 
 
 @dataclass
@@ -59,18 +87,24 @@ class VerifyReport:
 
 
 def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """One output: shape first, then `|a - e| <= atol + rtol·|e|` everywhere (numpy allclose semantics)."""
+    """One output: shape first, then `|a - b| <= atol + rtol·|b|` everywhere (NaN anywhere fails)."""
     if tuple(expected.shape) != tuple(actual.shape):
-        return OutputCheck(name, list(expected.shape), float("inf"), float("inf"), False,
+        return OutputCheck(name, list(expected.shape), float("inf"), False,
                            f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     expected, actual = expected.astype(np.float64), actual.astype(np.float64)
     diff = np.abs(actual - expected)
     if diff.size == 0:
-        return OutputCheck(name, list(expected.shape), 0.0, 0.0, True)
+        return OutputCheck(name, list(expected.shape), 0.0, True, worst_index=None)
     max_abs = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
-    max_rel = float(np.max(diff / np.maximum(np.abs(expected), np.finfo(np.float32).tiny)))
-    ok = bool(np.all(diff <= atol + rtol * np.abs(expected)))  # NaN anywhere fails
-    return OutputCheck(name, list(expected.shape), max_abs, max_rel, ok)
+    bound = atol + rtol * np.abs(expected)
+    excess = diff - bound
+    within = excess <= 0  # False for NaN
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero bound: any difference is infinitely beyond it
+        used = np.where(diff == 0, 0.0, diff / bound)
+    worst = np.unravel_index(int(np.argmax(np.where(np.isnan(used), np.inf, used))), expected.shape)
+    return OutputCheck(name, list(expected.shape), max_abs, bool(within.all()), failing=int((~within).sum()),
+                       worst_index=[int(i) for i in worst], worst_actual=float(actual[worst]),
+                       worst_expected=float(expected[worst]), worst_excess=float(excess[worst]))
 
 
 def reference_outputs(model: nn.Module, inputs: tuple | dict) -> list[np.ndarray]:
@@ -116,7 +150,7 @@ def verify_onnx(reference: nn.Module, onnx_path: str | Path, inputs: tuple | dic
     actual = session.run(None, feeds)
     report = VerifyReport(atol, rtol, [list(v.shape) for v in feeds.values()])
     if len(actual) != len(expected):
-        report.outputs.append(OutputCheck("outputs", [], float("inf"), float("inf"), False,
+        report.outputs.append(OutputCheck("outputs", [], float("inf"), False,
                                           f"the ONNX model has {len(actual)} outputs, the PyTorch model {len(expected)}"))
     else:
         report.outputs = [compare(n, e, a, atol, rtol) for n, e, a in zip(names, expected, actual)]

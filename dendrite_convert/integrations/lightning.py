@@ -7,7 +7,7 @@
     trainer = L.Trainer(max_epochs=50, callbacks=[DendriteCallback(monitor="val_loss", patience=3)])
     trainer.fit(module, train_loader, val_loader)   # the module holds the best model afterwards
 
-What it does (DESIGN §4, the same `growth.Growth` and objectives as `dendrite-train`; one validation run
+What it does (docs/design.md §4, the same `growth.Growth` and objectives as `dendrite-train`; one validation run
 plays the role of one epoch): at the end of every validation (not the sanity check) it reads `monitor` from
 `trainer.callback_metrics` (log it with `self.log("val_loss", ...)` in `validation_step`), keeps the
 best state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
@@ -51,6 +51,7 @@ from ..core.layers import DendriteLayer
 from ..core.structure import dendrite_counts, restore_structure
 from ..training.growth import Growth, carry_lr_schedule
 from ..training.objectives import Objective, TrainingData
+from ..core.words import plural
 from ..training.schedule import ScheduleConfig
 
 __all__ = ["DendriteCallback", "restore_structure"]
@@ -114,8 +115,8 @@ class DendriteCallback(pl.Callback):
         self._trainer = trainer
         if self.resume_from is not None:
             counts = restore_structure(pl_module, self.resume_from)
-            log.info("DendriteCallback: restored the dendrite structure of %s (%d dendrites at most)",
-                     self.resume_from, max(counts.values(), default=0))
+            log.info("DendriteCallback: restored the dendrite structure of %s (%s at most)",
+                     self.resume_from, plural(max(counts.values(), default=0), "dendrite"))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.growth.start(pl_module)
@@ -130,8 +131,8 @@ class DendriteCallback(pl.Callback):
                              "validation_step.", parameter="monitor")
         decision = self.growth.observe(pl_module, float(value), trainer.global_step)
         if decision.action in ("add", "retry"):
-            log.info("step %d: %s=%.6g; %s -> %d dendrites per target", trainer.global_step, self.monitor,
-                     float(value), decision.action, self.growth.schedule.dendrites)
+            log.info("step %d: %s=%.6g; %s -> %s per target", trainer.global_step, self.monitor,
+                     float(value), decision.action, plural(self.growth.schedule.dendrites, "dendrite"))
             self._rebuild_optimizers(trainer)
         elif decision.action == "stop":
             log.info("step %d: dendrite schedule stopped: %s", trainer.global_step, decision.reason)
@@ -140,8 +141,8 @@ class DendriteCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         before = dendrite_counts(pl_module)
         if self.growth.restore_best(pl_module) and dendrite_counts(pl_module) != before:
-            log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.monitor,
-                     self.growth.best_value, self.growth.schedule.best_dendrites)
+            log.info("DendriteCallback: restored the best model (%s=%s, %s per target)", self.monitor,
+                     self.growth.best_value, plural(self.growth.schedule.best_dendrites, "dendrite"))
 
     @contextmanager
     def _training_data(self, pl_module: pl.LightningModule):

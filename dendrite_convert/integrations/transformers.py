@@ -9,7 +9,7 @@
     DendriteCallback(patience=3).attach(trainer)
     trainer.train()            # trainer.model is the best model when this returns
 
-What it does (DESIGN §4, the same `growth.Growth` and objectives as `dendrite-train`; one *evaluation*
+What it does (docs/design.md §4, the same `growth.Growth` and objectives as `dendrite-train`; one *evaluation*
 plays the role of one epoch): after every evaluation it reads `metric` (default `eval_loss`, minimised;
 a metric whose name has no "loss" is maximised unless `maximize` says otherwise), keeps the best
 state (weights and dendrite counts) in CPU memory, and when the metric has not improved for
@@ -60,6 +60,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised by the no-extras subprocess test
     raise missing_extra("transformers and accelerate", "transformers", _exc) from _exc
 
+from ..core.words import plural
 from ..conversion.rewrite import retie_weight_keys
 from ..core.errors import UsageError
 from ..core.layers import DendriteLayer
@@ -197,8 +198,8 @@ class DendriteCallback(TrainerCallback):
         state.log_history.append({"step": state.global_step, self.metric_key: value, "dendrites": evaluated,
                                   "dendrite_action": decision.action})
         if decision.action in ("add", "retry"):
-            log.info("step %d: %s=%.6g; %s -> %d dendrites per target", state.global_step, self.metric_key, value,
-                     decision.action, self.growth.schedule.dendrites)
+            log.info("step %d: %s=%.6g; %s -> %s per target", state.global_step, self.metric_key, value,
+                     decision.action, plural(self.growth.schedule.dendrites, "dendrite"))
             self._rebuild_optimizer()
         elif decision.action == "stop":
             log.info("step %d: dendrite schedule stopped: %s", state.global_step, decision.reason)
@@ -220,8 +221,8 @@ class DendriteCallback(TrainerCallback):
             return
         before = dendrite_counts(trainer.model)
         if self.growth.restore_best(trainer.model):
-            log.info("DendriteCallback: restored the best model (%s=%s, %d dendrites per target)", self.metric_key,
-                     self.growth.best_value, self.growth.schedule.best_dendrites)
+            log.info("DendriteCallback: restored the best model (%s=%s, %s per target)", self.metric_key,
+                     self.growth.best_value, plural(self.growth.schedule.best_dendrites, "dendrite"))
         if dendrite_counts(trainer.model) != before:
             # The optimizer holds parameters of the grown model: a later train() must build a new one.
             trainer.optimizer = trainer.lr_scheduler = None

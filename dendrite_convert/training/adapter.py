@@ -1,4 +1,4 @@
-"""The data adapter of DESIGN §4: a Python file (or `pkg.module`) the user writes once.
+"""The data adapter of docs/design.md §4: a Python file (or `pkg.module`) the user writes once.
 
 Only `train_data`, `val_data` and `loss` are required. Everything is checked when the adapter is
 loaded, so a missing or mistyped function is one sentence naming it and its expected signature
@@ -7,8 +7,10 @@ loaded, so a missing or mistyped function is one sentence naming it and its expe
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import logging
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ import torch
 
 from ..core.errors import DendriteError, LoadError
 from ..conversion.loading import _import_file
+
+log = logging.getLogger(__name__)
 
 # name -> (signature shown in errors, number of positional arguments it is called with)
 REQUIRED = {
@@ -185,11 +189,30 @@ def _check_callable(spec: str, module, name: str, signature: str, nargs: int, re
     return fn
 
 
+def _warn_near_misses(spec: str, module) -> None:
+    """A typo in an optional name (`scores`, `optimiser`, `MAXIMISE`) would silently run the default: say so."""
+    known = [*REQUIRED, *OPTIONAL, "MAXIMIZE"]
+    missing = [name for name in known if not hasattr(module, name)]
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in known:
+            continue
+        defined_here = inspect.isfunction(value) and value.__module__ == module.__name__
+        if not (defined_here or name.isupper()):
+            continue
+        close = difflib.get_close_matches(name, missing, n=1, cutoff=0.8)
+        if close:
+            what = f"{name}()" if defined_here else name
+            meant = close[0] if close[0].isupper() else f"{close[0]}()"
+            log.warning("--adapter %s defines %s, which dendrite-train does not use; did you mean %s? Without it the "
+                        "default applies (rename it, or start a helper's name with _).", spec, what, meant)
+
+
 def load_adapter(spec: str | Path) -> Adapter:
     """Import an adapter file or module and check every function it must or may define."""
     spec = str(spec)
     module = _module_for(spec)
     spec = str(Path(spec).resolve()) if spec.endswith(".py") or "/" in spec else spec
+    _warn_near_misses(spec, module)
     found = {
         name: _check_callable(spec, module, name, sig, nargs, required=name in REQUIRED)
         for name, (sig, nargs) in {**REQUIRED, **OPTIONAL}.items()

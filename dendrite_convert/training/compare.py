@@ -3,8 +3,9 @@
 `compare` trains the converted model K times with dendrites and K times with `max_dendrites=0` (the
 same data, epoch budget and early stopping: plain training), reads each run's `summary.json`, and
 reports mean ± std of the test score at best validation (the validation score when the adapter has
-no test data), parameters and wall time per arm, Welch's t-test p-value and Cohen's d. Seeds run one
-after another or in `jobs` parallel processes.
+no test data), parameters and wall time per arm, Welch's t-test p-value and Cohen's d, or why there is no
+test (one seed, identical arms, no spread in either arm). Seeds run one after another or in `jobs`
+parallel processes.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ class Comparison:
     maximize: bool
     runs: list[dict]
     arms: list[ArmStats]
-    p_value: float | None  # Welch's t-test, two-sided
+    p_value: float | None  # Welch's t-test, two-sided; None when `untestable`
     effect_size: float | None  # Cohen's d, dendrites minus baseline (positive = higher score)
     beyond_noise: bool | None
+    untestable: str | None = None  # why there is no p-value (one seed, identical arms, no spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,53 +114,52 @@ def summarize(runs: list[tuple[str, int, Path, dict]]) -> Comparison:
     maximize = bool(runs[0][3].get("maximize", True)) if runs else True
     p = d = beyond = None
     by_arm = {a.arm: [r["score"] for r in rows if r["arm"] == a.arm and r["score"] is not None] for a in arms}
-    if len(by_arm.get("dendrites", [])) > 1 and len(by_arm.get("baseline", [])) > 1:
-        p = welch_p_value(by_arm["dendrites"], by_arm["baseline"])
-        d = cohens_d(by_arm["dendrites"], by_arm["baseline"])
+    dendrites, plain = by_arm.get("dendrites", []), by_arm.get("baseline", [])
+    reason = untestable(dendrites, plain)
+    if reason is None:
+        p, d = welch_p_value(dendrites, plain), cohens_d(dendrites, plain)
         beyond = p < 0.05
-    return Comparison(score_name, maximize, rows, arms, p, d, beyond)
+    return Comparison(score_name, maximize, rows, arms, p, d, beyond, reason)
 
 
-def welch_p_value(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's unequal-variance t-test."""
+def untestable(a: list[float], b: list[float]) -> str | None:
+    """Why Welch's t-test says nothing about these two arms, or None when it applies.
+
+    With one seed there is no noise estimate; identical arms have no difference to test; with no spread in
+    either arm the t statistic divides by zero, and any p-value (0 or 1) would be an artefact, not evidence.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return "needs at least 2 seeds in both arms to measure seed-to-seed noise (--seeds 2 --baseline or more)"
+    if sorted(a) == sorted(b):
+        return (f"both arms gave the same scores on every seed ({_listed(a)}): there is no difference to test, "
+                "dendrites changed nothing here")
+    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
+        return (f"every dendrites seed scored {a[0]:.6g} and every baseline seed {b[0]:.6g}: with no seed-to-seed "
+                "spread in either arm a t-test cannot tell whether the difference is beyond noise")
+    return None
+
+
+def welch_p_value(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's unequal-variance t-test; None where `untestable` explains why there is none."""
+    if untestable(a, b):
+        return None
+    from scipy.stats import t as student_t
+
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
-        return 1.0 if diff == 0 else 0.0
-    t = diff / math.sqrt(va + vb)
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return _betainc(df / 2, 0.5, df / (df + t * t))
+    return float(2 * student_t.sf(abs(t), df))
 
 
-def cohens_d(a: list[float], b: list[float]) -> float:
+def cohens_d(a: list[float], b: list[float]) -> float | None:
+    """Difference of means in pooled standard deviations; None when neither arm varies."""
     pooled = ((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / (len(a) + len(b) - 2)
     diff = statistics.fmean(a) - statistics.fmean(b)
-    return 0.0 if pooled == 0 else diff / math.sqrt(pooled)
+    return None if pooled == 0 else diff / math.sqrt(pooled)
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes §6.4)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-12:
-            break
-    return front * f / a
+def _listed(scores: list[float]) -> str:
+    return ", ".join(f"{s:.6g}" for s in sorted(scores))
 
 
 def write_outputs(result: Comparison, output: Path) -> None:
@@ -195,7 +196,10 @@ def _plot(result: Comparison, path: Path) -> None:
     ax.set_ylabel(result.score_name.replace("_", " "))
     title = "dendrites vs plain training"
     if result.p_value is not None:
-        title += f" (Welch p = {result.p_value:.3g}, d = {result.effect_size:.2f})"
+        effect = "" if result.effect_size is None else f", d = {result.effect_size:.2f}"
+        title += f" (Welch p = {result.p_value:.3g}{effect})"
+    elif result.arms[1:]:
+        title += " (no significance test: see comparison.json)"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -214,8 +218,9 @@ def render(result: Comparison, console) -> None:
         table.add_row(a.arm, str(a.n), f"{a.mean:.4g} ± {a.std:.2g}", f"{a.params:,.0f}", f"{a.wall_seconds:.1f}")
     console.print(table)
     if result.p_value is None:
-        console.print("significance: needs at least 2 seeds in both arms (--seeds 2 --baseline or more)")
+        console.print(f"significance: no test: {result.untestable}.", highlight=False, soft_wrap=True)
         return
     verdict = "beyond seed-to-seed noise" if result.beyond_noise else "NOT beyond seed-to-seed noise"
-    console.print(f"Welch's t-test p = {result.p_value:.3g}, Cohen's d = {result.effect_size:+.2f}: the difference is "
-                  f"{verdict} (p < 0.05).")
+    effect = "" if result.effect_size is None else f", Cohen's d = {result.effect_size:+.2f}"
+    console.print(f"Welch's t-test p = {result.p_value:.3g}{effect}: the difference is {verdict} (p < 0.05).",
+                  highlight=False, soft_wrap=True)

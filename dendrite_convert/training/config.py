@@ -1,4 +1,4 @@
-"""`TrainConfig`: how `train` alternates phases (DESIGN §4); defaults follow the peer."""
+"""`TrainConfig`: how `train` alternates phases (docs/design.md §4); defaults follow the peer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .schedule import ScheduleConfig
 
 @dataclass
 class TrainConfig:
-    """How `dendrite-train` alternates phases (DESIGN §4); defaults follow the peer."""
+    """How `dendrite-train` alternates phases (docs/design.md §4); defaults follow the peer."""
 
     objective: str = "gradient"  # a name in objectives.OBJECTIVES: gradient | correlation
     candidates: int = 4  # correlation: candidate dendrites per target

@@ -1,4 +1,4 @@
-"""Plain DDP under torchrun (DESIGN §4): the few calls the trainer needs, and nothing when not distributed.
+"""Plain DDP under torchrun (docs/design.md §4): the few calls the trainer needs, and nothing when not distributed.
 
 `torchrun --standalone --nproc_per_node=N --no-python dendrite-train ...` sets WORLD_SIZE/RANK; we
 then use gloo on CPU and nccl on GPU, shard every loader with a DistributedSampler (same batch size,

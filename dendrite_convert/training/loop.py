@@ -1,4 +1,4 @@
-"""One training run (DESIGN §4): epochs of neuron training, the growth between them, and the phase setup.
+"""One training run (docs/design.md §4): epochs of neuron training, the growth between them, and the phase setup.
 
 The per-step work is what a hand-written loop does (forward, loss, backward, step) plus one tensor add;
 the loss is read back once per epoch. Everything else happens between epochs: the shared `Growth` path

@@ -1,4 +1,4 @@
-"""What a run shows: scores.csv, best_test_scores.csv, summary.json and training.png (DESIGN §4).
+"""What a run shows: scores.csv, best_test_scores.csv, summary.json and training.png (docs/design.md §4).
 
 All of it is derived from the run's rows and schedule, rewritten whole after each checkpoint (and from the
 checkpoint on resume), so these files are atomic but not fsynced.

@@ -1,6 +1,6 @@
-"""When to add a dendrite and when to stop: the phase state machine of DESIGN §4, without torch.
+"""When to add a dendrite and when to stop: the phase state machine of docs/design.md §4, without torch.
 
-It follows the peer's switching rules (reference/pai_algorithm.md §3): a neuron phase trains the
+It follows the peer's switching rules (docs/algorithm.md §3): a neuron phase trains the
 network; when validation has not improved for `patience` epochs (an improvement must beat the old
 score by a relative *and* an absolute threshold) — or every `switch_every` epochs — every target gets
 one more dendrite. The new architecture must beat the global best during its cycle; if it does not,
@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..core.errors import UsageError
+from ..core.words import plural
 
 # The peer's improvement_threshold (relative, indexed by the dendrite count) and improvement_threshold_raw.
 DEFAULT_THRESHOLDS = (0.001, 0.0001, 0.0)
@@ -116,7 +117,7 @@ class Schedule:
                     self.tries += 1
                     self._switch("retry", self.best_dendrites + 1)
                     return self._within_budget(Decision("retry", save_best))
-                return self._stop(save_best, f"{self.dendrites} dendrites did not beat the best score after a retry")
+                return self._stop(save_best, f"{plural(self.dendrites, 'dendrite')} did not beat the best score after a retry")
             if self.dendrites >= cfg.max_dendrites:
                 return self._stop(save_best, f"reached --max-dendrites {cfg.max_dendrites}")
             self.tries = 0

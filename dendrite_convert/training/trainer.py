@@ -1,4 +1,4 @@
-"""The `train` verb of DESIGN §4: neuron phases, dendrite switches, outputs and exact resume.
+"""The `train` verb of docs/design.md §4: neuron phases, dendrite switches, outputs and exact resume.
 
 `train(converted, adapter, output, config)` runs the loop (loop.py) and returns the summary dict that is
 also written to `output/summary.json`. Every output is written atomically after each epoch, so a crash or

@@ -14,7 +14,9 @@ def _split():
     order = np.random.default_rng(0).permutation(len(y))  # fixed split, independent of --seed
     x, y = x[order].astype(np.float32), y[order]
     n_train, n_val = int(0.5 * len(y)), int(0.25 * len(y))
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6  # statistics of the training part only
+    # Statistics of the training part only. Pixels take 17 grey levels (0-16): a spread below one level is no
+    # scale to divide by (4 border pixels are always 0 in training, so `std + 1e-6` made a 1 there 1e6).
+    mean, std = x[:n_train].mean(0), np.maximum(x[:n_train].std(0), 1.0)
     x = (x - mean) / std
     parts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, None)}
     return {k: TensorDataset(torch.from_numpy(x[s]), torch.from_numpy(y[s])) for k, s in parts.items()}

@@ -32,7 +32,7 @@ class TrainingData:
 
 
 class Objective(ABC):
-    """How dendrites learn (DESIGN §4); subclasses are frozen dataclasses whose fields are their options."""
+    """How dendrites learn (docs/design.md §4); subclasses are frozen dataclasses whose fields are their options."""
 
     name: ClassVar[str]
     help: ClassVar[str]  # one phrase for `dendrite-train --help`

@@ -1,4 +1,4 @@
-"""The correlation objective of DESIGN §4: cascade-correlation candidates (Fahlman & Lebiere 1990), per target.
+"""The correlation objective of docs/design.md §4: cascade-correlation candidates (Fahlman & Lebiere 1990), per target.
 
 With the network frozen, training batches run forward and backward while hooks record, per target,
 its input `x` and its error signal `e = dloss/dy`. Per target, N candidate dendrites compute `h`
