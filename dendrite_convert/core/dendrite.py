@@ -79,7 +79,7 @@ class DendriteLayer(nn.Module):
         self.dendrite_cascade = nn.ParameterList()  # entry i: [i, m], weights of h_j (j < i) into dendrite i
         # row i: the m output channels dendrite i serves (sorted); None when every dendrite serves all C
         selective = self.width < self.out_channels
-        self.register_buffer("dendrite_channels", torch.zeros(0, self.width, dtype=torch.long, device=base_layer.weight.device) if selective else None)
+        self.register_buffer("dendrite_channels", torch.zeros(0, self.width, dtype=torch.long, device=self.main_weight(base_layer).device) if selective else None)
 
     @property
     def out_channels(self) -> int:
@@ -185,7 +185,7 @@ class DendriteLayer(nn.Module):
         channels the dendrite serves, in increasing order as the dendrite's outputs are (channels.py ranks
         them); without, the first `width` channels are a placeholder that a state dict being loaded overwrites.
         """
-        weight = self.base_layer.weight
+        weight = self.main_weight(self.base_layer)
         k, width = self.num_dendrites, self.width
         dendrite = self.new_dendrite() if dendrite is None else dendrite
         if cascade is None:
@@ -240,9 +240,19 @@ class DendriteLayer(nn.Module):
         return None
 
     @classmethod
+    def option_refusal(cls, module: nn.Module, channel_fraction: float | None) -> str | None:
+        """Why `module` cannot be a target with these conversion options, or None."""
+        return None
+
+    @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
         """Output channels C of a layer of this family."""
         raise NotImplementedError
+
+    @classmethod
+    def main_weight(cls, layer: nn.Module) -> torch.Tensor:
+        """The weight that the dendrites' device, dtype and parameter count follow (and the report shows)."""
+        return layer.weight
 
     @classmethod
     def narrowable(cls, base: nn.Module) -> bool:
@@ -282,7 +292,8 @@ class DendriteLayer(nn.Module):
     def low_rank_dendrite(cls, base: nn.Module, rank: int, init_std: float, width: int | None = None) -> nn.Module | None:
         """A rank-`rank` dendrite for `base` with `width` outputs, or None when that is not cheaper than a full one."""
         has_bias = getattr(base, "bias", None) is not None
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        weight = cls.main_weight(base)
+        factory = {"device": weight.device, "dtype": weight.dtype}
         factors = cls.low_rank_factors(base, rank, width or cls.channels_of(base), has_bias, **factory)
         if factors is None:
             return None
@@ -328,6 +339,15 @@ class DendriteLayer(nn.Module):
     @classmethod
     def from_functional(cls, weight: nn.Parameter, bias: nn.Parameter | None, options: dict) -> nn.Module:
         """A layer of this family (meta device) for one of its `functionals` called with these hyper-parameters."""
+        raise NotImplementedError
+
+    def inner_projection(self) -> DendriteLayer | None:
+        """For a layer whose dendrites add to a projection inside it (a recurrent layer's gate inputs): that
+        projection with the same dendrites, as a layer of another family that the fold folds; else None."""
+        return None
+
+    def around_projection(self, projection: nn.Module) -> nn.Module:
+        """This layer with its inner projection computed by `projection` (what the fold made of it)."""
         raise NotImplementedError
 
     def precomputed(self) -> nn.Module | None:
