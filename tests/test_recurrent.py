@@ -256,9 +256,71 @@ def test_unsupported_recurrent_configurations_are_skipped_with_a_reason(layer, r
     assert reason in {s.name: s.reason for s in report.skipped}["rnn"]
 
 
-def test_channel_selective_dendrites_are_refused_and_low_rank_ones_convert():
-    selective = dc.convert(forecaster(), dc.DendriteConfig(include=["*"], channel_fraction=0.5)).report
-    assert [t.name for t in selective.targets] == ["head"]
-    assert "--dendrite-channels" in {s.name: s.reason for s in selective.skipped}["rnn"]
+def _task(batches=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32 * batches, STEPS, FEATURES, generator=g)
+    y = torch.sin(2 * x[:, -3:, :1].sum(1))
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)]
+
+
+def _loss(model):
+    return lambda batch: nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def test_channel_selective_dendrites_serve_the_gate_channels_with_the_largest_error():
+    from dendrite_convert.core.structure import add_dendrites
+    from dendrite_convert.training.error_signal import error_ranked_channels
+
+    torch.manual_seed(0)
+    model = dc.convert(forecaster(), dc.DendriteConfig(include=["rnn"], channel_fraction=0.25)).model
+    layer = model.rnn
+    assert layer.width == HIDDEN and layer.dendrite_channels is not None  # 8 of the 32 gate channels
+    batches = _task()
+    ranked = error_ranked_channels(model, {"rnn": layer}, batches, _loss(model))
+    errors = []  # dloss/dG by hand: G as a leaf, the recurrence run on it
+    for x, y in batches:
+        gates = layer.neuron(x).detach().requires_grad_(True)
+        out, _ = _identity_input(layer)(gates)
+        loss = nn.functional.mse_loss(model.head(out[:, -1]), y)
+        errors.append(torch.autograd.grad(loss, gates)[0].flatten(0, 1))
+    e = torch.cat(errors).double()
+    assert torch.equal(ranked["rnn"], e.var(0, correction=0).topk(HIDDEN).indices.sort().values)
+    add_dendrites(model, ranked)
+    assert torch.equal(layer.dendrite_channels[0], ranked["rnn"])
+    _randomize(layer)
+    x = torch.randn(4, STEPS, FEATURES)
+    folded, record = fold_layer(layer.eval())
+    assert record.kept == 1
+    torch.testing.assert_close(folded(x)[0], layer(x)[0], rtol=0, atol=1e-6)
+
+
+def _identity_input(layer):
+    """An nn.LSTM/GRU(C, H) reading G directly (identity input weight, no input bias), sharing the layer's W_hh, b_hh."""
+    base = layer.base_layer
+    twin = type(base)(layer.out_channels, base.hidden_size, batch_first=True)
+    with torch.no_grad():
+        twin.weight_ih_l0.copy_(torch.eye(layer.out_channels))
+        twin.bias_ih_l0.zero_()
+        twin.weight_hh_l0.copy_(base.weight_hh_l0)
+        twin.bias_hh_l0.copy_(base.bias_hh_l0)
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_correlation_candidates_fit_the_gate_error_signal(kind):
+    from dendrite_convert.training.objectives.correlation import CorrelationConfig, add_correlation_dendrites
+
+    torch.manual_seed(0)
+    model = dc.convert(Forecaster(kind), dc.DendriteConfig(include=["rnn"])).model
+    config = CorrelationConfig(candidates=2, epochs=5, max_samples=96)
+    corr = add_correlation_dendrites(model, {"rnn": model.rnn}, _task(), _loss(model), config)
+    assert model.rnn.num_dendrites == 1
+    assert corr["rnn"] > 0.05  # a candidate was trained on recorded (x, dloss/dG) pairs, not left at random
+    x = torch.randn(2, STEPS, FEATURES)
+    assert not model.rnn.dendrite_layers[0].weight.requires_grad  # kept frozen, as for every family
+    assert torch.equal(model.rnn.gate_inputs(x, x), x)
+
+
+def test_low_rank_dendrites_convert():
     low_rank = dc.convert(forecaster(), dc.DendriteConfig(dendrites=1, include=["rnn"], rank=1)).model.rnn
     assert [m.out_features for m in low_rank.dendrite_layers[0]] == [1, 4 * HIDDEN]

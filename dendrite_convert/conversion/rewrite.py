@@ -258,9 +258,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
     selected = []
     for name in reached:
         m = model.get_submodule(name)
-        family = dendrite_class_for(m)
-        why = (config.selects(m, name) or _opted_out(m, name, config) or family.refusal(m)
-               or family.option_refusal(m, config.channel_fraction) or _uncopyable(m))
+        why = config.selects(m, name) or _opted_out(m, name, config) or dendrite_class_for(m).refusal(m) or _uncopyable(m)
         if why:
             report.skipped.append(SkippedRecord(name, type(m).__name__, why))
         else:

@@ -240,11 +240,6 @@ class DendriteLayer(nn.Module):
         return None
 
     @classmethod
-    def option_refusal(cls, module: nn.Module, channel_fraction: float | None) -> str | None:
-        """Why `module` cannot be a target with these conversion options, or None."""
-        return None
-
-    @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
         """Output channels C of a layer of this family."""
         raise NotImplementedError
@@ -340,6 +335,12 @@ class DendriteLayer(nn.Module):
     def from_functional(cls, weight: nn.Parameter, bias: nn.Parameter | None, options: dict) -> nn.Module:
         """A layer of this family (meta device) for one of its `functionals` called with these hyper-parameters."""
         raise NotImplementedError
+
+    def error_site(self) -> nn.Module:
+        """The module whose forward hook sees (x, y): the layer's input and the tensor its dendrites add to, whose
+        gradient is the error signal that ranks channels and trains correlation candidates. The layer itself,
+        unless its dendrites add to something inside it (a recurrent layer's gate inputs)."""
+        return self
 
     def inner_projection(self) -> DendriteLayer | None:
         """For a layer whose dendrites add to a projection inside it (a recurrent layer's gate inputs): that

@@ -16,10 +16,10 @@ costs C^2 multiply-adds per step and sample (16H^2 for an LSTM) besides the dend
 
 Opt-in (`by_default = False`, `--include LSTM`/`GRU`/a name/`*`): adding a dendrite with a zero scale moves the
 output by float rounding (~1e-7), not bit for bit, and the export carries the identity GEMM. Refused with a reason:
-num_layers > 1, bidirectional, proj_size (one gate set per layer and direction, not built yet), and channel-selective
-dendrites (their channels are ranked by the error at the layer's output tensor; here the error that matters is at the
-gate pre-activations, which the training loop does not record). Dendrites reading h_{t-1} are not offered: a
-nonlinear function of the state inside the recurrence cannot be precomputed and would need an unrolled loop.
+num_layers > 1, bidirectional, proj_size (one gate set per layer and direction, not built yet). Dendrites reading
+h_{t-1} are not offered: a nonlinear function of the state inside the recurrence cannot be precomputed and would need
+an unrolled loop. The error signal (channel-selective ranking, correlation candidates) is dloss/dG, seen at
+`error_site`, so channel-selective dendrites serve the gate channels with the largest error and candidates fit it.
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ class _DendriteRecurrent(DendriteLayer):
         if getattr(module, "proj_size", 0):
             return f"{name} with proj_size={module.proj_size}: dendrites are built for layers without projection"
         return super().refusal(module)
-
-    @classmethod
-    def option_refusal(cls, module: nn.Module, channel_fraction: float | None) -> str | None:
-        if channel_fraction is not None and cls.dendrite_width(module, channel_fraction) < cls.channels_of(module):
-            return (f"channel-selective dendrites (--dendrite-channels) rank channels by the error at a layer's output; "
-                    f"a {type(module).__name__}'s dendrites add to its gates, whose error is not recorded; convert it "
-                    "without --dendrite-channels or exclude it")
-        return None
 
     @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
@@ -101,13 +93,21 @@ class _DendriteRecurrent(DendriteLayer):
         base = self.base_layer
         return F.linear(x, base.weight_ih_l0, base.bias_ih_l0 if base.bias else None)
 
+    def __init__(self, base_layer: nn.Module, *args, **kwargs):
+        super().__init__(base_layer, *args, **kwargs)
+        self.gate_inputs = _GateInputs()
+
+    def error_site(self) -> nn.Module:
+        return self.gate_inputs
+
     def forward(self, input, hx=None):
         """nn.LSTM/GRU's call, with the dendrites added to the gate pre-activations of every step."""
-        if not self.dendrite_layers:  # the original module, unchanged: bit for bit
+        if not self.dendrite_layers and not self.gate_inputs._forward_hooks:  # the original module: bit for bit
             return self.base_layer(input, hx)
         base = self.base_layer
         packed = isinstance(input, PackedSequence)
-        gates = super().forward(input.data if packed else input)  # G = W_ih x + b_ih + sum_i s_i h_i
+        x = input.data if packed else input
+        gates = self.gate_inputs(x, super().forward(x))  # G = W_ih x + b_ih + sum_i s_i h_i
         if packed:
             gates = PackedSequence(gates, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         weights = self._recurrence_weights(base.weight_hh_l0, base.bias_hh_l0 if base.bias else None)
@@ -171,6 +171,14 @@ class _DendriteRecurrent(DendriteLayer):
                 layer.bias_ih_l0.copy_(bias_ih if bias_ih is not None else torch.zeros_like(layer.bias_ih_l0))
                 layer.bias_hh_l0.copy_(base.bias_hh_l0 if base.bias else torch.zeros_like(layer.bias_hh_l0))
         return layer
+
+
+class _GateInputs(nn.Module):
+    """Where G passes, so that a forward hook sees (x, G) and the gradient at G: the error signal of the gates (while
+    a hook listens, the layer computes G even without dendrites)."""
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return gates
 
 
 class DendriteLSTM(_DendriteRecurrent):
