@@ -97,7 +97,7 @@ def test_layers_used_inside_torch_modules_are_skipped_with_a_reason():
     assert [t.name for t in report.targets] == ["head"]
     skipped = {s.name: s.reason for s in report.skipped}
     assert "reads its weights directly" in skipped["mha.out_proj"]
-    assert "not supported" in skipped["mha"] and "not supported" in skipped["lstm"]
+    assert "not supported" in skipped["mha"] and "only when --include names them" in skipped["lstm"]
 
 
 def test_a_model_without_targets_names_what_it_found():

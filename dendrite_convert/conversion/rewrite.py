@@ -278,8 +278,8 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
         filtered = reached and (config.include or config.exclude)
         why = "the --include/--exclude filters left none" if filtered else f"layer types found: {', '.join(types)}"
         raise ConversionError(
-            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}; Embedding layers convert when "
-            "--include names them); check the model or the filters."
+            f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}; Embedding, LSTM and GRU layers "
+            "convert when --include names them); check the model or the filters."
         )
 
     param_names: dict[int, list[str]] = defaultdict(list)
@@ -313,7 +313,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
             how, via = "fx graph", f"+ {type(norm).__name__} {norm_name}" if norm_name else ""
         else:
             how, via = "module swap", f"inside {plan.swaps[name]}"
-        weight = base.weight
+        weight = layer.main_weight(base)
         report.targets.append(TargetRecord(
             name=name, type=type(base).__name__, weight_shape=list(weight.shape), out_channels=layer.out_channels,
             reached=how, via=via, shared=shared, dendrites=layer.num_dendrites,

@@ -41,6 +41,9 @@ def derived_inputs(model: nn.Module) -> list[dict]:
         dtype = str(getattr(m, "weight", torch.empty(0)).dtype).removeprefix("torch.")
         if isinstance(m, nn.Linear):
             return [{"shape": [2, m.in_features], "dtype": dtype}]
+        if isinstance(m, nn.RNNBase):  # 2 sequences of 8 steps
+            dtype = str(m.weight_ih_l0.dtype).removeprefix("torch.")
+            return [{"shape": [2, 8, m.input_size] if m.batch_first else [8, 2, m.input_size], "dtype": dtype}]
         if DendriteHFConv1D.matches(m):
             return [{"shape": [2, m.weight.shape[0]], "dtype": dtype}]
         if isinstance(m, nn.modules.conv._ConvNd):

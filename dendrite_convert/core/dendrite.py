@@ -79,7 +79,7 @@ class DendriteLayer(nn.Module):
         self.dendrite_cascade = nn.ParameterList()  # entry i: [i, m], weights of h_j (j < i) into dendrite i
         # row i: the m output channels dendrite i serves (sorted); None when every dendrite serves all C
         selective = self.width < self.out_channels
-        self.register_buffer("dendrite_channels", torch.zeros(0, self.width, dtype=torch.long, device=base_layer.weight.device) if selective else None)
+        self.register_buffer("dendrite_channels", torch.zeros(0, self.width, dtype=torch.long, device=self.main_weight(base_layer).device) if selective else None)
 
     @property
     def out_channels(self) -> int:
@@ -185,7 +185,7 @@ class DendriteLayer(nn.Module):
         channels the dendrite serves, in increasing order as the dendrite's outputs are (channels.py ranks
         them); without, the first `width` channels are a placeholder that a state dict being loaded overwrites.
         """
-        weight = self.base_layer.weight
+        weight = self.main_weight(self.base_layer)
         k, width = self.num_dendrites, self.width
         dendrite = self.new_dendrite() if dendrite is None else dendrite
         if cascade is None:
@@ -245,6 +245,11 @@ class DendriteLayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def main_weight(cls, layer: nn.Module) -> torch.Tensor:
+        """The weight that the dendrites' device, dtype and parameter count follow (and the report shows)."""
+        return layer.weight
+
+    @classmethod
     def narrowable(cls, base: nn.Module) -> bool:
         """Whether a dendrite of `base` can compute a subset of its output channels; layers whose weight is computed
         from other parameters (weight or spectral norm, old hook-based or parametrized) cannot."""
@@ -282,7 +287,8 @@ class DendriteLayer(nn.Module):
     def low_rank_dendrite(cls, base: nn.Module, rank: int, init_std: float, width: int | None = None) -> nn.Module | None:
         """A rank-`rank` dendrite for `base` with `width` outputs, or None when that is not cheaper than a full one."""
         has_bias = getattr(base, "bias", None) is not None
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        weight = cls.main_weight(base)
+        factory = {"device": weight.device, "dtype": weight.dtype}
         factors = cls.low_rank_factors(base, rank, width or cls.channels_of(base), has_bias, **factory)
         if factors is None:
             return None
@@ -328,6 +334,21 @@ class DendriteLayer(nn.Module):
     @classmethod
     def from_functional(cls, weight: nn.Parameter, bias: nn.Parameter | None, options: dict) -> nn.Module:
         """A layer of this family (meta device) for one of its `functionals` called with these hyper-parameters."""
+        raise NotImplementedError
+
+    def error_site(self) -> nn.Module:
+        """The module whose forward hook sees (x, y): the layer's input and the tensor its dendrites add to, whose
+        gradient is the error signal that ranks channels and trains correlation candidates. The layer itself,
+        unless its dendrites add to something inside it (a recurrent layer's gate inputs)."""
+        return self
+
+    def inner_projection(self) -> DendriteLayer | None:
+        """For a layer whose dendrites add to a projection inside it (a recurrent layer's gate inputs): that
+        projection with the same dendrites, as a layer of another family that the fold folds; else None."""
+        return None
+
+    def around_projection(self, projection: nn.Module) -> nn.Module:
+        """This layer with its inner projection computed by `projection` (what the fold made of it)."""
         raise NotImplementedError
 
     def precomputed(self) -> nn.Module | None:

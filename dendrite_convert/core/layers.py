@@ -1,7 +1,7 @@
 """What is a target: the table of layer families, and where the dendrite layers of a model are.
 
 A layer family is one `DendriteLayer` subclass (the interface and the shared math in dendrite.py, the
-families in families.py and embedding.py) plus one row of FAMILIES. Conversion asks `dendrite_class_for` which class wraps a
+families in families.py, embedding.py and recurrent.py) plus one row of FAMILIES. Conversion asks `dendrite_class_for` which class wraps a
 layer; the fold asks `family_of` how a plain layer's weights look and `family_for_spec` how to rebuild one.
 """
 
@@ -22,11 +22,12 @@ from .families import (
     DendriteLinear,
 )
 from .embedding import DendriteEmbedding
+from .recurrent import DendriteGRU, DendriteLSTM
 
 __all__ = [
     "ACTIVATIONS", "FAMILIES", "FUNCTIONAL", "NORM_LAYERS", "DendriteConv1d", "DendriteConv2d", "DendriteConv3d",
-    "DendriteConvTranspose1d", "DendriteConvTranspose2d", "DendriteConvTranspose3d", "DendriteEmbedding", "DendriteHFConv1D",
-    "DendriteLayer", "DendriteLinear", "add_to_channels", "added_parameters", "channel_positions", "count_parameters",
+    "DendriteConvTranspose1d", "DendriteConvTranspose2d", "DendriteConvTranspose3d", "DendriteEmbedding", "DendriteGRU",
+    "DendriteHFConv1D", "DendriteLSTM", "DendriteLayer", "DendriteLinear", "add_to_channels", "added_parameters", "channel_positions", "count_parameters",
     "dendrite_class_for", "dendrite_layer_paths", "dendrite_layers", "family_for_spec", "family_of", "layers_and_norm",
 ]
 
@@ -40,6 +41,7 @@ FAMILIES: tuple[type[DendriteLayer], ...] = (
     DendriteConvTranspose2d,
     DendriteConvTranspose3d,
     DendriteEmbedding,
+    DendriteLSTM, DendriteGRU,
 )
 
 FUNCTIONAL = {fn: family for family in FAMILIES for fn in family.functionals}  # F.conv2d -> DendriteConv2d, ...
@@ -90,6 +92,6 @@ def added_parameters(base: nn.Module, rank: int | None, fraction: float | None =
     bias = width if getattr(base, "bias", None) is not None else 0
     dendrite = family.low_rank_dendrite(base, rank, 0.01, width) if rank else None
     if dendrite is None:
-        return base.weight.numel() * width // family.channels_of(base) + bias
+        return family.main_weight(base).numel() * width // family.channels_of(base) + bias
     first, second = dendrite
     return first.weight.numel() + second.weight.numel() + bias

@@ -15,7 +15,8 @@ Per target (the math of layers.py, eval semantics):
    channel-selective one contributes its m channels: the pass over the input (im2col) is shared.
 
 A family whose input is an index (Embedding) precomputes its outputs instead: one plain layer, exact whatever
-the activation. What a layer's weights look like comes from its family (core/layers.py); the folded module
+the activation. A recurrent layer's dendrites add to its gate inputs, a Linear with dendrites inside it: that is
+folded as above and the plain recurrence put around it (core/recurrent.py). What a layer's weights look like comes from its family (core/layers.py); the folded module
 and its specs are in folded.py. `fold_model` returns a copy; it is idempotent (no dendrite layers are left).
 """
 
@@ -142,6 +143,10 @@ def _live_dendrites(scales: list[torch.Tensor], cascade: list[torch.Tensor], pru
 def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "separate", name: str = "") -> tuple[nn.Module, FoldRecord]:
     """A DendriteLayer as a plain layer, or as `FoldedDendrites` when nonlinear dendrites remain."""
     k = layer.num_dendrites
+    projection = layer.inner_projection()
+    if projection is not None:  # the dendrites add to a projection inside the layer (recurrent gates): fold that
+        folded, record = fold_layer(projection, prune_below, layout, name)
+        return layer.around_projection(folded), record
     precomputed = layer.precomputed()
     if precomputed is not None:
         return precomputed.requires_grad_(False), FoldRecord(name, "layer", k, 0, folded=k)

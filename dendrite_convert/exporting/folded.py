@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.layers import ACTIVATIONS, add_to_channels, channel_positions, family_for_spec, family_of, layers_and_norm
+from ..core.recurrent import FoldedRecurrent
 
 
 class FoldedDendrites(nn.Module):
@@ -154,6 +155,26 @@ class FoldedDendrites(nn.Module):
         return cls(make[0], make[1:], spec["activation"], torch.zeros((len(emits),) + row),
                    torch.zeros((sum(map(len, links)),) + row), links, emits,
                    layout="separate" if spec["layout"] == "separate" else "concat", channels=channels)
+
+
+def module_spec(module: nn.Module) -> dict:
+    """What the fold made of one target, as JSON (its kind, shapes and hyper-parameters, no weights)."""
+    if isinstance(module, FoldedDendrites):
+        return module.spec()
+    if isinstance(module, FoldedRecurrent):
+        return {"kind": "recurrent", "projection": module_spec(module.projection),
+                "recurrence": layer_spec(module.recurrence), "input_size": module.input_size}
+    return {"kind": "layer", "layer": layer_spec(module)}
+
+
+def module_from_spec(spec: dict) -> nn.Module:
+    """The empty module a `module_spec` describes; weights are loaded afterwards."""
+    if spec["kind"] == "dendrites":
+        return FoldedDendrites.from_spec(spec)
+    if spec["kind"] == "recurrent":
+        return FoldedRecurrent(module_from_spec(spec["projection"]), layer_from_spec(spec["recurrence"]),
+                               int(spec["input_size"]))
+    return layer_from_spec(spec["layer"])
 
 
 def layer_spec(layer: nn.Module, out_channels: int | None = None) -> dict:

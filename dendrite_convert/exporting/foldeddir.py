@@ -19,7 +19,7 @@ from torch import nn
 from ..core.errors import DendriteError, LoadError
 from ..core.files import atomic_directory
 from .fold import replace_layer
-from .folded import FoldedDendrites, layer_from_spec, layer_spec as _layer_spec
+from .folded import FoldedDendrites, module_from_spec, module_spec
 from ..core.layers import dendrite_layer_paths
 from ..conversion.modeldir import ConvertedModel
 from ..conversion.validate import check_folded
@@ -28,12 +28,6 @@ from .verify import VerifyReport, compare, reference_outputs
 FOLDED_CONFIG = "folded_config.json"
 FOLDED_WEIGHTS = "model.safetensors"
 FOLDED_SCHEMA = 2  # 2: source copies (bundle) in the directory
-
-
-def _module_spec(module: nn.Module) -> dict:
-    if isinstance(module, FoldedDendrites):
-        return module.spec()
-    return {"kind": "layer", "layer": _layer_spec(module)}
 
 
 def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report, check) -> None:
@@ -45,7 +39,7 @@ def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inpu
     targets = {}
     for name, paths in dendrite_layer_paths(converted.model).items():
         module = folded.get_submodule(name) if name else folded
-        targets[name] = {"paths": paths, "module": _module_spec(module)}
+        targets[name] = {"paths": paths, "module": module_spec(module)}
     recipe = {
         "schema_version": FOLDED_SCHEMA, "kind": "folded", "tool_version": __version__,
         "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -112,8 +106,7 @@ def load_folded(path: str | Path, *, trust_code: bool = False, factory: str | No
             raise LoadError(f"{path}: the rebuilt model's targets differ from the recorded ones ({', '.join(diff)}).")
         for name, entry in targets.items():
             try:
-                spec = entry["module"]
-                module = FoldedDendrites.from_spec(spec) if spec["kind"] == "dendrites" else layer_from_spec(spec["layer"])
+                module = module_from_spec(entry["module"])
             except (TypeError, ValueError, KeyError) as exc:
                 raise LoadError(f"{file}: target {name!r} has a malformed module spec ({type(exc).__name__}: {exc}).") from exc
             model = replace_layer(model, found[name], module)
@@ -130,8 +123,8 @@ def load_folded(path: str | Path, *, trust_code: bool = False, factory: str | No
         raise LoadError(f"{weights} does not match the rebuilt folded model: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}.")
     for name, paths in found.items():
-        module = model.get_submodule(paths[0])
-        if isinstance(module, FoldedDendrites) and not module.valid_channels():
-            raise LoadError(f"{weights}: the channel sets of {name} are not increasing indices below "
-                            f"{module.out_channels}; the file is damaged.")
+        for module in model.get_submodule(paths[0]).modules():  # a folded recurrent layer holds one inside
+            if isinstance(module, FoldedDendrites) and not module.valid_channels():
+                raise LoadError(f"{weights}: the channel sets of {name} are not increasing indices below "
+                                f"{module.out_channels}; the file is damaged.")
     return model.eval().requires_grad_(False)

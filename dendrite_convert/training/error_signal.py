@@ -37,7 +37,7 @@ def each_error_signal(
                 calls.append((name, args[0].detach(), output))
         return fn
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    handles = [layer.error_site().register_forward_hook(hook(name)) for name, layer in layers.items()]
     seen = 0
     try:
         with torch.inference_mode(False), torch.enable_grad():  # batches too: no inference tensors

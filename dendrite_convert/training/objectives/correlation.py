@@ -54,7 +54,7 @@ class _Candidate(nn.Module):
         super().__init__()
         self.dendrite = layer.new_dendrite()
         self.channels = channels
-        weight = layer.base_layer.weight
+        weight = layer.main_weight(layer.base_layer)
         self.cascade = nn.Parameter(torch.zeros(layer.num_dendrites, layer.width, device=weight.device,
                                                 dtype=weight.dtype))
 
