@@ -9,6 +9,7 @@ from torch import nn
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
 from .loading import Source, absolute_factory, load_source
+from .liveness import unreached_targets
 from .rewrite import convert_model
 
 
@@ -37,7 +38,7 @@ def convert(
     else:
         model, source = load_source(model, factory, factory_kwargs, trust_pickle)
     example_inputs = list(example_inputs or []) or _known_example_inputs(model)
-    model, report = convert_model(model, config)
+    model, report = convert_model(model, config, unreached_targets(model, example_inputs))
     return ConvertedModel(model, source, config, report, example_inputs)
 
 
@@ -50,7 +51,9 @@ def _known_example_inputs(model: nn.Module) -> list[dict]:
     if config is None or not hasattr(model, "main_input_name"):
         return []
     if model.main_input_name == "input_ids" and getattr(config, "vocab_size", None):
-        return [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": int(config.vocab_size)}]
+        tokens = {"shape": [2, 8], "dtype": "int64", "high": int(config.vocab_size)}
+        decoder = [{"name": "decoder_input_ids", **tokens}] if getattr(config, "is_encoder_decoder", False) else []
+        return [{"name": "input_ids", **tokens}, *decoder]
     if model.main_input_name == "pixel_values" and getattr(config, "image_size", None):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return [{"name": "pixel_values", "shape": [2, config.num_channels, size, size], "dtype": "float32"}]

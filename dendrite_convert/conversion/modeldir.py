@@ -20,6 +20,7 @@ from ..core.errors import DendriteError, LoadError, UsageError
 from ..core.files import atomic_directory
 from ..core.structure import set_dendrite_counts
 from ..core.layers import dendrite_layers
+from .liveness import recorded_unreached
 from .loading import Source, read_json, rebuild
 from .report import ConversionReport
 from .rewrite import convert_model, refresh_report
@@ -117,7 +118,8 @@ def load_converted(path: str | Path, trust_pickle: bool = False) -> ConvertedMod
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LoadError(f"{path} has no {WEIGHTS_FILE}.")
-    model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False))
+    model, report = convert_model(rebuild(source, trust_pickle), replace(config, dendrites=0, strict_graph=False),
+                                  recorded_unreached(recipe))
     expected = {t.name: t for t in recipe.targets}
     if len(expected) != len(recipe.targets):
         raise LoadError(f"{path / CONFIG_FILE} lists a target twice; the recipe is damaged.")
