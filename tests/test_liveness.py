@@ -45,7 +45,7 @@ def test_without_an_example_input_nothing_is_skipped_for_liveness():
     assert REASON not in _skipped(converted.report).values()
 
 
-def test_transformers_mamba_skips_conv1d_and_dt_proj_and_exports():
+def test_transformers_mamba_skips_conv1d_and_dt_proj_and_trains_the_rest():
     transformers = pytest.importorskip("transformers")
     config = transformers.MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1,
                                       intermediate_size=32, conv_kernel=3, time_step_rank=4)

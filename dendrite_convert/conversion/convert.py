@@ -11,6 +11,7 @@ from .modeldir import ConvertedModel
 from .loading import Source, absolute_factory, load_source
 from .liveness import unreached_targets
 from .rewrite import convert_model
+from .static_shapes import static_batch_notes
 
 
 def convert(
@@ -39,6 +40,7 @@ def convert(
         model, source = load_source(model, factory, factory_kwargs, trust_pickle)
     example_inputs = list(example_inputs or []) or _known_example_inputs(model)
     model, report = convert_model(model, config, unreached_targets(model, example_inputs))
+    report.notes += static_batch_notes(model)
     return ConvertedModel(model, source, config, report, example_inputs)
 
 

@@ -46,15 +46,15 @@ def _root(exc: BaseException) -> BaseException:
 
 
 def _source_line(root: BaseException, text: str) -> str:
-    """`file:line in fn: code` of the model code that raised, from torch's message or the traceback."""
+    """`file:line in fn (`code`)` of the model code that raised, from torch's message or the traceback."""
     found = _RAISED_AT.findall(text.split("The following call raised this error:")[-1])
     if found:
         file, line, fn, code = found[-1]
-        return f"{file}:{line} in {fn}: {code.strip()}"
+        return f"{file}:{line} in {fn} (`{code.strip()}`)"
     frames = [f for f in traceback.extract_tb(root.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
     if frames:
         f = frames[-1]
-        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+        return f"{f.filename}:{f.lineno} in {f.name} (`{(f.line or '').strip()}`)"
     return ""
 
 

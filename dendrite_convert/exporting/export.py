@@ -329,7 +329,7 @@ def _raise_if_failed(verify: VerifyReport, output: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo", "torch.fx")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
