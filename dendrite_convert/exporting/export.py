@@ -296,7 +296,7 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
                               verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(inputs),
                               output_names=_output_names(folded, example), optimize=True)
     except Exception as exc:
-        raise ConversionError(f"torch.export could not capture the folded model: {explain(exc)} "
+        raise ConversionError(f"the folded model cannot be exported to ONNX: {explain(exc)} "
                               "(DENDRITE_DEBUG=1 shows the traceback)") from exc
 
 
