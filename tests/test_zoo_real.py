@@ -23,7 +23,7 @@ def test_quick_real_zoo_passes_every_stage_or_refuses_clearly(tmp_path):
     assert len(rows) == 6
     for row in rows:
         for stage, status in row.status.items():
-            assert status == "ok" or status.startswith("refused: "), (row.name, stage, status)
+            assert status == "ok" or status.startswith("refused: "), (row.name, stage, status)  # no exit 5 either
         if row.status["export"] == "ok":
             assert row.onnx_err < 1e-4 and row.export_s < 120, (row.name, row.onnx_err, row.export_s)
     assert sum(row.passed for row in rows) >= 5  # Mamba's export may refuse (its sequence axis is fixed by a loop)
