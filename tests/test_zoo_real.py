@@ -25,7 +25,7 @@ def test_quick_real_zoo_passes_every_stage_or_refuses_clearly(tmp_path):
         for stage, status in row.status.items():
             assert status == "ok" or status.startswith("refused: "), (row.name, stage, status)  # no exit 5 either
         if row.status["export"] == "ok":
-            assert row.onnx_err < 1e-4 and row.export_s < 120, (row.name, row.onnx_err, row.export_s)
+            assert row.onnx_err < 1e-4 and row.export_s < 300, (row.name, row.onnx_err, row.export_s)  # shared CI cores
     assert sum(row.passed for row in rows) >= 5  # Mamba's export may refuse (its sequence axis is fixed by a loop)
     text = (tmp_path / "zoo.md").read_text()
     assert "pass every stage" in text and "Where it goes" in text
