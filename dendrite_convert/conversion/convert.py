@@ -12,9 +12,11 @@ from . import selfcheck
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
 from .consent import Consent
+from .liveness import unreached_targets
 from .loading import Source, absolute_factory, factory_source, load_source
 from .rewrite import convert_model, refresh_report
 from .selfcheck import derived_inputs
+from .static_shapes import static_batch_notes
 
 
 def convert(
@@ -52,8 +54,9 @@ def convert(
     check_inputs, description = ((example_inputs, "example input") if example_inputs
                                  else (derived_inputs(model), "input derived from the first layer"))
     reference = selfcheck.record(model, check_inputs, description, explicit=bool(given))
-    model, report = convert_model(model, replace(config, dendrites=0))
+    model, report = convert_model(model, replace(config, dendrites=0), unreached_targets(model, check_inputs))
     report.notes.append(selfcheck.verify(model, reference) if isinstance(reference, selfcheck.Reference) else reference)
+    report.notes += static_batch_notes(model)
     if config.dendrites:  # added after the check, which proves the rewrite with zero dendrites
         set_dendrite_counts(model, config.dendrites)
         report = refresh_report(model, report)
@@ -69,7 +72,9 @@ def _known_example_inputs(model: nn.Module) -> list[dict]:
     if config is None or not hasattr(model, "main_input_name"):
         return []
     if model.main_input_name == "input_ids" and getattr(config, "vocab_size", None):
-        return [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": int(config.vocab_size)}]
+        tokens = {"shape": [2, 8], "dtype": "int64", "high": int(config.vocab_size)}
+        decoder = [{"name": "decoder_input_ids", **tokens}] if getattr(config, "is_encoder_decoder", False) else []
+        return [{"name": "input_ids", **tokens}, *decoder]
     if model.main_input_name == "pixel_values" and getattr(config, "image_size", None):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return [{"name": "pixel_values", "shape": [2, config.num_channels, size, size], "dtype": "float32"}]

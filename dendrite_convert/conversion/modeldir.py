@@ -24,6 +24,7 @@ from ..core.files import atomic_directory
 from ..core.structure import set_dendrite_counts
 from ..core.layers import dendrite_layers
 from .consent import Consent
+from .liveness import recorded_unreached
 from .loading import Source, read_json
 from .rebuild import rebuild
 from .report import ConversionReport
@@ -132,7 +133,8 @@ def load_converted(path: str | Path, *, trust_code: bool = False, factory: str |
     consent = Consent.of(trust_code, factory, allow_modules, trust_pickle)
 
     def build():
-        return convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False))
+        return convert_model(rebuild(source, consent, path), replace(config, dendrites=0, strict_graph=False),
+                             recorded_unreached(recipe))
 
     check_converted(weights, build, {t.name: t.dendrites for t in recipe.targets})  # before allocating anything
     model, report = build()

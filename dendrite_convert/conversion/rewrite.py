@@ -232,8 +232,12 @@ def _unreached_reason(model: nn.Module, fqn: str) -> str:
     return "never called by forward (fx graph)"
 
 
-def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, ConversionReport]:
-    """Insert dendrite layers into `model` in place; returns the converted root and the report."""
+def convert_model(model: nn.Module, config: DendriteConfig,
+                  unreached: dict[str, str] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """Insert dendrite layers into `model` in place; returns the converted root and the report.
+
+    `unreached`: {target name: reason} for targets to skip although they are reached (see liveness.py).
+    """
     plan = _Plan()
     _analyze(model, "", plan)
     if config.strict_graph and plan.fallbacks:
@@ -258,7 +262,7 @@ def convert_model(model: nn.Module, config: DendriteConfig) -> tuple[nn.Module, 
     selected = []
     for name in reached:
         m = model.get_submodule(name)
-        why = config.selects(m, name) or _opted_out(m, name, config) or dendrite_class_for(m).refusal(m) or _uncopyable(m)
+        why = config.selects(m, name) or _opted_out(m, name, config) or dendrite_class_for(m).refusal(m) or _uncopyable(m) or (unreached or {}).get(name)
         if why:
             report.skipped.append(SkippedRecord(name, type(m).__name__, why))
         else:

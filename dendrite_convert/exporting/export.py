@@ -25,6 +25,7 @@ from ..core.outputs import check_output_location
 from .fold import LAYOUTS, FoldRecord, fold, strip_dendrites
 from .folded import FoldedDendrites
 from ..core.words import plural
+from .diagnose import disable_caches, explain
 from .foldeddir import save_folded
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
@@ -125,6 +126,8 @@ def _from_specs(specs: list[dict]) -> _Inputs:
     gen = torch.Generator().manual_seed(0)
     example = tuple(_make(s, sizes, gen) for s in specs)
     fresh = tuple(_make(s, {n: v + 1 for n, v in sizes.items()}, gen) for s in specs)  # every dynamic axis grows
+    if len(specs) > 1 and all("name" in s for s in specs):  # several named inputs (input_ids, decoder_input_ids)
+        example, fresh = ({s["name"]: v for s, v in zip(specs, values)} for values in (example, fresh))
     return _Inputs(example, fresh, specs)
 
 
@@ -290,12 +293,11 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
         raise ConversionError(f"the folded model holds {size / 1024**3:.2f} GiB of weights, above the 2 GB limit of a "
                               "single ONNX file; export --safetensors instead.")
     args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
-    hf_config = getattr(folded, "config", None)
-    if getattr(hf_config, "use_cache", False):  # a KV cache is not an inference output of the exported graph
-        hf_config.use_cache = False
+    if disable_caches(folded):  # a KV cache is not an inference output of the exported graph
         report.notes.append("use_cache=False for export: the graph returns no key/value cache")
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO()), _quiet_exporter()):  # stderr: torch's partial graph dumps
             warnings.simplefilter("ignore")
             torch.onnx.export(folded, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(inputs),
@@ -303,9 +305,8 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
     except OSError:
         raise  # writing the file failed (disk full, permissions): a write error, not a failed conversion
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.onnx.export could not export the folded model ({type(exc).__name__}: {first}); "
-                              "set DENDRITE_DEBUG=1 for the traceback.") from exc
+        raise ConversionError(f"the folded model cannot be exported to ONNX: {explain(exc)} "
+                              "(DENDRITE_DEBUG=1 shows the traceback)") from exc
 
 
 def _output_names(model: nn.Module, example: tuple | dict) -> list[str]:
@@ -337,7 +338,7 @@ def _raise_if_failed(verify: VerifyReport, output: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo", "torch.fx")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
