@@ -5,6 +5,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
@@ -39,10 +40,9 @@ def loss(outputs, batch):
 
 @pytest.fixture
 def run_setup(tmp_path):
-    (tmp_path / "net.py").write_text("from torch import nn\n"
-                                     "def build():\n    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))\n")
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    convert(model, DendriteConfig(), factory=f"{tmp_path / 'net.py'}:build").save(tmp_path / "converted")
+    torch.save(model, tmp_path / "model.pt")  # torch classes only: loading its directories runs no code of ours
+    convert(tmp_path / "model.pt", DendriteConfig()).save(tmp_path / "converted")
     (tmp_path / "adapter.py").write_text(textwrap.dedent(ADAPTER))
     return tmp_path
 
@@ -87,3 +87,18 @@ def test_counts_read_as_english(run_setup):
     assert result.exit_code == 0, result.output
     assert "neuron: 1 dendrite loss" in result.stderr and "1 dendrites" not in result.stderr
     assert "dendrite(s)" not in result.stderr and "with 3 dendrites per target" in result.stderr
+
+
+def test_a_correlation_phase_reports_progress_per_target_without_a_terminal(run_setup):
+    """Item 9: a long phase inside an epoch prints its own lines (stderr is not a terminal here), none with -q."""
+    tmp = run_setup
+    args = [str(tmp / "converted"), "--adapter", str(tmp / "adapter.py"), "--objective", "correlation",
+            "--switch-every", "1", "--max-dendrites", "1", "--max-epochs", "3"]
+    result = runner.invoke(app, [*args, "-o", str(tmp / "run")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("correlation phase:")]
+    assert lines[0].startswith("correlation phase: error signals of 2 targets recorded")
+    assert [line.split(" has ")[0] for line in lines[1:]] == ["correlation phase: target 1/2 0",
+                                                             "correlation phase: target 2/2 2"]
+    quiet = runner.invoke(app, [*args, "-o", str(tmp / "quiet"), "-q"])
+    assert quiet.exit_code == 0 and "correlation phase" not in quiet.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..core.errors import UsageError
@@ -78,6 +79,10 @@ class Progress:
         self.total = total
 
     def __enter__(self):
+        if not self.quiet:  # long phases within an epoch print their own lines (library logger "dendrite_convert.progress")
+            self.lines = _ConsoleLines()
+            logging.getLogger("dendrite_convert.progress").addHandler(self.lines)
+            logging.getLogger("dendrite_convert.progress").setLevel(logging.INFO)
         if not self.quiet and console.is_terminal:
             self.bar = progress_bar(console)
             self.bar.start()
@@ -85,6 +90,8 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
+        if not self.quiet:
+            logging.getLogger("dendrite_convert.progress").removeHandler(self.lines)
         if self.bar is not None:
             self.bar.stop()
 
@@ -98,6 +105,13 @@ class Progress:
             self.bar.update(self.task, completed=row["epoch"], description=state)
         else:
             console.print(f"epoch {row['epoch']} {state} ({row['seconds']:.2f}s)", highlight=False, soft_wrap=True)
+
+
+class _ConsoleLines(logging.Handler):
+    """Progress lines of long phases, printed through the console (above a live bar, or as plain lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(record.getMessage(), highlight=False, soft_wrap=True)
 
 
 def progress_bar(console):

@@ -13,6 +13,8 @@ frozen; the next neuron phase trains the network and the scales.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,6 +25,9 @@ from ...core.channels import flat, select_channels
 from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 from ..error_signal import frozen, record_error_signals
 from .base import Objective, TrainingData
+
+# Phase progress: one line per target, so a long phase is visible in logs too (the CLI prints these lines).
+progress = logging.getLogger("dendrite_convert.progress")
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,13 @@ def add_correlation_dendrites(
 
     Returns the best candidate's mean |correlation| per channel, per target.
     """
+    start = time.perf_counter()
     with frozen(model):
         records = record_error_signals(model, layers, batches, forward_loss, config.max_samples)
+    progress.info("correlation phase: error signals of %d targets recorded (%.1f s)", len(layers),
+                  time.perf_counter() - start)
     result = {}
-    for name, layer in layers.items():
+    for i, (name, layer) in enumerate(layers.items(), 1):
         pairs = records[name]
         channels = select_channels(layer, [e for _, e in pairs])
         if pairs:
@@ -141,6 +149,8 @@ def add_correlation_dendrites(
         _hold_frozen(dendrite)
         layer.dendrite_cascade[-1].requires_grad_(False)
         result[name] = corr
+        progress.info("correlation phase: target %d/%d %s has its dendrite (correlation %.3f, %.1f s)", i, len(layers),
+                      name, corr, time.perf_counter() - start)
     return result
 
 
