@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import DendriteConfig
 from ..core.errors import DendriteError, LoadError, UsageError
-from ..core.files import atomic_directory
+from ..core.files import atomic_directory, output_lock
 from ..core.structure import set_dendrite_counts
 from ..core.layers import dendrite_layers
 from .consent import Consent
@@ -75,7 +75,7 @@ class ConvertedModel:
                 "this model was converted in memory without a factory; pass factory='pkg.module:fn' to convert() "
                 "so the saved directory can rebuild its architecture."
             )
-        with atomic_directory(path, force) as tmp:
+        with output_lock(path, beside=True), atomic_directory(path, force) as tmp:  # one writer at a time
             save_model(self.model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             self.source.copy_files(tmp)
             (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -140,8 +140,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(directory: str | Path, option: str = "-o/--output"):
+def output_lock(directory: str | Path, option: str = "-o/--output", beside: bool = False):
     """Hold `directory/.dendrite.lock` (pid, host and start time) for the block: one writer per output.
+
+    `beside=True` locks an output that is replaced as a whole (a converted or folded directory, an ONNX
+    file) with `.<name>.dendrite.lock` next to it, since a lock inside would be swapped out with it.
 
     The lock is written under a temporary name, flocked, and published with an atomic exclusive create
     (a hard link, which fails if the name exists), so it is never seen empty. A second writer is refused
@@ -151,7 +154,7 @@ def output_lock(directory: str | Path, option: str = "-o/--output"):
     """
     import fcntl
 
-    lock = Path(directory) / LOCK_FILE
+    lock = lock_path(directory, beside)
     lock.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(lock)
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -239,7 +242,13 @@ def check_unlocked(directory: str | Path, option: str = "-o/--output") -> None:
         os.close(fd)  # nobody holds it: our flock goes with the fd
 
 
+def lock_path(output: str | Path, beside: bool = False) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}{LOCK_FILE}") if beside else output / LOCK_FILE
+
+
 def _in_use(lock: Path, holder: dict, option: str) -> UsageError:
-    return UsageError(f"{option} {lock.parent} is in use by another run (pid {holder.get('pid', '?')} on host "
+    output = lock.parent if lock.name == LOCK_FILE else lock.with_name(lock.name[1:-len(LOCK_FILE)])
+    return UsageError(f"{option} {output} is in use by another run (pid {holder.get('pid', '?')} on host "
                       f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to finish, or "
                       f"delete {lock} if that process is gone.")
