@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from .config import DendriteConfig
 from ..core.errors import ConversionError
-from ..core.layers import FUNCTIONAL, NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
+from ..core.layers import (FUNCTIONAL, NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for,
+                           one_layer_key)
 from .report import ConversionReport, SkippedRecord, TargetRecord
 from .tracing import Fallback, TraceResult, forward_key, trace
 
@@ -185,8 +186,7 @@ def _groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in names:
         m = model.get_submodule(name)
-        key = (type(m), repr(m), tuple(id(p) for p in m.parameters())) if list(m.parameters()) else (id(m),)
-        groups[key].append(name)
+        groups[one_layer_key(m)].append(name)
     return list(groups.values())
 
 
