@@ -234,8 +234,8 @@ def call(adapter: Adapter, name: str, fn, *args):
     except DendriteError:
         raise
     except Exception as exc:
-        raise LoadError(f"--adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
-                        f"{_adapter_line(adapter, exc)}.") from exc
+        raise LoadError(f"adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
+                        f"{_adapter_line(adapter, exc)}.", parameter="adapter") from exc
 
 
 def _adapter_line(adapter: Adapter, exc: BaseException) -> str:
