@@ -270,7 +270,7 @@ def test_resuming_a_run_that_ended_by_restoring_a_smaller_best_model_says_it_is_
         result = CliRunner().invoke(train_app, ["--resume", str(run), "--adapter", str(DIGITS / "adapter.py"), *extra])
         assert result.exit_code == 0, result.output
         assert "is already finished (0 dendrites did not beat" in result.stderr or \
-               "is already finished (1 dendrites did not beat" in result.stderr, result.stderr
+               "is already finished (1 dendrite did not beat" in result.stderr, result.stderr  # counts read as English
 
 
 def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_is_not_blocked(converted, tmp_path):
