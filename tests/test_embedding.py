@@ -121,7 +121,7 @@ def test_dendrite_train_adds_and_trains_embedding_dendrites(tmp_path):
     converted = dc.convert(tagger(), dc.DendriteConfig(include=["emb"]), factory="tests.test_embedding:tagger")
     summary = dc.train(converted, str(adapter), tmp_path / "run",
                        dc.TrainConfig(switch_every=2, max_dendrites=1, max_epochs=4, plot=False))
-    trained = dc.load(tmp_path / "run" / "best")
+    trained = dc.load(tmp_path / "run" / "best", factory="tests.test_embedding:tagger")  # named again: consent
     layer = trained.emb
     assert summary["objective"] == "gradient" and layer.num_dendrites == 1
     assert layer.dendrite_scales[0].abs().max() > 0.01  # the dendrite's output is used
@@ -145,7 +145,7 @@ def test_onnx_and_safetensors_exports_reproduce_the_dendritic_model(tmp_path):
     assert {r.name: (r.form, r.folded) for r in report.folds}["emb"] == ("layer", 3)
     report = dc.export(converted, tmp_path / "folded", dc.ExportConfig(format="safetensors", latency=False))
     assert report.verify.ok
-    folded = load_folded(tmp_path / "folded")
+    folded = load_folded(tmp_path / "folded", factory="tests.test_embedding:tagger")  # named again: consent
     assert type(folded.emb) is nn.Embedding and folded.emb.weight.shape == (VOCAB, DIM)
     ids = torch.randint(0, VOCAB, (3, 4))
     torch.testing.assert_close(folded(ids), converted.model(ids), rtol=0, atol=1e-5)
