@@ -207,9 +207,14 @@ def _all_names(model: nn.Module) -> dict[int, list[str]]:
 
 def _uncopyable(module: nn.Module) -> str | None:
     """Why a dendrite cannot copy `module`, or None: the old hook-based weight/spectral norm keeps a computed
-    weight that deepcopy refuses."""
+    weight that deepcopy refuses. The hook is what tells: a forward under no_grad (the self-check's run of
+    the original) leaves a computed weight without its grad_fn."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     weight = module.__dict__.get("weight")
-    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+    hooked = any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in module._forward_pre_hooks.values())
+    if hooked or (isinstance(weight, torch.Tensor) and weight.grad_fn is not None):
         return ("its weight is computed by a hook (torch.nn.utils.weight_norm/spectral_norm) and cannot be copied; "
                 "use torch.nn.utils.parametrizations instead")
     return None
