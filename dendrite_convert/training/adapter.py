@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..core.errors import DendriteError, LoadError
-from ..conversion.loading import _import_file
+from ..core.errors import DendriteError, LoadError, UsageError
+from ..conversion.factories import import_file
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _module_for(spec: str):
             if not file.is_file():
                 raise LoadError(f"adapter {spec}: file does not exist (adapter.TEMPLATE is one to start from).",
                                 parameter="adapter")
-            return _import_file(file)
+            return import_file(file)
         return importlib.import_module(spec)
     except LoadError:
         raise
@@ -224,6 +224,18 @@ def load_adapter(spec: str | Path) -> Adapter:
         raise LoadError(f"adapter {spec}: MAXIMIZE = False needs a score(); the default score is -loss (maximised).",
                         parameter="adapter")
     return Adapter(spec=spec, maximize=maximize, **found)
+
+
+def example_inputs(spec: str | Path) -> tuple | dict:
+    """The model inputs of the adapter's first validation batch, positional (a tuple) or keyword (a dict):
+    the example `export(..., inputs=)` traces and verifies with."""
+    adapter = load_adapter(spec)
+    batch = call(adapter, "val_data()", lambda: next(iter(adapter.val_data())))
+    args, kwargs = call(adapter, "inputs(batch)", adapter.model_inputs, batch)
+    if args and kwargs:
+        raise UsageError(f"adapter {adapter.spec}: an example takes positional or keyword inputs, not both; make "
+                         "inputs(batch) return one.", parameter="adapter")
+    return dict(kwargs) if kwargs else tuple(args)
 
 
 def call(adapter: Adapter, name: str, fn, *args):
