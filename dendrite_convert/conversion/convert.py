@@ -12,7 +12,8 @@ from . import selfcheck
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
 from .consent import Consent
-from .loading import Source, absolute_factory, factory_source, load_source
+from .factories import absolute_factory
+from .loading import Source, factory_source, load_source
 from .rewrite import convert_model, refresh_report
 from .selfcheck import derived_inputs
 
