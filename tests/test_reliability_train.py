@@ -287,6 +287,16 @@ def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_i
     assert result.exit_code == 0, result.output
 
 
+def test_an_adapter_data_function_that_raises_is_named_with_its_line(converted, tmp_path):
+    adapter = _adapter(tmp_path, "def val_data():\n    raise RuntimeError('no data')\n")
+    line = len(adapter.read_text().splitlines())
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
+                                            "--max-epochs", "1", "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert (f"error: --adapter {adapter}: val_data() raised RuntimeError: no data (at adapter.py:{line}: "
+            "`raise RuntimeError('no data')`)" in result.stderr), result.stderr
+
+
 _MEASURE = """
 import json, resource, sys, time
 import torch

@@ -136,11 +136,7 @@ class Run:
         return [x for x in (self.train_loader, self.val_loader, self.test_loader) if x is not None]
 
     def _call_data(self, name: str, fn):
-        try:
-            data = fn()
-        except Exception as exc:
-            raise LoadError(f"adapter {self.adapter.spec}: {name}() raised {type(exc).__name__}: {exc}.",
-                            parameter="adapter") from exc
+        data = call(self.adapter, f"{name}()", fn)
         if data is None or not hasattr(data, "__iter__") or iter(data) is data:
             raise LoadError(
                 f"adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
