@@ -44,10 +44,10 @@ from dendrite_convert.core.structure import add_dendrites  # noqa: E402
 from dendrite_convert.exporting.latency import count_flops  # noqa: E402
 from dendrite_convert.training.adapter import batch_size, load_adapter  # noqa: E402
 from dendrite_convert.training.closed_form_growth import ClosedFormConfig, add_closed_form_dendrites  # noqa: E402
-from dendrite_convert.training.correlation import (  # noqa: E402
+from dendrite_convert.training.objectives.correlation import (  # noqa: E402
     CorrelationConfig, add_correlation_dendrites, freeze_dendrites,
 )
-from dendrite_convert.training.trainer import seed_everything  # noqa: E402
+from dendrite_convert.training.loop import seed_everything  # noqa: E402
 from growth_arms import add_lora, lora_rank, widen  # noqa: E402
 from tasks import models  # noqa: E402
 

@@ -65,6 +65,16 @@ def randomize_norms(model: nn.Module) -> None:
                 m.bias.uniform_(-0.5, 0.5)
 
 
+def randomize_dendrites(layer: nn.Module, scale: float = 0.5) -> None:
+    """Dendrite weights big enough to matter, and non-zero random scales and cascade weights."""
+    with torch.no_grad():
+        for d in layer.dendrite_layers:
+            for p in d.parameters():
+                p.normal_(0, 0.3)
+        for p in [*layer.dendrite_scales, *layer.dendrite_cascade]:
+            p.normal_(0, scale)
+
+
 def add_dendrites(model: nn.Module, k: int = 3, scale: float = 0.5, zero_scales: bool = False) -> nn.Module:
     """k dendrites per target with non-zero random scales, cascade weights and weights big enough to matter."""
     from dendrite_convert import dendrite_layers
@@ -73,11 +83,7 @@ def add_dendrites(model: nn.Module, k: int = 3, scale: float = 0.5, zero_scales:
         for layer in dendrite_layers(model).values():
             for _ in range(k):
                 layer.add_dendrite()
-            for d in layer.dendrite_layers:
-                for p in d.parameters():
-                    p.normal_(0, 0.3)
-            for p in [*layer.dendrite_scales, *layer.dendrite_cascade]:
-                p.normal_(0, scale)
+            randomize_dendrites(layer, scale)
             if zero_scales:
                 for p in layer.dendrite_scales:
                     p.zero_()

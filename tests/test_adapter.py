@@ -127,8 +127,8 @@ def test_near_miss_of_a_required_name_comes_before_the_error(tmp_path, caplog):
 def test_cli_shows_the_near_miss_warning_on_stderr(tmp_path, converted_dir):
     adapter = write(tmp_path, GOOD + "def optimiser(params): return torch.optim.SGD(params, lr=0.1)\n")
     result = runner.invoke(app, [str(converted_dir), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
-                                 "--max-epochs", "1"])
-    assert result.exit_code == 0, result.output
+                                 "--max-epochs", "1", "--factory", f"{converted_dir.parent / 'net.py'}:build"])
+    assert result.exit_code == 0, result.output  # the factory named again: the consent rule
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "optimiser()" in warning[0] and "did you mean optimizer()?" in warning[0]
 

@@ -87,3 +87,16 @@ def test_the_import_scanner_sees_relative_absolute_and_local_imports(tmp_path):
     assert found == [f"{ROOT}.training.loop", f"{ROOT}.conversion.config", f"{ROOT}.core.layers.DendriteLayer",
                      f"{ROOT}.exporting.fold.fold_model", f"{ROOT}.__version__"]
     assert [_package_of(name) for name in found] == ["training", "conversion", "core", "exporting", "<root>"]
+
+
+def test_the_version_lives_in_core_and_the_package_metadata_reads_it_there():
+    """Saved directories record the version; conversion and exporting read it from core, not from the root."""
+    import tomllib
+
+    import dendrite_convert
+    from dendrite_convert.core.version import __version__
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": f"{ROOT}.core.version.__version__"}
+    assert dendrite_convert.__version__ == __version__

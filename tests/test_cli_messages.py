@@ -47,6 +47,11 @@ def run_setup(tmp_path):
     return tmp_path
 
 
+def _factory(tmp) -> list[str]:
+    """The consent rule: the directory's factory (the test's own net.py) runs when it is named again."""
+    return ["--factory", f"{tmp / 'net.py'}:build"]
+
+
 def test_progress_bar_keeps_count_and_time_in_80_columns():
     console = Console(width=80, record=True, force_terminal=True, color_system=None)
     bar = progress_bar(console)
@@ -61,7 +66,7 @@ def test_progress_bar_keeps_count_and_time_in_80_columns():
 def test_ctrl_c_says_how_to_resume_and_resume_finishes(run_setup):
     tmp = run_setup
     (tmp / "interrupt_at").write_text("6")  # 4 steps per epoch: interrupted in epoch 2
-    args = ["--adapter", str(tmp / "adapter.py"), "--max-epochs", "3"]
+    args = ["--adapter", str(tmp / "adapter.py"), "--max-epochs", "3", *_factory(tmp)]
     result = runner.invoke(app, [str(tmp / "converted"), "-o", str(tmp / "run"), *args])
     assert result.exit_code == 130, result.output
     assert f"continue from the last completed epoch: dendrite-train --resume {tmp / 'run'}" in result.stderr
@@ -74,7 +79,7 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(run_setup):
     tmp = run_setup
     (tmp / "interrupt_at").write_text("2")
     result = runner.invoke(app, [str(tmp / "converted"), "-o", str(tmp / "run"), "--adapter",
-                                 str(tmp / "adapter.py")])
+                                 str(tmp / "adapter.py"), *_factory(tmp)])
     assert result.exit_code == 130, result.output
     assert "no epoch had finished, so there is nothing to resume" in result.stderr and "--resume" not in result.stderr
 
@@ -83,7 +88,7 @@ def test_counts_read_as_english(run_setup):
     assert [plural(n, "dendrite") for n in (0, 1, 2)] == ["0 dendrites", "1 dendrite", "2 dendrites"]
     tmp = run_setup
     result = runner.invoke(app, [str(tmp / "converted"), "-o", str(tmp / "run"), "--adapter", str(tmp / "adapter.py"),
-                                 "--capacity-test"])
+                                 "--capacity-test", *_factory(tmp)])
     assert result.exit_code == 0, result.output
     assert "neuron: 1 dendrite loss" in result.stderr and "1 dendrites" not in result.stderr
     assert "dendrite(s)" not in result.stderr and "with 3 dendrites per target" in result.stderr

@@ -8,6 +8,7 @@ from torch import nn
 import dendrite_convert as dc
 from dendrite_convert.core.layers import added_parameters, dendrite_class_for
 from dendrite_convert.exporting.fold import fold_layer
+from tests.helpers_export import randomize_dendrites
 
 VOCAB, DIM = 20, 6
 
@@ -29,15 +30,6 @@ def tagger() -> nn.Module:
 
 
 TOKENS = [{"shape": [2, 5], "dtype": "int64", "high": VOCAB}]
-
-
-def _randomize(layer, scale=0.5):
-    with torch.no_grad():
-        for d in layer.dendrite_layers:
-            for p in d.parameters():
-                p.normal_(0, 0.3)
-        for p in [*layer.dendrite_scales, *layer.dendrite_cascade]:
-            p.normal_(0, scale)
 
 
 def test_embeddings_are_opt_in_and_convert_exactly():
@@ -70,7 +62,7 @@ def test_dendrites_fold_exactly_into_one_table_of_the_original_size(kind, activa
         assert isinstance(dendrite[1], nn.Linear) and dendrite[1].bias is None
     assert layer.width == (3 if fraction else DIM)
     assert added_parameters(base, rank, fraction) == ((VOCAB + layer.width) * 2 if rank else VOCAB * layer.width)
-    _randomize(layer)
+    randomize_dendrites(layer)
     expected = layer.eval()(ids)
     assert (expected - before).abs().max() > 1e-2  # the dendrites matter
     folded, record = fold_layer(layer)
@@ -121,7 +113,7 @@ def test_dendrite_train_adds_and_trains_embedding_dendrites(tmp_path):
     converted = dc.convert(tagger(), dc.DendriteConfig(include=["emb"]), factory="tests.test_embedding:tagger")
     summary = dc.train(converted, str(adapter), tmp_path / "run",
                        dc.TrainConfig(switch_every=2, max_dendrites=1, max_epochs=4, plot=False))
-    trained = dc.load(tmp_path / "run" / "best")
+    trained = dc.load(tmp_path / "run" / "best", factory="tests.test_embedding:tagger")  # named again: consent
     layer = trained.emb
     assert summary["objective"] == "gradient" and layer.num_dendrites == 1
     assert layer.dendrite_scales[0].abs().max() > 0.01  # the dendrite's output is used
@@ -136,8 +128,8 @@ def test_onnx_and_safetensors_exports_reproduce_the_dendritic_model(tmp_path):
 
     converted = dc.convert(tagger(), dc.DendriteConfig(dendrites=3, include=["*"]), factory="tests.test_embedding:tagger",
                            example_inputs=TOKENS)
-    _randomize(converted.model.emb)
-    _randomize(converted.model.head)
+    randomize_dendrites(converted.model.emb)
+    randomize_dendrites(converted.model.head)
     converted.model.eval()
     report = dc.export(converted, tmp_path / "model.onnx", dc.ExportConfig(atol=1e-5, rtol=1e-5, gemm_layout="separate", latency=False))
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
@@ -145,7 +137,7 @@ def test_onnx_and_safetensors_exports_reproduce_the_dendritic_model(tmp_path):
     assert {r.name: (r.form, r.folded) for r in report.folds}["emb"] == ("layer", 3)
     report = dc.export(converted, tmp_path / "folded", dc.ExportConfig(format="safetensors", latency=False))
     assert report.verify.ok
-    folded = load_folded(tmp_path / "folded")
+    folded = load_folded(tmp_path / "folded", factory="tests.test_embedding:tagger")  # named again: consent
     assert type(folded.emb) is nn.Embedding and folded.emb.weight.shape == (VOCAB, DIM)
     ids = torch.randint(0, VOCAB, (3, 4))
     torch.testing.assert_close(folded(ids), converted.model(ids), rtol=0, atol=1e-5)

@@ -45,14 +45,32 @@ def test_the_cli_names_its_own_option_for_the_parameter():
     assert cli_message(dc.UsageError("the objective is odd.", parameter="objective"), command) == "the objective is odd."
 
 
+def test_the_cli_spells_other_arguments_a_message_mentions_as_keywords():
+    """Library advice names arguments in Python (`pass force=True`); the command shows its own options."""
+    command = inspect.unwrap(train_command)
+    error = dc.UsageError("output run already holds a run; pass force=True to replace it or resume=True to continue "
+                          "it.", parameter="output")
+    assert cli_message(error, command, {"output": Path("run"), "resume": None}) == (
+        "--output run already holds a run; pass --force to replace it or --resume run to continue it.")
+    error = dc.LoadError("resume run: name the adapter again (adapter=) or pass trust_code=True to run it; "
+                         "drop_last=True is not ours.", parameter="resume")
+    assert cli_message(error, command) == ("--resume run: name the adapter again (--adapter) or pass --trust-code to "
+                                           "run it; drop_last=True is not ours.")
+    # a message that already spells the option keeps its Python keyword as the hint for Python callers
+    both = dc.LoadError("pass --trust-code (trust_code=True) if you trust it.")
+    assert cli_message(both, command) == "pass --trust-code (trust_code=True) if you trust it."
+
+
 def test_cli_reports_a_library_error_with_the_flag_and_its_exit_code(tmp_path):
     digits = PACKAGE.parent / "examples" / "digits"
     sys.path.insert(0, str(digits))
     from model import build
 
-    converted = dc.convert(build(8), factory=f"{digits / 'model.py'}:build").save(tmp_path / "conv")
+    factory = f"{digits / 'model.py'}:build"
+    converted = dc.convert(build(8), factory=factory).save(tmp_path / "conv")
+    # the consent rule: the directory's factory runs when it is named again
     result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(tmp_path / "nope.py"), "-o",
-                                            str(tmp_path / "run")])
+                                            str(tmp_path / "run"), "--factory", factory])
     assert result.exit_code == 3 and "error: --adapter " in result.stderr and "file does not exist" in result.stderr
 
 

@@ -251,6 +251,18 @@ def test_cli_example_from_adapter(saved_cnn, tmp_path):
     assert data["verify"]["ok"] and data["verify"]["input_shapes"] == [[4, 3, 16, 16]]  # exported at batch 2
 
 
+def test_given_example_tensors_replace_the_recorded_example(tmp_path):
+    """export(inputs=): ready tensors (e.g. an adapter's batch); the first two rows export, all of them verify."""
+    converted = _converted("mlp")
+    batch = torch.randn(4, 12)
+    report = export(converted, tmp_path / "m.onnx", ExportConfig(gemm_layout="separate", latency=False),
+                    inputs=(batch,))
+    assert report.verify.ok and report.verify.input_shapes == [[4, 12]]
+    with pytest.raises(ValueError, match="^inputs must be tensors with a batch axis") as err:
+        export(converted, tmp_path / "n.onnx", ExportConfig(latency=False), inputs=(batch[0, 0],))
+    assert err.value.parameter == "inputs" and not (tmp_path / "n.onnx").exists()
+
+
 def test_cli_prune_below_reports_the_output_change(tmp_path):
     converted = _converted("mlp")
     with torch.no_grad():

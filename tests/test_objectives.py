@@ -97,14 +97,16 @@ def test_a_registered_objective_runs_in_dendrite_train(tmp_path, monkeypatch):
     from model import build
 
     torch.manual_seed(0)
-    converted = dc.convert(build(8), factory=f"{DIGITS / 'model.py'}:build").save(tmp_path / "conv")
+    factory = f"{DIGITS / 'model.py'}:build"
+    converted = dc.convert(build(8), factory=factory).save(tmp_path / "conv")
     result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(DIGITS / "adapter.py"), "-o",
                                             str(tmp_path / "run"), "--objective", "random-features",
-                                            "--capacity-test", "--json", "--quiet"])
+                                            "--capacity-test", "--json", "--quiet",
+                                            "--factory", factory])  # named again: the consent rule
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["objective"] == "random-features" and summary["dendrites"] == 3 and len(_INSERTED) == 3
-    _assert_frozen_and_scales_trained(dc.load(tmp_path / "run" / "best"), _INSERTED, live=False)
+    _assert_frozen_and_scales_trained(dc.load(tmp_path / "run" / "best", factory=factory), _INSERTED, live=False)
 
 
 def test_growth_without_the_loss_refuses_an_objective_that_needs_it():

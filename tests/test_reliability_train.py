@@ -292,7 +292,7 @@ def test_resuming_a_run_that_ended_by_restoring_a_smaller_best_model_says_it_is_
         result = CliRunner().invoke(train_app, ["--resume", str(run), "--adapter", str(DIGITS / "adapter.py"), *extra])
         assert result.exit_code == 0, result.output
         assert "is already finished (0 dendrites did not beat" in result.stderr or \
-               "is already finished (1 dendrites did not beat" in result.stderr, result.stderr
+               "is already finished (1 dendrite did not beat" in result.stderr, result.stderr  # counts read as English
 
 
 def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_is_not_blocked(converted, tmp_path):
@@ -307,6 +307,16 @@ def test_an_exception_in_the_adapter_names_its_function_and_line_and_the_rerun_i
     assert len(result.stderr.strip().splitlines()) == 1
     result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(DIGITS / "adapter.py"), *args])
     assert result.exit_code == 0, result.output
+
+
+def test_an_adapter_data_function_that_raises_is_named_with_its_line(converted, tmp_path):
+    adapter = _adapter(tmp_path, "def val_data():\n    raise RuntimeError('no data')\n")
+    line = len(adapter.read_text().splitlines())
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
+                                            "--max-epochs", "1", "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert (f"error: --adapter {adapter}: val_data() raised RuntimeError: no data (at adapter.py:{line}: "
+            "`raise RuntimeError('no data')`)" in result.stderr), result.stderr
 
 
 _MEASURE = """

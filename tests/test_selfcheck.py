@@ -165,3 +165,26 @@ def test_a_forward_that_reassigns_a_buffer_is_compared_from_the_same_state():
     converted = dc.convert(model)
     assert converted.report.notes[-1].startswith("self-check passed")
     assert converted.model.calls.item() == 0
+
+
+def test_an_output_layer_tied_to_the_embedding_is_compared_with_its_own_output():
+    """GPT-2's lm_head shares its weight with the token embedding: both are candidate targets with the same
+    parameters, yet they are different layers, so each is compared with its own recorded output."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 6)
+            self.mix = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+    converted = dc.convert(TiedLM(), dc.DendriteConfig(dendrites=1))
+    assert {t.name for t in converted.report.targets} == {"mix", "head"}
+    assert converted.report.notes[-1].startswith("self-check passed: with zero dendrites the output matches the "
+                                                 "original bit for bit")
+    with_embedding = dc.convert(TiedLM(), dc.DendriteConfig(dendrites=1, include=["embed", "mix", "head"]))
+    assert with_embedding.report.notes[-1].startswith("self-check passed")

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -83,7 +84,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DendriteError as exc:
-            console.print(f"[red]error:[/red] {cli_message(exc, fn)}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {cli_message(exc, fn, kwargs)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # a command may add what to do next as the exception's argument
             next_step = f"; {exc.args[0]}" if exc.args else ""
@@ -109,12 +110,39 @@ def handle_errors(fn):
     return wrapper
 
 
-def cli_message(exc: DendriteError, command) -> str:
-    """The library's sentence, with the argument at fault named as this command spells it: the Python name
-    that starts the message (`switch_every must be ...`) becomes the option (`--switch-every must be ...`)."""
+def cli_message(exc: DendriteError, command, values: dict | None = None) -> str:
+    """The library's sentence with the arguments named as this command spells them: the Python name that
+    starts the message (`switch_every must be ...`) becomes the option (`--switch-every must be ...`), and so
+    do other arguments it mentions as keywords (`pass force=True` -> `pass --force`, `adapter=` ->
+    `--adapter`), unless the message names that option itself already. `values` are the command's arguments:
+    an option that takes a value, mentioned as `name=True`, applies to the argument at fault (train's
+    `resume=True` continues `output`), so it is spelled with that argument's value (`--resume RUN`)."""
     text, name = str(exc), exc.parameter
     flag = _option_name(command, name) if name and text.startswith(name) else None
-    return text if flag is None else flag + text[len(name):]
+    text = text if flag is None else flag + text[len(name):]
+    subject = (values or {}).get(name) if name else None
+
+    def spell(match: re.Match) -> str:
+        option = _option_name(command, match[1])
+        if option is None or not option.startswith("--") or _appears(option, text):
+            return match[0]
+        if match[2] and not _is_flag(command, match[1]) and subject is not None:
+            return f"{option} {subject}"
+        return option
+
+    return _KEYWORD.sub(spell, text)
+
+
+_KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True\b)?(?![\w'\"(\[{-])")
+
+
+def _appears(option: str, text: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+def _is_flag(command, parameter: str) -> bool:
+    hint = typing.get_type_hints(command, include_extras=True).get(parameter)
+    return (typing.get_args(hint)[:1] or (hint,))[0] is bool
 
 
 def _option_name(command, parameter: str) -> str | None:

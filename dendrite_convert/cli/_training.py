@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
+
+import typer
 
 from ..core.errors import UsageError
 from ..core.words import plural
@@ -33,6 +37,24 @@ def run_directory(converted: Path | None, adapter: str | None, output: Path | No
     return output
 
 
+def print_template() -> None:
+    """--adapter-template: a commented adapter.py on stdout."""
+    from ..training.adapter import TEMPLATE
+
+    sys.stdout.write(TEMPLATE)
+
+
+@contextlib.contextmanager
+def resume_hint(run_dir: Path):
+    """Ctrl-C: the next step becomes the interrupt's argument, which handle_errors prints."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / "checkpoint").is_dir():
+            raise KeyboardInterrupt(f"continue from the last completed epoch: dendrite-train --resume {run_dir}") from None
+        raise KeyboardInterrupt("no epoch had finished, so there is nothing to resume") from None
+
+
 def compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed) -> None:
     """K seeds with (and without) dendrites: comparison.csv/.json/.png and a table with the significance."""
     from ..conversion.consent import Consent
@@ -47,7 +69,16 @@ def compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, fo
         print_json(result.to_dict())
 
 
-def report(summary: dict, run_dir: Path, quiet: bool) -> None:
+def report(summary: dict, run_dir: Path, quiet: bool, json_out: bool) -> None:
+    """The summary as JSON on stdout with --json; exit 1 when training stopped on a non-finite loss."""
+    _say(summary, run_dir, quiet)
+    if json_out:
+        print_json(summary)
+    if summary.get("nonfinite"):
+        raise typer.Exit(1)
+
+
+def _say(summary: dict, run_dir: Path, quiet: bool) -> None:
     """One sentence on stderr: the result, or why training stopped and where the best model so far is."""
     if summary.get("already_finished"):
         if not quiet:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import (AllowModuleOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app, console,
-                      handle_errors, parse_json_option, parse_shape, print_json)
+from ._common import (AllowModuleOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app, handle_errors,
+                      parse_json_option, parse_shape)
 
 _IN, _DENDRITES, _GRAPH = "Input", "Dendrites", "Graph"
 
@@ -36,13 +36,11 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Insert dendrite layers into a saved PyTorch model by torch.fx graph rewriting."""
-    from ..conversion.convert import convert as convert_api
     from ..conversion.config import DendriteConfig
-    from ..core.files import check_writable
-    from ..core.outputs import check_output_location
+    from ..conversion.convert import convert as convert_api
+    from ._converting import check_output, save_and_report
 
-    check_output_location(output)
-    check_writable(output, force)
+    check_output(output, force)
     config = DendriteConfig(
         dendrites=dendrites, activation=activation, rank=dendrite_rank, channel_fraction=dendrite_channels, include=include or [], exclude=exclude or [],
         pair_norms=norm_pairs, strict_graph=strict_graph,
@@ -52,13 +50,7 @@ def convert(
         model, config, factory=factory, factory_kwargs=parse_json_option(factory_kwargs, "--factory-kwargs"),
         trust_code=trust_code or trust_pickle, allow_modules=tuple(allow_module or ()), example_inputs=[{"shape": shape, "dtype": "float32"}] if shape else None,
     )
-    converted.save(output, force=force)
-    report = converted.refreshed_report()
-    if not quiet:
-        report.render(console)
-        console.print(f"wrote {output}")
-    if json_out:
-        print_json(report.to_dict())
+    save_and_report(converted, output, force, quiet, json_out)
 
 
 @handle_errors
@@ -70,18 +62,9 @@ def inspect(
 
     Inspecting reads only the directory's JSON: it never runs code, so it needs no trust option.
     """
-    from ..conversion.modeldir import read_config
-    from ..conversion.report import ConversionReport
-    from ..conversion.rebuild import code_needed
+    from ._converting import show_directory
 
-    data = read_config(directory)
-    report = ConversionReport.from_dict(data["recipe"])
-    if json_out:
-        print_json(report.to_dict())
-    else:
-        console.print(f"{directory}: source {data['source'].get('kind')} {data['source'].get('path') or ''}")
-        report.render(console)
-        console.print(code_needed(data["source"]), highlight=False, soft_wrap=True)
+    show_directory(directory, json_out)
 
 
 app = command_app(convert)

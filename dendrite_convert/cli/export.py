@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..core.words import plural
 from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
-                      console, consent, handle_errors, parse_shape, print_json)
+                      consent, handle_errors, parse_shape)
 
 _FMT, _VERIFY, _FOLD, _IN = "Format", "Verification", "Folding", "Inputs"
 
@@ -45,50 +44,15 @@ def export(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold dendrites into plain layers and write a verified ONNX file or folded safetensors."""
-    from ..core.errors import UsageError
-    from ..exporting.export import ExportConfig, export as export_api
-    from ..core.files import check_writable
+    from ..exporting.export import ExportConfig
+    from ._exporting import check_format, export_and_report
 
-    if onnx == safetensors:
-        raise UsageError("choose exactly one of --onnx and --safetensors.")
-    check_writable(output, force)
     config = ExportConfig(
-        format="onnx" if onnx else "safetensors", opset=opset, atol=atol, rtol=rtol, input_shape=parse_shape(input_shape),
-        adapter=adapter, prune_below=prune_below, gemm_layout=gemm_layout.value, force=force, latency=not no_latency,
-        latency_threads=latency_threads, **consent(trust_code, trust_pickle, factory, allow_module),
+        format=check_format(onnx, safetensors, output, force), opset=opset, atol=atol, rtol=rtol,
+        input_shape=parse_shape(input_shape), prune_below=prune_below, gemm_layout=gemm_layout.value, force=force,
+        latency=not no_latency, latency_threads=latency_threads, **consent(trust_code, trust_pickle, factory, allow_module),
     )
-    try:
-        report = export_api(directory, output, config)
-    except Exception as exc:
-        verify = getattr(exc, "report", None)
-        if verify is not None and not quiet:
-            for line in verify.lines():
-                console.print(line, highlight=False, soft_wrap=True)
-        raise
-    if not quiet:
-        _render(report)
-    if json_out:
-        print_json(report.to_dict())
-
-
-def _render(report) -> None:
-    from ..exporting.latency import render
-
-    kept = sum(r.kept for r in report.folds)
-    folded = sum(r.folded for r in report.folds)
-    dropped = sum(r.dropped + len(r.pruned) for r in report.folds)
-    layouts = sorted({r.layout for r in report.folds if r.layout})
-    console.print(f"folded {plural(len(report.folds), 'target')}: {plural(kept, 'dendrite')} kept as extra GEMMs/convs"
-                  f"{' (' + ', '.join(layouts) + ')' if layouts else ''}, {folded} folded into weights, {dropped} dropped; "
-                  f"folded vs unfolded max abs error {report.fold_max_abs:.3g}", highlight=False, soft_wrap=True)
-    if report.verify:
-        for line in report.verify.lines():
-            console.print(line, highlight=False, soft_wrap=True)
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    if report.latency:
-        render(report.latency, console, report.latency_inputs, report.latency_threads)
-    console.print(f"wrote {report.output}", highlight=False)
+    export_and_report(directory, output, config, adapter, quiet, json_out)
 
 
 app = command_app(export)

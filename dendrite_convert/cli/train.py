@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..training.objectives import OBJECTIVES
+from ..training.objectives import REGISTRY
 from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietOpt, TrustOpt, TrustPickleOpt, command_app,
-                      consent, handle_errors, print_json)
+                      consent, handle_errors)
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
-_OBJECTIVES_HELP = "How dendrites learn: " + "; ".join(f"{name} ({cls.help})" for name, cls in OBJECTIVES.items()) + "."
+_OBJECTIVES_HELP = "How dendrites learn: " + "; ".join(f"{name} ({help})" for name, (_, help) in REGISTRY.items()) + "."
 
 
 @handle_errors
@@ -46,14 +45,12 @@ def train(
 
     [bold]dendrite-train converted/ --adapter adapter.py -o run/[/bold]
     """
-    if adapter_template:
-        from ..training.adapter import TEMPLATE
+    from ._training import Progress, compare_seeds, print_template, report, resume_hint, run_directory
 
-        sys.stdout.write(TEMPLATE)
-        return
+    if adapter_template:
+        return print_template()
     from ..training.distributed import launched_rank
     from ..training.trainer import TrainConfig, train as train_api
-    from ._training import Progress, compare_seeds, report, run_directory
 
     if launched_rank() != 0:  # under torchrun rank 0 alone shows progress and prints results
         quiet, json_out = True, False
@@ -67,19 +64,10 @@ def train(
     if seeds > 1 or baseline:
         compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
-    try:
-        with Progress(config.max_epochs, quiet) as progress:
-            summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                                budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
-    except KeyboardInterrupt:  # handle_errors prints the argument as the next step
-        if (run_dir / "checkpoint").is_dir():
-            raise KeyboardInterrupt(f"continue from the last completed epoch: dendrite-train --resume {run_dir}") from None
-        raise KeyboardInterrupt("no epoch had finished, so there is nothing to resume") from None
-    report(summary, run_dir, quiet)
-    if json_out:
-        print_json(summary)
-    if summary.get("nonfinite"):
-        raise typer.Exit(1)
+    with Progress(config.max_epochs, quiet) as progress, resume_hint(run_dir):
+        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
+                            budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
+    report(summary, run_dir, quiet, json_out)
 
 
 app = command_app(train)

@@ -147,9 +147,9 @@ def _allowed_module(module_name: str, consent: Consent) -> types.ModuleType | No
     for entry in consent.module_entries():
         if entry.endswith(".py"):
             if module_name == Path(entry).stem and Path(entry).is_file():
-                from .loading import _import_file
+                from .factories import import_file
 
-                return _guarded_import(lambda: _import_file(Path(entry)))
+                return _guarded_import(lambda: import_file(Path(entry)))
         elif module_name == entry or module_name.startswith(entry + "."):
             return _guarded_import(lambda: importlib.import_module(module_name))
     if top == "torch" or module_name in ("__main__", "__mp_main__"):

@@ -12,8 +12,9 @@ from . import selfcheck
 from .config import DendriteConfig
 from .modeldir import ConvertedModel
 from .consent import Consent
+from .factories import absolute_factory
 from .liveness import unreached_targets
-from .loading import Source, absolute_factory, factory_source, load_source
+from .loading import Source, factory_source, load_source
 from .rewrite import convert_model, refresh_report
 from .selfcheck import derived_inputs
 from .static_shapes import static_batch_notes

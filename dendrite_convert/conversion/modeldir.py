@@ -23,6 +23,7 @@ from ..core.errors import DendriteError, LoadError, UsageError
 from ..core.files import atomic_directory, output_lock
 from ..core.structure import set_dendrite_counts
 from ..core.layers import dendrite_layers
+from ..core.version import __version__
 from .consent import Consent
 from .liveness import recorded_unreached
 from .loading import Source, read_json
@@ -52,8 +53,6 @@ class ConvertedModel:
         return refresh_report(self.model, self.report)
 
     def to_json(self) -> dict:
-        from .. import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "tool_version": __version__,

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..core.errors import LoadError
 from .consent import FLAG, Consent, load_pickle
-from .loading import (Source, _attribute, _exec_file, _is_file_target, _load_pt2, _split_factory, build_from_factory,
-                      call_factory, factory_file, resolve_factory, sha256)
+from .factories import (attribute, build_from_factory, call_factory, exec_file, factory_file, is_file_target,
+                        resolve_factory, split_factory)
+from .loading import Source, _load_pt2, sha256
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def _rebuild_factory(source: Source, consent: Consent, where) -> nn.Module:
     if consent.factory:  # the user's own code, named again; it must be the code the directory was made with
         spec = consent.factory
         file = factory_file(spec)
-        if file is not None and _is_file_target(spec.rpartition(":")[0]):
+        if file is not None and is_file_target(spec.rpartition(":")[0]):
             _check_hash(file, source.factory_sha256, f"the factory file of {where}")
         fn = resolve_factory(spec)
-        if file is not None and not _is_file_target(spec.rpartition(":")[0]) and source.factory_sha256 \
+        if file is not None and not is_file_target(spec.rpartition(":")[0]) and source.factory_sha256 \
                 and sha256(file) != source.factory_sha256:
             log.warning("%s changed since %s was converted (sha256 %s now, %s then); the weights are still loaded "
                         "strictly", file, where, sha256(file), source.factory_sha256)
@@ -82,15 +83,15 @@ def _rebuild_factory(source: Source, consent: Consent, where) -> nn.Module:
         if not path.is_file():
             raise LoadError(f"{path} is gone; {where} needs it to rebuild the architecture.")
         _check_hash(path, source.factory_sha256, f"the factory copy of {where}")
-        _, attr = _split_factory(recorded, "the recorded factory")
+        _, attr = split_factory(recorded, "the recorded factory")
         name = "_dendrite_copy_" + source.factory_sha256[:12] if source.factory_sha256 else "_dendrite_copy"
         try:
-            module = sys.modules.get(name) or _exec_file(path, name)
+            module = sys.modules.get(name) or exec_file(path, name)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - the user trusted it; its failure is still a load failure
             raise LoadError(f"the factory copy {path} cannot be imported: {type(exc).__name__}: {exc}.") from exc
-        return call_factory(_attribute(module, attr, recorded, "the recorded factory"), recorded, kwargs)
+        return call_factory(attribute(module, attr, recorded, "the recorded factory"), recorded, kwargs)
     return build_from_factory(recorded, kwargs)
 
 

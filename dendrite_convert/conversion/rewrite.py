@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from .config import DendriteConfig
 from ..core.errors import ConversionError
-from ..core.layers import FUNCTIONAL, NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for
+from ..core.layers import (FUNCTIONAL, NORM_LAYERS, DendriteLayer, count_parameters, dendrite_class_for,
+                           one_layer_key)
 from .report import ConversionReport, SkippedRecord, TargetRecord
 from .tracing import Fallback, TraceResult, forward_key, trace
 
@@ -185,8 +186,7 @@ def _groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in names:
         m = model.get_submodule(name)
-        key = (type(m), repr(m), tuple(id(p) for p in m.parameters())) if list(m.parameters()) else (id(m),)
-        groups[key].append(name)
+        groups[one_layer_key(m)].append(name)
     return list(groups.values())
 
 
@@ -207,9 +207,14 @@ def _all_names(model: nn.Module) -> dict[int, list[str]]:
 
 def _uncopyable(module: nn.Module) -> str | None:
     """Why a dendrite cannot copy `module`, or None: the old hook-based weight/spectral norm keeps a computed
-    weight that deepcopy refuses."""
+    weight that deepcopy refuses. The hook is what tells: a forward under no_grad (the self-check's run of
+    the original) leaves a computed weight without its grad_fn."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     weight = module.__dict__.get("weight")
-    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+    hooked = any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in module._forward_pre_hooks.values())
+    if hooked or (isinstance(weight, torch.Tensor) and weight.grad_fn is not None):
         return ("its weight is computed by a hook (torch.nn.utils.weight_norm/spectral_norm) and cannot be copied; "
                 "use torch.nn.utils.parametrizations instead")
     return None

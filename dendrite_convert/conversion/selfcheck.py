@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..core.errors import ConversionError, UsageError
-from ..core.layers import NORM_LAYERS, DendriteHFConv1D, DendriteLayer, dendrite_class_for, dendrite_layers
+from ..core.layers import (NORM_LAYERS, DendriteHFConv1D, DendriteLayer, dendrite_class_for, dendrite_layers,
+                           one_layer_key)
 
 _SPATIAL = {1: 64, 2: 32, 3: 16}  # derived conv inputs: small, but large enough for a few stride-2 stages
 
@@ -148,15 +149,16 @@ def _all_same(left: list[torch.Tensor], right: list[torch.Tensor], exact: bool) 
     return len(left) == len(right) and all(_same(a, b, exact) for a, b in zip(left, right))
 
 
-def _site_key(module: nn.Module) -> int | tuple[int, ...]:
-    """Where an original output is filed: a norm by itself, a target by its parameters, so that modules with
-    all parameters tied (which conversion merges into one dendrite layer) share one list of calls."""
+def _site_key(module: nn.Module) -> int | tuple:
+    """Where an original output is filed: a norm by itself, a target by the key that conversion groups targets
+    by, so that the modules merged into one dendrite layer share one list of calls and tied layers of
+    another type (an embedding and its output projection) keep their own."""
     if isinstance(module, NORM_LAYERS):
         return id(module)
-    return tuple(id(p) for p in module.parameters()) or id(module)
+    return one_layer_key(module)
 
 
-def _original_site(layer: DendriteLayer) -> int | tuple[int, ...]:
+def _original_site(layer: DendriteLayer) -> int | tuple:
     """The key of what a dendrite layer without dendrites reproduces: its norm if paired, else its base."""
     return _site_key(layer.norm if layer.norm is not None else layer.base_layer)
 

@@ -22,27 +22,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.errors import LoadError
+from ..core.header import read_header
 from ..core.layers import dendrite_layers
 
 _SCALE = re.compile(r"(?:^|\.)dendrite_scales\.\d+$")
 _KINDS = {"F": "floating", "B": "floating", "I": "integer", "U": "integer"}  # F32, BF16, I64, U8; BOOL below
-
-
-def read_header(weights: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """`{name: (dtype, shape)}` of a safetensors file, from its header alone."""
-    from safetensors import SafetensorError, safe_open
-
-    if not weights.is_file():
-        raise LoadError(f"{weights} is missing; the directory is incomplete.")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            header = {}
-            for name in f.keys():
-                part = f.get_slice(name)
-                header[name] = (part.get_dtype(), tuple(part.get_shape()))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{weights} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}).") from exc
-    return header
 
 
 def check_converted(weights: Path, build: Callable[[], tuple[nn.Module, object]], counts: Mapping[str, int]) -> None:

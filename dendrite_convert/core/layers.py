@@ -29,6 +29,7 @@ __all__ = [
     "DendriteConvTranspose1d", "DendriteConvTranspose2d", "DendriteConvTranspose3d", "DendriteEmbedding", "DendriteGRU",
     "DendriteHFConv1D", "DendriteLSTM", "DendriteLayer", "DendriteLinear", "add_to_channels", "added_parameters", "channel_positions", "count_parameters",
     "dendrite_class_for", "dendrite_layer_paths", "dendrite_layers", "family_for_spec", "family_of", "layers_and_norm",
+    "one_layer_key",
 ]
 
 FAMILIES: tuple[type[DendriteLayer], ...] = (
@@ -63,6 +64,14 @@ def dendrite_class_for(module: nn.Module) -> type[DendriteLayer] | None:
     if isinstance(module, (DendriteLayer, LazyModuleMixin)):
         return None
     return family_of(module)
+
+
+def one_layer_key(module: nn.Module) -> tuple:
+    """Targets with equal keys become one dendrite layer: the same module under several names, or modules of
+    one type and configuration with all parameters tied. A tied pair of different layers (GPT-2's embedding
+    and output projection) keeps two keys."""
+    ids = tuple(id(p) for p in module.parameters())
+    return (type(module), repr(module), ids) if ids else (id(module),)
 
 
 def dendrite_layers(model: nn.Module) -> dict[str, DendriteLayer]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import LoadError
+from .header import read_header
 from .layers import dendrite_layers
 
 STRUCTURE_FILE = "dendrite_structure.json"
@@ -141,10 +142,7 @@ def restore_structure(model: nn.Module, checkpoint: str | Path | Mapping) -> dic
             except (OSError, ValueError, KeyError) as exc:
                 raise LoadError(f"{path / STRUCTURE_FILE} is unreadable ({type(exc).__name__}: {exc}).") from exc
         elif path.is_dir() and (path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                counts = counts_from_keys(f.keys(), model)
+            counts = counts_from_keys(read_header(path / "model.safetensors"), model)
         elif path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -44,8 +44,7 @@ class ExportConfig:
     opset: int | None = None  # ONNX opset; None: the exporter's default (20 on torch 2.13)
     atol: float = 1e-4
     rtol: float = 1e-4
-    input_shape: list[int] | None = None  # float input; overrides the recorded example
-    adapter: str | None = None  # a data adapter: its first validation batch is the example
+    input_shape: list[int] | None = None  # float input; overrides the recorded example (and `inputs`)
     prune_below: float = 0.0  # drop dendrites whose |scale| is below this everywhere (output change reported)
     gemm_layout: str = "auto"  # auto | separate | concat
     force: bool = False
@@ -131,34 +130,27 @@ def _from_specs(specs: list[dict]) -> _Inputs:
     return _Inputs(example, fresh, specs)
 
 
-def _from_adapter(spec: str) -> _Inputs:
-    from ..training.adapter import load_adapter
-
-    adapter = load_adapter(spec)
-    try:
-        batch = next(iter(adapter.val_data()))
-        args, kwargs = adapter.model_inputs(batch)
-    except Exception as exc:
-        raise LoadError(f"--adapter {spec}: the first validation batch cannot be read ({type(exc).__name__}: {exc}).") from exc
-    if args and kwargs:
-        raise UsageError(f"--adapter {spec}: export takes positional or keyword inputs, not both; make inputs(batch) return one.")
-    values = list(kwargs.values()) if kwargs else list(args)
+def _from_example(example: tuple | dict) -> _Inputs:
+    """Inputs given as tensors (a batch's model inputs): the first two rows export, all of them (at least
+    three) verify at another batch size."""
+    values = list(example.values()) if isinstance(example, dict) else list(example)
     if not values or not all(isinstance(v, torch.Tensor) and v.ndim >= 1 for v in values):
-        raise UsageError(f"--adapter {spec}: the model inputs of a batch must be tensors with a batch axis.")
+        raise UsageError("inputs must be tensors with a batch axis: a tuple of positional inputs or a dict of "
+                         "keyword ones.", parameter="inputs")
     size = values[0].shape[0]
     fresh = [v if size > 2 else torch.cat([v] * 2)[: size + 1] for v in values]
-    example = [v[:2] if size > 2 else v for v in values]
-    specs = [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for v in example]
-    pack = (lambda vs: dict(zip(kwargs, vs))) if kwargs else tuple
-    return _Inputs(pack(example), pack(fresh), specs)
+    first = [v[:2] if size > 2 else v for v in values]
+    specs = [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for v in first]
+    pack = (lambda vs: dict(zip(example, vs))) if isinstance(example, dict) else tuple
+    return _Inputs(pack(first), pack(fresh), specs)
 
 
-def resolve_inputs(config: ExportConfig, recorded: list[dict]) -> _Inputs | None:
-    """--input-shape, then --adapter, then the example recorded at conversion; None when there is none."""
+def resolve_inputs(config: ExportConfig, recorded: list[dict], given: tuple | dict | None = None) -> _Inputs | None:
+    """input_shape, then the `given` example tensors, then the example recorded at conversion; None when none."""
     if config.input_shape:
         return _from_specs([{"shape": list(config.input_shape), "dtype": "float32"}])
-    if config.adapter:
-        return _from_adapter(config.adapter)
+    if given is not None:
+        return _from_example(given)
     if recorded:
         return _from_specs(recorded)
     return None
@@ -185,10 +177,13 @@ def _dynamic_shapes(inputs: _Inputs):
 # ---- the verb -----------------------------------------------------------------------------------------------
 
 def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, config: ExportConfig | None = None,
-           *, folded: nn.Module | None = None) -> ExportReport:
+           *, inputs: tuple | dict | None = None, folded: nn.Module | None = None) -> ExportReport:
     """Fold `model` (a converted directory, ConvertedModel or module with dendrite layers) and write `output`.
 
-    `folded` replaces the fold's result (for tests and custom folds); it is verified like any other.
+    `inputs` is the example to export and verify with instead of the one recorded at conversion: model
+    inputs with a batch axis, a tuple of positional tensors or a dict of keyword ones (e.g. a batch's,
+    `training.adapter.example_inputs`). `folded` replaces the fold's result (for tests and custom folds);
+    it is verified like any other.
 
     Example:
         export("run/best", "model.onnx", ExportConfig(format="onnx", atol=1e-5))
@@ -205,7 +200,7 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
                          "the architecture from; save the model with dendrite-convert first.")
     unfolded = (converted.model if converted else model).eval()
-    inputs = resolve_inputs(config, converted.example_inputs if converted else [])
+    inputs = resolve_inputs(config, converted.example_inputs if converted else [], inputs)
     if inputs is None and config.format == "onnx":
         raise UsageError("no example input: pass --input-shape (e.g. 2,3,32,32), --adapter, or convert with --input-shape.")
     example = inputs.example if inputs else None

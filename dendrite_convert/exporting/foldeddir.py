@@ -21,6 +21,7 @@ from ..core.files import atomic_directory
 from .fold import replace_layer
 from .folded import FoldedDendrites, module_from_spec, module_spec
 from ..core.layers import dendrite_layer_paths
+from ..core.version import __version__
 from ..conversion.modeldir import ConvertedModel
 from ..conversion.validate import check_folded
 from .verify import VerifyReport, compare, reference_outputs
@@ -33,8 +34,6 @@ FOLDED_SCHEMA = 2  # 2: source copies (bundle) in the directory
 def save_folded(converted: ConvertedModel, folded: nn.Module, output: Path, inputs, config, report, check) -> None:
     """Write the folded directory atomically; with example inputs, what `load_folded` rebuilds is verified first."""
     from safetensors.torch import save_model
-
-    from .. import __version__
 
     targets = {}
     for name, paths in dendrite_layer_paths(converted.model).items():

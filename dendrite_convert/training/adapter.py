@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..core.errors import DendriteError, LoadError
-from ..conversion.loading import _import_file
+from ..core.errors import DendriteError, LoadError, UsageError
+from ..conversion.factories import import_file
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _module_for(spec: str):
             if not file.is_file():
                 raise LoadError(f"adapter {spec}: file does not exist (adapter.TEMPLATE is one to start from).",
                                 parameter="adapter")
-            return _import_file(file)
+            return import_file(file)
         return importlib.import_module(spec)
     except LoadError:
         raise
@@ -226,6 +226,18 @@ def load_adapter(spec: str | Path) -> Adapter:
     return Adapter(spec=spec, maximize=maximize, **found)
 
 
+def example_inputs(spec: str | Path) -> tuple | dict:
+    """The model inputs of the adapter's first validation batch, positional (a tuple) or keyword (a dict):
+    the example `export(..., inputs=)` traces and verifies with."""
+    adapter = load_adapter(spec)
+    batch = call(adapter, "val_data()", lambda: next(iter(adapter.val_data())))
+    args, kwargs = call(adapter, "inputs(batch)", adapter.model_inputs, batch)
+    if args and kwargs:
+        raise UsageError(f"adapter {adapter.spec}: an example takes positional or keyword inputs, not both; make "
+                         "inputs(batch) return one.", parameter="adapter")
+    return dict(kwargs) if kwargs else tuple(args)
+
+
 def call(adapter: Adapter, name: str, fn, *args):
     """Call one of the adapter's functions; an exception in it becomes one sentence that names the function,
     the original error and the adapter's line it came from (exit 3, like every adapter mistake)."""
@@ -234,8 +246,8 @@ def call(adapter: Adapter, name: str, fn, *args):
     except DendriteError:
         raise
     except Exception as exc:
-        raise LoadError(f"--adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
-                        f"{_adapter_line(adapter, exc)}.") from exc
+        raise LoadError(f"adapter {adapter.spec}: {name} raised {type(exc).__name__}: {exc}"
+                        f"{_adapter_line(adapter, exc)}.", parameter="adapter") from exc
 
 
 def _adapter_line(adapter: Adapter, exc: BaseException) -> str:

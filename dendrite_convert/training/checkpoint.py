@@ -116,9 +116,9 @@ def read_state(output: Path, budget: dict[str, int]) -> tuple[dict, TrainConfig]
         state = json.loads((ckpt / "state.json").read_text())
         version = state.get("version") if isinstance(state, dict) else None
         if version != STATE_VERSION:
-            raise LoadError(f"--resume {output}: {ckpt}/state.json has version {version!r}, but this "
+            raise LoadError(f"resume {output}: {ckpt}/state.json has version {version!r}, but this "
                             f"dendrite_convert resumes version {STATE_VERSION} only; resume with the version that "
-                            "wrote it.")
+                            "wrote it.", parameter="resume")
         recorded = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
         config = TrainConfig(**{**recorded, **budget})
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..conversion.consent import FLAG, Consent
+from ..conversion.consent import Consent
 from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError
 from ..core.layers import count_parameters
@@ -104,8 +104,9 @@ class Run:
         its max_epochs/max_dendrites."""
         state, config = checkpoint.read_state(output, budget or {})
         if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
-            raise LoadError(f"--resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
-                            f"{output / 'checkpoint'}/state.json; name it again with --adapter or pass {FLAG} to run it.")
+            raise LoadError(f"resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
+                            f"{output / 'checkpoint'}/state.json; name it again (adapter=) or pass trust_code=True "
+                            "to run it.", parameter="resume")
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter if adapter is not None else state["adapter"])
         ckpt = output / "checkpoint"
@@ -135,11 +136,7 @@ class Run:
         return [x for x in (self.train_loader, self.val_loader, self.test_loader) if x is not None]
 
     def _call_data(self, name: str, fn):
-        try:
-            data = fn()
-        except Exception as exc:
-            raise LoadError(f"adapter {self.adapter.spec}: {name}() raised {type(exc).__name__}: {exc}.",
-                            parameter="adapter") from exc
+        data = call(self.adapter, f"{name}()", fn)
         if data is None or not hasattr(data, "__iter__") or iter(data) is data:
             raise LoadError(
                 f"adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
@@ -180,9 +177,9 @@ class Run:
             if "more than 1 value per channel when training" not in str(exc):
                 raise
             n = batch_size(batch)
-            raise LoadError(f"--adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
+            raise LoadError(f"adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
                             "few for BatchNorm to train on; pass drop_last=True to its DataLoader (or pick a batch size "
-                            "that leaves no single sample over).") from exc
+                            "that leaves no single sample over).", parameter="adapter") from exc
         loss = call(self.adapter, "loss(outputs, batch)", self.adapter.loss, outputs, batch)
         if not self._loss_checked:
             self._check_loss(loss)

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from collections.abc import Callable
 from pathlib import Path
 
-from ..conversion.consent import FLAG, Consent
+from ..conversion.consent import Consent
 from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError, UsageError
 from ..core.files import LOCK_FILE, check_unlocked, is_temporary, output_lock, remove_stale
@@ -73,7 +73,7 @@ def train(
     try:
         if resume:
             if not output.is_dir():
-                raise UsageError(f"--resume {output}: no such run directory (dendrite-train -o writes one).")
+                raise UsageError(f"resume {output}: no such run directory to continue.", parameter="resume")
             with _one_writer(output):
                 return _resume(output, adapter, on_epoch, budget or {}, consent)
         if converted is None or adapter is None:
@@ -105,12 +105,12 @@ def _check_new_output(output: Path, force: bool) -> None:
     if force or not output.exists():
         return
     if not output.is_dir():
-        raise UsageError(f"-o/--output {output} is a file; give a directory for the run.")
+        raise UsageError(f"output {output} is a file; give a directory for the run.", parameter="output")
     if any(not _unstarted_leftover(p.name) for p in output.iterdir()):
         started = (output / "checkpoint").exists()
-        raise UsageError(f"-o/--output {output} already holds {'a run' if started else 'files'}; pass --force to "
+        raise UsageError(f"output {output} already holds {'a run' if started else 'files'}; pass force=True to "
                          f"replace {'it' if started else 'the outputs of a run there'}"
-                         f"{' or --resume ' + str(output) + ' to continue it' if started else ''}.")
+                         f"{' or resume=True to continue it' if started else ''}.", parameter="output")
 
 
 def _unstarted_leftover(name: str) -> bool:
@@ -142,20 +142,21 @@ def _resume(output: Path, adapter, on_epoch, budget: dict[str, int], consent: Co
         summary = run.loop()
         return {**summary, "already_finished": True} if run.already_finished else summary
     if not (output / REQUEST_FILE).is_file():
-        raise UsageError(f"--resume {output}: no checkpoint there (expected {ckpt}/state.json from dendrite-train).")
+        raise UsageError(f"resume {output}: no checkpoint there (expected {ckpt}/state.json).", parameter="resume")
     try:
         request = json.loads((output / REQUEST_FILE).read_text())
         config = replace(TrainConfig(**request["config"]), **budget)
         converted = request["converted"]
         spec = request["adapter"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LoadError(f"--resume {output}: {output / REQUEST_FILE} is unreadable ({type(exc).__name__}: {exc}).") from exc
+        raise LoadError(f"resume {output}: {output / REQUEST_FILE} is unreadable ({type(exc).__name__}: {exc}).",
+                        parameter="resume") from exc
     if converted is None:
-        raise UsageError(f"--resume {output}: the run was killed before its first checkpoint and was started from a "
-                         "model in memory; start it again with train().")
+        raise UsageError(f"resume {output}: the run was killed before its first checkpoint and was started from a "
+                         "model in memory; start it again with train().", parameter="resume")
     if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
-        raise LoadError(f"--resume {output}: the run's adapter {spec} is code recorded in {output / REQUEST_FILE}; "
-                        f"name it again with --adapter or pass {FLAG} to run it.")
+        raise LoadError(f"resume {output}: the run's adapter {spec} is code recorded in {output / REQUEST_FILE}; "
+                        "name it again (adapter=) or pass trust_code=True to run it.", parameter="resume")
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter if adapter is not None else spec)
     log.info("%s has no checkpoint yet: starting the run again from the beginning", output)
     return _start(load_converted(converted, **consent.keywords()), adapter, output, config, on_epoch,

@@ -8,7 +8,7 @@
   (neuron phases otherwise train the network and every dendrite's scale);
 - `dendrite_phase_epochs`: epochs a growth step takes as a phase of its own (recorded as a "dendrite" row).
 
-A new objective is a subclass in its own file plus one line in `OBJECTIVES` (objectives/__init__.py); its
+A new objective is a subclass in its own file plus one line in `REGISTRY` (objectives/__init__.py); its
 options are dataclass fields, filled from `TrainConfig` or a callback's arguments by name.
 """
 
@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+from . import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,14 @@ class Objective(ABC):
     """How dendrites learn (docs/design.md §4); subclasses are frozen dataclasses whose fields are their options."""
 
     name: ClassVar[str]
-    help: ClassVar[str]  # one phrase for `dendrite-train --help`
+    help: ClassVar[str]  # one phrase for `dendrite-train --help`: a registered class's is its REGISTRY line's
     dendrite_phase_epochs: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        entry = REGISTRY.get(cls.__dict__.get("name"))
+        if entry is not None and "help" not in cls.__dict__:
+            cls.help = entry[1]
 
     def needs_data(self, model: nn.Module) -> bool:
         """Whether `grow` needs the loop's training batches and loss for this model."""

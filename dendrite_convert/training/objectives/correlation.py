@@ -188,7 +188,6 @@ class Correlation(Objective):
     """
 
     name = "correlation"
-    help = "candidates fit the error signal with the network frozen; the best is inserted frozen"
     dendrite_phase_epochs = 1
     candidates: int = 4
     epochs: int = 20

@@ -22,7 +22,6 @@ class Gradient(Objective):
     """
 
     name = "gradient"
-    help = "dendrites train jointly with the network on the task loss"
     samples: int = 4096
 
     def needs_data(self, model: nn.Module) -> bool:
