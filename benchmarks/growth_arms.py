@@ -14,8 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from dendrite_convert.core.cheap import low_rank_dendrite
-from dendrite_convert.core.layers import count_parameters
+from dendrite_convert.core.layers import count_parameters, family_of
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _PASS_THROUGH = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -146,7 +145,8 @@ class LoRA(nn.Module):
 
 
 def _adapter(base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module] | None:
-    factors = low_rank_dendrite(base, rank, init_std=1.0)
+    family = family_of(base)
+    factors = family.low_rank_dendrite(base, rank, init_std=1.0) if family is not None else None
     if factors is None:  # not cheaper than a full copy of the layer: no adapter there
         return None
     down, up = factors

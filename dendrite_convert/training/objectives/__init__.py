@@ -10,12 +10,14 @@ from dataclasses import fields
 
 from ...core.errors import UsageError
 from .base import Objective, TrainingData
+from .closed_form import ClosedForm
 from .correlation import Correlation
 from .gradient import Gradient
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "gradient": Gradient,
     "correlation": Correlation,
+    "closed-form": ClosedForm,
 }
 
 __all__ = ["OBJECTIVES", "Correlation", "Gradient", "Objective", "TrainingData", "make_objective"]
