@@ -48,8 +48,7 @@ class ClosedForm(Objective):
     """
 
     name = "closed-form"
-    help = ("each new dendrite is fitted in closed form to the error signal (network frozen) and scaled by a "
-            "line search on the training loss, then trains with the network")
+    help = "fitted in closed form to the error signal, so the loss drops at insertion; then trains with the network"
     dendrite_phase_epochs = 1
     order: int = 2
     ridge: float = 1e-3
