@@ -14,7 +14,7 @@ dendrite per target):
     lora              LoRA-style adapters on every Linear/Conv, to the same added parameters
     gradient          fresh random dendrites with zero scale, trained with the network (the peer's way)
     correlation       cascade-correlation candidates, frozen, scales and network trained (full budget only)
-    closed-form       second-order closed-form dendrites (training/closed_form_growth.py), then trained
+    closed-form       second-order closed-form dendrites (the closed-form objective), then trained
     closed-form 1st   first-order closed-form dendrites (full budget only)
 
 Paired 90 % bootstrap intervals (seeds resampled jointly) compare every arm with every other arm of its
@@ -43,11 +43,8 @@ import dendrite_convert as dc  # noqa: E402
 from dendrite_convert.core.structure import add_dendrites  # noqa: E402
 from dendrite_convert.exporting.latency import count_flops  # noqa: E402
 from dendrite_convert.training.adapter import batch_size, load_adapter  # noqa: E402
-from dendrite_convert.training.closed_form_growth import ClosedFormConfig, add_closed_form_dendrites  # noqa: E402
-from dendrite_convert.training.objectives.correlation import (  # noqa: E402
-    CorrelationConfig, add_correlation_dendrites, freeze_dendrites,
-)
 from dendrite_convert.training.loop import seed_everything  # noqa: E402
+from dendrite_convert.training.objectives import OBJECTIVES, TrainingData  # noqa: E402
 from growth_arms import add_lora, lora_rank, widen  # noqa: E402
 from tasks import models  # noqa: E402
 
@@ -158,15 +155,12 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
         return add_lora(model, lora_rank(model, budget))
     model = dc.convert(model, dc.DendriteConfig(rank=rank)).model
     seed_everything(seed)
-    loader, loss = runner.adapter.train_data(), runner.forward_loss(model)
-    if arm == "gradient":
-        add_dendrites(model)
-    elif arm == "correlation":
-        add_correlation_dendrites(model, dc.dendrite_layers(model), loader, loss, settings["correlation"])
-        freeze_dendrites(model)
-    else:
-        config = ClosedFormConfig(order=1 if arm.endswith("1st") else 2, max_samples=settings["samples"])
-        add_closed_form_dendrites(model, loader, loss, config)
+    # the objective classes dendrite-train runs, grown once from the model's own training batches and loss
+    name, options = ("closed-form", {"order": 1}) if arm == "closed-form 1st" else (arm, {})
+    objective = OBJECTIVES[name](**settings.get(name, {}), **options)
+    data = TrainingData(runner.adapter.train_data(), runner.forward_loss(model))
+    objective.grow(model, data if objective.needs_data(model) else None)
+    objective.freeze_grown(model, 0)
     return model
 
 
@@ -178,8 +172,9 @@ def _flops(model, example) -> int:
 def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -> list[dict]:
     task = TASKS[name]
     runner = Runner(task)
-    settings = {"correlation": CorrelationConfig(epochs=2 if quick else 20, max_samples=256 if quick else 4096),
-                "samples": 256 if quick else 4096}
+    samples = 256 if quick else 4096
+    settings = {"correlation": {"epochs": 2 if quick else 20, "samples": samples}, "closed-form": {"samples": samples},
+                "gradient": {"samples": samples}}
     patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
     example = runner.example()
     rows = []

@@ -145,7 +145,8 @@ class LoRA(nn.Module):
 
 
 def _adapter(base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module] | None:
-    factors = family_of(base).low_rank_dendrite(base, rank, init_std=1.0)
+    family = family_of(base)
+    factors = family.low_rank_dendrite(base, rank, init_std=1.0) if family is not None else None
     if factors is None:  # not cheaper than a full copy of the layer: no adapter there
         return None
     down, up = factors

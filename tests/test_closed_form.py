@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
-from dendrite_convert.training.closed_form import _sym_power, fit_dendrite, input_rows, record_statistics
-from dendrite_convert.training.closed_form_growth import (
+from dendrite_convert.training.objectives.closed_form_fit import _sym_power, fit_dendrite, input_rows, record_statistics
+from dendrite_convert.training.objectives.closed_form_growth import (
     ClosedFormConfig, add_closed_form_dendrites, most_curved_point,
 )
 

@@ -15,6 +15,7 @@ from dendrite_convert.cli.train import app as train_app
 from dendrite_convert.core.structure import add_dendrites
 from dendrite_convert.training.growth import Growth
 from dendrite_convert.training.objectives import OBJECTIVES, Correlation, Gradient, Objective, make_objective
+from dendrite_convert.training.objectives.closed_form import ClosedForm
 from dendrite_convert.training.objectives.correlation import freeze_dendrites
 from dendrite_convert.training.schedule import ScheduleConfig
 
@@ -49,7 +50,7 @@ def _assert_frozen_and_scales_trained(model: nn.Module, inserted: list[dict], li
 
 
 def test_registry_names_each_class_and_options_go_by_field_name():
-    assert OBJECTIVES == {"gradient": Gradient, "correlation": Correlation}
+    assert OBJECTIVES == {"gradient": Gradient, "correlation": Correlation, "closed-form": ClosedForm}
     assert all(cls.name == name and cls.help for name, cls in OBJECTIVES.items())
     made = make_objective("correlation", candidates=3, epochs=5, samples=100, unknown_option=1)
     assert made == Correlation(candidates=3, epochs=5, samples=100) and made.dendrite_phase_epochs == 1

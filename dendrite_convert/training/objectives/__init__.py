@@ -17,11 +17,14 @@ REGISTRY: dict[str, tuple[str, str]] = {  # name: (module:Class, the one phrase 
     "gradient": ("gradient:Gradient", "dendrites train jointly with the network on the task loss"),
     "correlation": ("correlation:Correlation",
                     "candidates fit the error signal with the network frozen; the best is inserted frozen"),
+    "closed-form": ("closed_form:ClosedForm",
+                    "fitted in closed form to the error signal, so the loss drops at insertion; then trains with the network"),
 }
 
-_LAZY = {"Objective": "base", "TrainingData": "base", "Correlation": "correlation", "Gradient": "gradient"}
+_LAZY = {"Objective": "base", "TrainingData": "base", "ClosedForm": "closed_form", "Correlation": "correlation",
+         "Gradient": "gradient"}
 
-__all__ = ["OBJECTIVES", "REGISTRY", "Correlation", "Gradient", "Objective", "TrainingData", "make_objective"]
+__all__ = ["OBJECTIVES", "REGISTRY", "ClosedForm", "Correlation", "Gradient", "Objective", "TrainingData", "make_objective"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Closed-form growth (issue 18): turn a fit of closed_form.py into a dendrite, find its step on the training
+"""Closed-form growth (issue 18): turn a fit of closed_form_fit.py into a dendrite, find its step on the training
 loss, and grow the targets where that pays most per parameter.
 
 A fitted row c becomes the dendrite's pre-activation z_c = z0 + spread * r_c . (x - mean x), r_c of unit
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import batch_size
-from .closed_form import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, record_statistics,
-                          supported)
-from .error_signal import frozen
-from ..core.families import DendriteHFConv1D
-from ..core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
+from ...core.families import DendriteHFConv1D
+from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
+from ..adapter import batch_size
+from ..error_signal import frozen
+from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, record_statistics,
+                              supported)
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
 
@@ -74,7 +74,7 @@ def most_curved_point(activation: str) -> float:
 
 def _dendrite_rank(dendrite: nn.Module) -> int | None:
     core = dendrite[0] if _has_norm(dendrite) else dendrite
-    if isinstance(core, nn.Sequential):  # cheap.low_rank_dendrite: (in -> R, R -> out)
+    if isinstance(core, nn.Sequential):  # DendriteLayer.low_rank_dendrite: (in -> R, R -> out)
         first = core[0]
         return first.out_features if isinstance(first, nn.Linear) else first.out_channels
     return None

@@ -1,7 +1,7 @@
 """Closed-form dendrites, the fits (issue 18): the weights of a new dendrite that best fixes its target's
 error, after TINY (Verbockhaven et al., TMLR 2024) and GradMax (Evci et al., ICLR 2022).
 
-With the network frozen, training batches run forward and backward (correlation.each_error_signal) and,
+With the network frozen, training batches run forward and backward (error_signal.each_error_signal) and,
 per target, streaming sufficient statistics of its input x and error signal e = dloss/dy are summed in
 float64: n, sum x, sum e, x x^T, x e^T (and, for the second order, e_c x x^T). A conv's x is the patch
 its own kernel sees, one row per output position (F.unfold), so a conv target is a Linear over patches.
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import batch_size
-from .error_signal import each_error_signal, frozen
-from ..core.channels import flat
-from ..core.families import DendriteHFConv1D
-from ..core.layers import DendriteLayer
+from ...core.channels import flat
+from ...core.families import DendriteHFConv1D
+from ...core.layers import DendriteLayer
+from ..adapter import batch_size
+from ..error_signal import each_error_signal, frozen
 
 
 @dataclass
