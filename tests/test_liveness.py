@@ -5,7 +5,7 @@ import torch
 
 import dendrite_convert as dc
 from conftest import randomize_dendrites
-from dendrite_convert.conversion.liveness import REASON
+from dendrite_convert.conversion.liveness import REASON, unreached_targets
 from fixtures.probe_models import weight_reader
 
 SPEC = [{"shape": [4, 6], "dtype": "float32"}]
@@ -27,7 +27,7 @@ def test_a_target_read_directly_is_skipped_with_the_reason_and_reload_agrees(tmp
     converted.model.eval()
     expected = converted.model(x)
     converted.save(tmp_path / "converted")
-    reloaded = dc.load_converted(tmp_path / "converted")
+    reloaded = dc.load_converted(tmp_path / "converted", factory="fixtures.probe_models:weight_reader")  # named again: consent
     assert _skipped(reloaded.report)["proj"] == REASON
     assert torch.equal(reloaded.model.eval()(x), expected)
 
@@ -40,9 +40,10 @@ def test_every_dendrite_left_gets_a_gradient():
     assert head.dendrite_layers[0].weight.grad.abs().sum() > 0
 
 
-def test_without_an_example_input_nothing_is_skipped_for_liveness():
-    converted = dc.convert(weight_reader())
-    assert REASON not in _skipped(converted.report).values()
+def test_the_self_checks_derived_input_serves_liveness_and_without_any_input_nothing_is_skipped():
+    converted = dc.convert(weight_reader())  # no example given: the input derived from the first layer is used
+    assert _skipped(converted.report)["proj"] == REASON
+    assert unreached_targets(weight_reader(), []) == {}
 
 
 def test_transformers_mamba_skips_conv1d_and_dt_proj_and_trains_the_rest():

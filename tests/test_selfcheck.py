@@ -97,8 +97,8 @@ def test_forward_key_sees_every_attribute_that_can_steer_forward():
 def test_a_broken_rewrite_fails_with_exit_4_naming_the_first_target_that_differs(fixture_files, tmp_path, monkeypatch):
     real_convert_model = convert_module.convert_model
 
-    def perturbing(model, config):
-        model, report = real_convert_model(model, config)
+    def perturbing(model, config, *args):
+        model, report = real_convert_model(model, config, *args)
         model.get_submodule("grouped").register_forward_hook(lambda m, args, out: out + 1e-6)
         model.get_submodule("head").register_forward_hook(lambda m, args, out: out + 1)
         return model, report

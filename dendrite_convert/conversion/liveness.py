@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..core.layers import dendrite_class_for
 from .report import ConversionReport
+from .selfcheck import example_tensors, isolated, model_device, run_on
 
 REASON = "its forward never runs on the example input: the model reads its weight directly"
 
@@ -45,8 +46,6 @@ def unreached_targets(model: nn.Module, example_inputs: list[dict]) -> dict[str,
     """
     if not example_inputs:
         return {}
-    from ..exporting.export import resolve_inputs, ExportConfig
-
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if dendrite_class_for(module) is not None:
@@ -58,10 +57,11 @@ def unreached_targets(model: nn.Module, example_inputs: list[dict]) -> dict[str,
     reads = _ValueReads(weights)
     modes = {m: m.training for m in model.modules()}
     try:
-        example = resolve_inputs(ExportConfig(latency=False), example_inputs).example
+        device = model_device(model)
+        example = example_tensors(example_inputs, device)
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), reads:
-            model(**example) if isinstance(example, dict) else model(*example)
+        with isolated(model, device), reads:  # buffers and the random stream as they were, as for the self-check
+            run_on(model, example)
     except Exception:  # a model that cannot run its example is reported by the caller's own checks
         return {}
     finally:

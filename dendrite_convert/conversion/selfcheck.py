@@ -27,7 +27,7 @@ _SPATIAL = {1: 64, 2: 32, 3: 16}  # derived conv inputs: small, but large enough
 class Reference:
     """What the original model computed on `inputs`, recorded before the rewrite."""
 
-    inputs: tuple
+    inputs: tuple | dict  # positional inputs, or keyword ones (several named specs)
     description: str
     outputs: list[torch.Tensor]
     exact: bool = True  # bit for bit on CPU; accelerators may pick nondeterministic kernels (see _same)
@@ -65,7 +65,7 @@ def _tensor(spec: dict, generator: torch.Generator, device: torch.device) -> tor
 
 
 @contextlib.contextmanager
-def _isolated(model: nn.Module, device: torch.device):
+def isolated(model: nn.Module, device: torch.device):
     """No gradients, a fixed random stream, and buffers (running statistics) put back afterwards, whether
     forward updated them in place or assigned new tensors."""
     saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
@@ -81,14 +81,28 @@ def _isolated(model: nn.Module, device: torch.device):
                 module._buffers[name] = buffer
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     tensor = next(iter(model.parameters()), None)
     tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+def example_tensors(specs: list[dict], device: torch.device) -> tuple | dict:
+    """Inputs made from specs with a fixed seed: positional, or keyword when several specs are named
+    (input_ids and decoder_input_ids of an encoder-decoder)."""
+    generator = torch.Generator().manual_seed(0)
+    values = tuple(_tensor(s, generator, device) for s in specs)
+    if len(specs) > 1 and all("name" in s for s in specs):
+        return {s["name"]: v for s, v in zip(specs, values)}
+    return values
+
+
+def run_on(model: nn.Module, inputs: tuple | dict):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def _run(model: nn.Module, inputs: tuple | dict) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tree_leaves(run_on(model, inputs)) if isinstance(t, torch.Tensor)]
 
 
 def record(model: nn.Module, specs: list[dict], description: str, explicit: bool) -> Reference | str:
@@ -98,14 +112,13 @@ def record(model: nn.Module, specs: list[dict], description: str, explicit: bool
     """
     if not specs:
         return "self-check skipped: no example input could be derived from the model; pass an input shape (--input-shape)"
-    device = _device(model)
+    device = model_device(model)
     if device.type == "meta":
         return "self-check skipped: the weights are on the meta device"
     shapes = [s.get("shape") for s in specs]
     shapes = shapes[0] if len(shapes) == 1 else shapes
-    generator = torch.Generator().manual_seed(0)
     try:
-        inputs = tuple(_tensor(s, generator, device) for s in specs)
+        inputs = example_tensors(specs, device)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise UsageError(f"example input {specs!r} cannot be made ({exc}); give shapes as lists of positive integers.") from exc
     reference = Reference(inputs, f"{description} of shape {shapes}", [], exact=device.type == "cpu")
@@ -117,7 +130,7 @@ def record(model: nn.Module, specs: list[dict], description: str, explicit: bool
 
     handles = [m.register_forward_hook(keep) for m in sites]
     try:
-        with _isolated(model, device):
+        with isolated(model, device):
             reference.outputs = _run(model, inputs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -187,7 +200,7 @@ def verify(model: nn.Module, reference: Reference) -> str:
 
     handles = [layer.register_forward_hook(compare(name)) for name, layer in dendrite_layers(model).items()]
     try:
-        with _isolated(model, _device(model)):
+        with isolated(model, model_device(model)):
             outputs = _run(model, reference.inputs)
     except Exception as exc:
         raise ConversionError(f"the converted model fails on the {reference.description} that the original runs "
@@ -204,5 +217,5 @@ def verify(model: nn.Module, reference: Reference) -> str:
         raise ConversionError(f"self-check failed: with zero dendrites the converted model's output differs from the "
                               f"original's on the {reference.description}, although every target's own output "
                               "matches; nothing was written.")
-    how = "bit for bit" if reference.exact else f"to 16 units of precision on {_device(model).type}"
+    how = "bit for bit" if reference.exact else f"to 16 units of precision on {model_device(model).type}"
     return f"self-check passed: with zero dendrites the output matches the original {how} on the {reference.description}"
