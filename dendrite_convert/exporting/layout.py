@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.words import plural
 from .fold import FoldResult, replace_layer
 from .folded import FoldedDendrites
 from .latency import faster_layout, onnx_runner
@@ -60,8 +61,8 @@ def choose_layouts(separate: FoldResult, concat: FoldResult, paths: dict[str, li
     total = {layout: sum(len(members) * t[layout] for (_, t), members in zip(times, kinds.values()))
              for layout in ("separate", "concat")}
     note = (f"--gemm-layout auto: onnxruntime separate {total['separate']:.3g} ms, concat {total['concat']:.3g} ms "
-            f"for the {len(sum(kinds.values(), []))} concatenable targets (each of {len(kinds)} kinds timed alone) "
-            f"-> concat for {len(chosen)}, separate for the rest")
+            f"for the {plural(sum(map(len, kinds.values())), 'concatenable target')} ({plural(len(kinds), 'kind')}, each timed "
+            f"alone) -> concat for {len(chosen)}, separate for the rest")
     return FoldResult(model, records), note
 
 
