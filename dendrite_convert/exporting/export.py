@@ -4,8 +4,9 @@ ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch 
 integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
 inputs at another batch size (`--gemm-layout auto` picks each target's layout as layout.py says).
 safetensors: the folded weights plus `folded_config.json`, the recipe `load_folded` needs to rebuild the
-folded module with plain torch. pt2: a torch.export program that loads with torch alone (pt2.py). Outputs are written under a temporary
-name and renamed only after verification, so a failure leaves nothing that looks like a success.
+folded module with plain torch. pt2: a torch.export program that loads with torch alone (pt2.py). Outputs
+are written under a temporary name and renamed only after verification, so a failure leaves nothing that
+looks like a success.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         if config.format == "onnx":
             models["onnxruntime"] = output
         elif config.format == "pt2":
-            models["torch.export program"] = torch.export.load(str(output)).module()
+            with open(output, "rb") as file:
+                models["torch.export program"] = torch.export.load(file).module()
         report.latency = latency_table(models, inputs.fresh, threads=config.latency_threads or None)
         report.latency_threads = config.latency_threads or torch.get_num_threads()
         report.latency_inputs = [list(v.shape) for v in (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)]
