@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|" + "---|" * len(GROUPS) + "---|")
     for name in args.only:
         with tempfile.TemporaryDirectory() as tmp:
-            totals, shares, notes = time_exports(name, args.repeats, Path(tmp))
+            try:
+                totals, shares, notes = time_exports(name, args.repeats, Path(tmp))
+            except Exception as exc:  # a model that does not convert or export is a row, not the end
+                print(f"| `{name}` | {type(exc).__name__}: {' '.join(str(exc).split())[:200]} |", flush=True)
+                continue
         cells = " | ".join(f"{100 * shares[g]:.0f} %" for g in GROUPS)
         print(f"| `{name}` | {statistics.median(totals):.1f} | {cells} | {notes} |", flush=True)
 
