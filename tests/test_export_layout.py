@@ -26,11 +26,11 @@ def _same_blocks() -> nn.Module:
 
 @pytest.fixture
 def onnx_calls(monkeypatch):
-    """Every torch.onnx.export call's dynamic_shapes (None: the static timing graph); the real export runs."""
+    """(exporter, dynamic shapes) of every torch.onnx.export call; the real export runs."""
     calls, real = [], torch.onnx.export
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("dynamic_shapes"))
+        calls.append(("dynamo" if kwargs.get("dynamo") else "torchscript", kwargs.get("dynamic_shapes")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", spy)
@@ -59,7 +59,8 @@ def test_one_export_when_no_target_can_use_the_concat_layout(tmp_path, onnx_call
 def test_each_kind_is_timed_once_and_the_model_exported_once(tmp_path, onnx_calls):
     report = export(_dendritic(_same_blocks(), [2, 8]), tmp_path / "m.onnx", ExportConfig(atol=1e-5, latency=False))
     assert report.verify.ok
-    assert len(onnx_calls) == 2 and onnx_calls[0] is None and onnx_calls[1] is not None  # timing graph, then model
+    (timing, _), (model, axes) = onnx_calls  # the timing graph by the fast exporter, then the model once
+    assert timing == "torchscript" and model == "dynamo" and axes is not None
     (note,) = report.notes
     assert note.startswith("--gemm-layout auto: onnxruntime separate ") and "4 concatenable targets (2 kinds" in note
     concat = [r.name for r in report.folds if r.layout == "concat"]
@@ -92,3 +93,18 @@ def test_a_timing_failure_exports_the_separate_layout(tmp_path, monkeypatch, onn
     assert report.notes == ["--gemm-layout auto: the layouts could not be timed (RuntimeError: no extractor today) "
                             "-> separate"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.slow
+def test_the_timing_graph_falls_back_to_dynamo(tmp_path, monkeypatch):
+    calls, real = [], torch.onnx.export
+
+    def no_torchscript(*args, **kwargs):
+        calls.append(kwargs.get("dynamo"))
+        if not kwargs.get("dynamo"):
+            raise RuntimeError("the TorchScript exporter is gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    report = export(_dendritic(_same_blocks(), [2, 8]), tmp_path / "m.onnx", ExportConfig(atol=1e-5, latency=False))
+    assert report.verify.ok and calls == [False, True, True] and "onnxruntime separate" in report.notes[0]

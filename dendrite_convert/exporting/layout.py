@@ -1,11 +1,11 @@
 """`--gemm-layout auto` for ONNX: keep the concat layout where onnxruntime runs it clearly faster (issue 19).
 
 Exporting the whole model once per layout and timing both in onnxruntime doubled the export time. Instead only
-the targets that can use the concat layout are timed, each alone: one small ONNX export holds one target of
-each distinct kind (structure and input shape) in both layouts, each layout of each kind is cut out of it
-(`onnx.utils.Extractor`) and timed in onnxruntime on the input that target sees, and every target keeps concat
-only where its kind is clearly faster. The model is then exported once. Without a nonlinear dendrite that can
-be concatenated there is nothing to time and nothing extra to export.
+the targets that can use the concat layout are timed, each alone: one ONNX export (static shapes, by the fast
+exporter the caller passes) holds one target of each distinct kind (structure and input shape) in both
+layouts, each layout of each kind is cut out of it (`onnx.utils.Extractor`) and timed in onnxruntime on the
+input that target sees, and every target keeps concat only where its kind is clearly faster. The model is then
+exported once. Without a nonlinear dendrite that can be concatenated nothing is timed or exported twice.
 """
 
 from __future__ import annotations
