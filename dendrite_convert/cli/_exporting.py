@@ -9,15 +9,15 @@ from ..core.words import plural
 from ._common import console, print_json
 
 
-def check_format(onnx: bool, safetensors: bool, output: Path, force: bool) -> str:
+def check_format(onnx: bool, safetensors: bool, pt2: bool, output: Path, force: bool) -> str:
     """The one format chosen, after checking that the output may be written."""
     from ..core.errors import UsageError
     from ..core.files import check_writable
 
-    if onnx == safetensors:
-        raise UsageError("choose exactly one of --onnx and --safetensors.")
+    if onnx + safetensors + pt2 != 1:
+        raise UsageError("choose exactly one of --onnx, --safetensors and --pt2.")
     check_writable(output, force)
-    return "onnx" if onnx else "safetensors"
+    return "onnx" if onnx else "pt2" if pt2 else "safetensors"
 
 
 def export_and_report(directory: Path, output: Path, config, adapter: str | None, quiet: bool, json_out: bool) -> None:

@@ -1,4 +1,4 @@
-"""`dendrite-export`: dendrites folded into plain layers, written as verified ONNX or safetensors."""
+"""`dendrite-export`: dendrites folded into plain layers, written as verified ONNX, safetensors or .pt2."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ class GemmLayout(str, Enum):
 @handle_errors
 def export(
     directory: Annotated[Path, typer.Argument(help="A converted-model directory (dendrite-convert output, or run/best from dendrite-train).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="model.onnx for --onnx, a directory for --safetensors.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="model.onnx for --onnx, model.pt2 for --pt2, a directory for --safetensors.", show_default=False)],
     onnx: Annotated[bool, typer.Option("--onnx", help="Write one ONNX file, verified with onnxruntime.", rich_help_panel=_FMT)] = False,
     safetensors: Annotated[bool, typer.Option("--safetensors", help="Write folded weights + folded_config.json (load with dendrite_convert.load_folded).", rich_help_panel=_FMT)] = False,
+    pt2: Annotated[bool, typer.Option("--pt2", help="Write a torch.export program (load with torch.export.load, no code of ours), verified after loading.", rich_help_panel=_FMT)] = False,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (18-23; default: the exporter's, 20).", rich_help_panel=_FMT)] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance against the unfolded model.", rich_help_panel=_VERIFY)] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance against the unfolded model.", rich_help_panel=_VERIFY)] = 1e-4,
@@ -43,12 +44,12 @@ def export(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fold dendrites into plain layers and write a verified ONNX file or folded safetensors."""
+    """Fold dendrites into plain layers and write a verified ONNX file, folded safetensors or a .pt2 program."""
     from ..exporting.export import ExportConfig
     from ._exporting import check_format, export_and_report
 
     config = ExportConfig(
-        format=check_format(onnx, safetensors, output, force), opset=opset, atol=atol, rtol=rtol,
+        format=check_format(onnx, safetensors, pt2, output, force), opset=opset, atol=atol, rtol=rtol,
         input_shape=parse_shape(input_shape), prune_below=prune_below, gemm_layout=gemm_layout.value, force=force,
         latency=not no_latency, latency_threads=latency_threads, **consent(trust_code, trust_pickle, factory, allow_module),
     )

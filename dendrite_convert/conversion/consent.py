@@ -199,7 +199,7 @@ _SAFE_NAMES = {
     "IsNonOverlappingAndDenseIndicator", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo", "floor", "ceiling", "int_oo",
     "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt", "Integer", "Float", "Rational",
-    "Symbol", "positive", "integer", "real", "nonnegative", "negative", "finite", "zero",
+    "Symbol", "positive", "integer", "real", "nonnegative", "negative", "finite", "zero", "Add", "Mul", "Pow",
 }
 
 

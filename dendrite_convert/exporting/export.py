@@ -1,10 +1,12 @@
-"""`export`: fold a dendritic model into plain layers and write verified ONNX or safetensors (docs/design.md §5).
+"""`export`: fold a dendritic model into plain layers and write verified ONNX, safetensors or .pt2 (docs/design.md §5).
 
 ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
 integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
-inputs at another batch size. safetensors: the folded weights plus `folded_config.json`, the recipe
-`load_folded` needs to rebuild the folded module with plain torch. Outputs are written under a temporary
-name and renamed only after verification, so a failure leaves nothing that looks like a success.
+inputs at another batch size (`--gemm-layout auto` picks each target's layout as layout.py says).
+safetensors: the folded weights plus `folded_config.json`, the recipe `load_folded` needs to rebuild the
+folded module with plain torch. pt2: a torch.export program that loads with torch alone (pt2.py). Outputs
+are written under a temporary name and renamed only after verification, so a failure leaves nothing that
+looks like a success.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
 from ..core.files import atomic_file, check_writable
 from ..core.outputs import check_output_location
-from .fold import LAYOUTS, FoldRecord, fold, strip_dendrites
+from .fold import LAYOUTS, FoldRecord, FoldResult, fold, strip_dendrites
 from .folded import FoldedDendrites
+from ..core.layers import dendrite_layer_paths
 from ..core.words import plural
 from .diagnose import disable_caches, explain
 from .foldeddir import save_folded
@@ -40,7 +43,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class ExportConfig:
     """How to fold, write and verify (docs/design.md §5)."""
 
-    format: str = "onnx"  # onnx | safetensors
+    format: str = "onnx"  # onnx | safetensors | pt2 (a torch.export program)
     opset: int | None = None  # ONNX opset; None: the exporter's default (20 on torch 2.13)
     atol: float = 1e-4
     rtol: float = 1e-4
@@ -56,8 +59,8 @@ class ExportConfig:
     trust_pickle: bool | None = None  # deprecated name of trust_code
 
     def __post_init__(self):
-        if self.format not in ("onnx", "safetensors"):
-            raise UsageError(f"format must be onnx or safetensors, not {self.format!r}.")
+        if self.format not in ("onnx", "safetensors", "pt2"):
+            raise UsageError(f"format must be onnx, safetensors or pt2, not {self.format!r}.")
         if self.gemm_layout not in LAYOUTS:
             raise UsageError(f"--gemm-layout must be one of {', '.join(LAYOUTS)}, not {self.gemm_layout!r}.")
         if self.atol < 0 or self.rtol < 0 or self.prune_below < 0:
@@ -201,27 +204,27 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
                          "the architecture from; save the model with dendrite-convert first.")
     unfolded = (converted.model if converted else model).eval()
     inputs = resolve_inputs(config, converted.example_inputs if converted else [], inputs)
-    if inputs is None and config.format == "onnx":
+    if inputs is None and config.format in ("onnx", "pt2"):
         raise UsageError("no example input: pass --input-shape (e.g. 2,3,32,32), --adapter, or convert with --input-shape.")
     example = inputs.example if inputs else None
     if inputs is not None:
         _check_runs(unfolded, inputs)
     if folded is None and config.format == "onnx" and config.gemm_layout == "auto":
-        # decide on the runtime that will run it: both layouts are exported and timed in onnxruntime
-        results = {layout: fold(unfolded, config.prune_below, layout) for layout in ("separate", "concat")}
-        if not any(isinstance(m, FoldedDendrites) for m in results["separate"].model.modules()):
-            results.pop("concat")
+        result, layout_note = _auto_layout(unfolded, inputs, config)
     else:
-        results = {config.gemm_layout: fold(unfolded, config.prune_below, config.gemm_layout,
-                                            example if isinstance(example, tuple) else None)}
+        layout = "separate" if folded is not None else config.gemm_layout
+        result, layout_note = fold(unfolded, config.prune_below, layout, example if isinstance(example, tuple) else None), None
     if folded is not None:
-        results = {"given": replace(next(iter(results.values())), model=folded.eval())}
-    result = next(iter(results.values()))
+        result = replace(result, model=folded.eval())
     report = ExportReport(str(output), config.format, result.records, float("nan"))
+    report.notes += [layout_note] if layout_note else []
     if config.format == "onnx":
-        chosen = _write_onnx({name: r.model for name, r in results.items()}, unfolded, output, inputs, config, report)
-        result = results[chosen]
-        report.folds = result.records
+        _write_onnx(result.model, unfolded, output, inputs, config, report)
+    elif config.format == "pt2":
+        from .pt2 import write_pt2
+
+        write_pt2(result.model, unfolded, output, example, inputs.fresh, [spec_axes(s) for s in inputs.specs],
+                  _output_names(result.model, example), config, report, _raise_if_failed)
     folded = result.model
     if inputs is not None:
         expected = reference_outputs(unfolded, inputs.fresh)
@@ -239,46 +242,66 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
         models = {"base (no dendrites)": strip_dendrites(unfolded), "unfolded dendritic": unfolded, "folded torch": folded}
         if config.format == "onnx":
             models["onnxruntime"] = output
+        elif config.format == "pt2":
+            with open(output, "rb") as file:
+                models["torch.export program"] = torch.export.load(file).module()
         report.latency = latency_table(models, inputs.fresh, threads=config.latency_threads or None)
         report.latency_threads = config.latency_threads or torch.get_num_threads()
         report.latency_inputs = [list(v.shape) for v in (inputs.fresh.values() if isinstance(inputs.fresh, dict) else inputs.fresh)]
     return report
 
 
-def _write_onnx(candidates: dict[str, nn.Module], unfolded, output: Path, inputs: _Inputs, config: ExportConfig,
-                report: ExportReport) -> str:
-    """Export each candidate fold, keep the fastest in onnxruntime, check and verify it; returns its name."""
+def _auto_layout(unfolded: nn.Module, inputs: _Inputs, config: ExportConfig) -> tuple[FoldResult, str | None]:
+    """The separate fold, with the targets onnxruntime runs faster in the concat layout swapped in (layout.py).
+
+    Nothing is timed (and nothing exported twice) when no target keeps a nonlinear dendrite it can concatenate."""
+    from .layout import choose_layouts
+
+    separate = fold(unfolded, config.prune_below, "separate")
+    if not any(isinstance(m, FoldedDendrites) for m in separate.model.modules()):
+        return separate, None
+    concat = fold(unfolded, config.prune_below, "concat")
+    if not any(r.layout == "concat" for r in concat.records):
+        return separate, "--gemm-layout auto: no target with nonlinear dendrites can use the concat layout -> separate"
+
+    def timing_export(module, args, path, input_names, output_names):
+        """The TorchScript exporter writes the same ops (Conv, Gemm, Split, ...) about 10x faster than dynamo,
+        which matters here, since the timing graph holds every kind twice; dynamo when it cannot."""
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, args, str(path), dynamo=False, opset_version=min(config.opset or 18, 20),
+                                  input_names=input_names, output_names=output_names)
+        except Exception:  # noqa: BLE001 - an op the TorchScript exporter lacks, or a torch without it
+            log.debug("TorchScript export of the timing graph failed; using dynamo", exc_info=True)
+            _onnx_export(module, args, None, path, config, None, output_names, input_names)
+
+    try:
+        return choose_layouts(separate, concat, dendrite_layer_paths(unfolded), inputs.fresh, timing_export)
+    except Exception as exc:  # noqa: BLE001 - timing is an optimisation: the model still exports in the default layout
+        log.debug("layout timing failed", exc_info=True)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return separate, f"--gemm-layout auto: the layouts could not be timed ({type(exc).__name__}: {reason}) -> separate"
+
+
+def _write_onnx(folded: nn.Module, unfolded, output: Path, inputs: _Inputs, config: ExportConfig,
+                report: ExportReport) -> None:
+    """Export `folded`, check it with onnx.checker and verify it in onnxruntime; nothing is left on failure."""
     import onnx
 
-    from .latency import faster_layout, onnx_runner
-
     with atomic_file(output) as tmp:
-        paths = {name: tmp if len(candidates) == 1 else tmp.with_name(f"{tmp.name}.{name}") for name in candidates}
+        _torch_export(folded, tmp, inputs, config, report)
         try:
-            for name, folded in candidates.items():
-                _torch_export(folded, paths[name], inputs, config, report)
-            chosen = next(iter(candidates))
-            if len(candidates) > 1:
-                chosen, times = faster_layout({n: onnx_runner(p, inputs.fresh) for n, p in paths.items()}, budget_s=0.5)
-                report.notes.append("--gemm-layout auto: onnxruntime " + ", ".join(f"{n} {t:.3g} ms" for n, t in times.items())
-                                    + f" -> {chosen}")
-                paths[chosen].replace(tmp)
-            try:
-                onnx.checker.check_model(str(tmp), full_check=True)
-            except Exception as exc:
-                raise VerificationError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc}).") from exc
-            try:
-                report.verify = verify_onnx(unfolded, tmp, inputs.fresh, config.atol, config.rtol, raise_on_failure=False)
-            except DendriteError:
-                raise
-            except Exception as exc:
-                raise VerificationError(f"onnxruntime cannot run the exported graph ({type(exc).__name__}: {exc}).") from exc
-            _raise_if_failed(report.verify, output)
-        finally:
-            for path in paths.values():
-                if path != tmp:
-                    path.unlink(missing_ok=True)
-    return chosen
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise VerificationError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc}).") from exc
+        try:
+            report.verify = verify_onnx(unfolded, tmp, inputs.fresh, config.atol, config.rtol, raise_on_failure=False)
+        except DendriteError:
+            raise
+        except Exception as exc:
+            raise VerificationError(f"onnxruntime cannot run the exported graph ({type(exc).__name__}: {exc}).") from exc
+        _raise_if_failed(report.verify, output)
 
 
 def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: ExportConfig, report: ExportReport) -> None:
@@ -290,13 +313,19 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
     args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
     if disable_caches(folded):  # a KV cache is not an inference output of the exported graph
         report.notes.append("use_cache=False for export: the graph returns no key/value cache")
+    _onnx_export(folded, args, kwargs, path, config, _dynamic_shapes(inputs), _output_names(folded, example))
+
+
+def _onnx_export(model: nn.Module, args: tuple, kwargs: dict | None, path: Path, config: ExportConfig, dynamic_shapes,
+                 output_names: list[str], input_names: list[str] | None = None) -> None:
+    """torch.onnx.export (dynamo) into one file, silenced; a failure is a ConversionError naming its cause."""
     try:
         with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
               contextlib.redirect_stderr(io.StringIO()), _quiet_exporter()):  # stderr: torch's partial graph dumps
             warnings.simplefilter("ignore")
-            torch.onnx.export(folded, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
-                              verbose=False, opset_version=config.opset, dynamic_shapes=_dynamic_shapes(inputs),
-                              output_names=_output_names(folded, example), optimize=True)
+            torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False, verbose=False,
+                              opset_version=config.opset, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                              output_names=output_names, optimize=True)
     except OSError:
         raise  # writing the file failed (disk full, permissions): a write error, not a failed conversion
     except Exception as exc:
