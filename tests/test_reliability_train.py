@@ -199,26 +199,29 @@ def test_two_concurrent_trains_into_one_output_one_is_refused_naming_the_holder(
     assert json.loads((run / "summary.json").read_text())["finished"]
 
 
-def test_a_converted_directory_has_one_writer_too(tmp_path):
-    """A directory replaced as a whole is locked beside itself (`.<name>.dendrite.lock`): while another process
-    writes it, a save is refused naming that process, and nothing is left behind by either."""
+@pytest.mark.parametrize("output", ["conv", "m.onnx"])
+def test_converted_directories_and_exports_have_one_writer_too(tmp_path, output):
+    """An output replaced as a whole is locked beside itself (`.<name>.dendrite.lock`): while another process
+    writes it, a save or an export is refused naming that process, and nothing is left behind by either."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dendrite_convert.core.files import "
                                "output_lock\nwith output_lock(sys.argv[1], beside=True):\n print('held', flush=True)\n"
-                               " time.sleep(60)", str(tmp_path / "conv")], env=ENV, stdout=subprocess.PIPE, text=True)
+                               " time.sleep(60)", str(tmp_path / output)], env=ENV, stdout=subprocess.PIPE, text=True)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    torch.save(model, tmp_path / "m.pt")
+    converted = dc.convert(tmp_path / "m.pt", dc.DendriteConfig(dendrites=1))
+    write = ((lambda: converted.save(tmp_path / output)) if output == "conv" else
+             (lambda: dc.export(converted, tmp_path / output, dc.ExportConfig(input_shape=[2, 3], latency=False))))
     try:
         assert holder.stdout.readline().strip() == "held"
-        model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-        torch.save(model, tmp_path / "m.pt")
-        converted = dc.convert(tmp_path / "m.pt")
         from dendrite_convert.core.errors import UsageError
-        with pytest.raises(UsageError, match=f"conv is in use by another run \\(pid {holder.pid} on host"):
-            converted.save(tmp_path / "conv")
-        assert not (tmp_path / "conv").exists()
+        with pytest.raises(UsageError, match=f"{output} is in use by another run \\(pid {holder.pid} on host"):
+            write()
+        assert not (tmp_path / output).exists()
     finally:
         holder.kill()
         holder.wait()
-    converted.save(tmp_path / "conv")  # its holder died: the lock is taken over, then removed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "m.pt"]
+    write()  # its holder died: the lock is taken over, then removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([output, "m.pt"])
 
 
 def test_a_lock_is_taken_over_only_from_a_dead_process_on_this_host(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConversionError, DendriteError, LoadError, UsageError, VerificationError
-from ..core.files import atomic_file, check_writable
+from ..core.files import atomic_file, check_writable, output_lock
 from ..core.outputs import check_output_location
 from .fold import LAYOUTS, FoldRecord, FoldResult, fold, strip_dendrites
 from .folded import FoldedDendrites
@@ -195,6 +195,11 @@ def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, c
     output = Path(output)
     check_output_location(output)
     check_writable(output, config.force)
+    with output_lock(output, beside=True):  # one writer per output, for the whole fold-export-verify
+        return _export(model, output, config, inputs, folded)
+
+
+def _export(model, output: Path, config: ExportConfig, inputs, folded: nn.Module | None) -> ExportReport:
     converted = model if isinstance(model, ConvertedModel) else None
     if converted is None and not isinstance(model, nn.Module):
         converted = load_converted(Path(model), trust_code=config.trust_code, factory=config.factory,
