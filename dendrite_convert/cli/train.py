@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietO
                       console, consent, handle_errors, print_json)
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
+_HARDWARE = "Hardware (on --resume: given ones replace the recorded ones)"
 
 
 @handle_errors
@@ -21,6 +23,7 @@ def train(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory to write (best/, checkpoint/, scores.csv, summary.json, ...).", show_default=False)] = None,
     objective: Annotated[str, typer.Option(help="How dendrites learn: gradient (jointly on the task loss) or correlation (candidates fit the error signal, then frozen).", rich_help_panel=_OBJECTIVE)] = "gradient",
     candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
+    correlation_memory_mb: Annotated[int, typer.Option(min=1, help="Correlation: MB that recorded error signals and candidate work may hold at once; targets that do not fit together are recorded in turn.", rich_help_panel=_OBJECTIVE)] = 512,
     patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
     max_dendrites: Annotated[int, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping).", rich_help_panel=_SCHEDULE)] = 100,
@@ -31,6 +34,9 @@ def train(
     seeds: Annotated[int, typer.Option(min=1, help="Train this many seeds (from --seed) and report mean ± std: RUN/dendrites/seed_N/.", rich_help_panel=_COMPARE)] = 1,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train every seed without dendrites (RUN/baseline/) and test whether the difference is beyond noise (Welch's t-test).", rich_help_panel=_COMPARE)] = False,
     jobs: Annotated[int, typer.Option(min=1, help="With --seeds/--baseline: runs in this many parallel processes.", rich_help_panel=_COMPARE)] = 1,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=_HARDWARE, show_default="auto")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, or mixed precision: bf16 (autocast) or fp16 (autocast with a gradient scaler).", rich_help_panel=_HARDWARE, show_default="fp32")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step (again after each dendrite added); falls back to eager with the reason if it fails.", rich_help_panel=_HARDWARE, show_default=False)] = None,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
     factory: FactoryAgainOpt = None,
     trust_code: TrustOpt = False,
@@ -75,9 +81,11 @@ def train(
         check_output_location(output)
         run_dir = output
     allowed = consent(trust_code, trust_pickle, factory, allow_module)
+    hardware = {k: v for k, v in {"device": device, "precision": precision, "compile": compile}.items() if v is not None}
     config = TrainConfig(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
         max_dendrites=max_dendrites, max_epochs=max_epochs, capacity_test=capacity_test, seed=seed,
+        correlation_memory_mb=correlation_memory_mb, **hardware,
     )
     if seeds > 1 or baseline:
         if resume is not None:
@@ -86,7 +94,7 @@ def train(
         return
     with _Progress(max_epochs, quiet) as progress:
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            on_epoch=progress.epoch, **allowed)
+                            on_epoch=progress.epoch, hardware=hardware if resume is not None else None, **allowed)
     _report(summary, run_dir, quiet)
     if json_out:
         print_json(summary)
@@ -125,15 +133,26 @@ def _report(summary: dict, run_dir: Path, quiet: bool) -> None:
     )
 
 
-class _Progress:
-    """A rich progress bar when stderr is a terminal, else one line per epoch; nothing with --quiet."""
+class _Progress(logging.Handler):
+    """A rich progress bar when stderr is a terminal, else one line per epoch, after the line saying where the
+    run trains (the loop's info log); nothing with --quiet."""
 
     def __init__(self, total: int, quiet: bool):
+        super().__init__(logging.INFO)
         self.quiet = quiet
         self.bar = None
         self.total = total
+        self.log = logging.getLogger("dendrite_convert.training.loop")
+        self.level_before = self.log.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.INFO:
+            console.print(record.getMessage(), highlight=False, soft_wrap=True)
 
     def __enter__(self):
+        if not self.quiet:
+            self.log.addHandler(self)
+            self.log.setLevel(logging.INFO)
         if not self.quiet and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -144,6 +163,8 @@ class _Progress:
         return self
 
     def __exit__(self, *exc):
+        self.log.removeHandler(self)
+        self.log.setLevel(self.level_before)
         if self.bar is not None:
             self.bar.stop()
 

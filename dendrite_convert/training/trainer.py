@@ -38,6 +38,7 @@ def train(
     trust_code: bool = False,
     factory: str | None = None,
     allow_modules=(),
+    hardware: dict | None = None,
 ) -> dict:
     """Train a converted model with dendrites; returns the summary (also `output/summary.json`).
 
@@ -46,6 +47,8 @@ def train(
     last completed epoch. `on_epoch(row)` is called after every epoch with its `scores.csv` row.
     `trust_code`, `factory` and `allow_modules` are the consent for code the directories name, as for
     `load_converted`; resuming runs the recorded adapter only with `trust_code` (else pass `adapter`).
+    `hardware` ({"device": "cpu"}, precision, compile) replaces the recorded ones on resume, e.g. to continue
+    on another machine.
 
     Example:
         summary = train("converted/", "adapter.py", "run/", TrainConfig(max_epochs=30))
@@ -54,7 +57,8 @@ def train(
     joined = distributed.init()  # under torchrun: this rank's device; None otherwise
     try:
         if resume:
-            run = Run.from_checkpoint(output, adapter, on_epoch, Consent.of(trust_code, factory, allow_modules))
+            run = Run.from_checkpoint(output, adapter, on_epoch, Consent.of(trust_code, factory, allow_modules),
+                                      hardware)
         else:
             if converted is None or adapter is None:
                 raise UsageError("train needs a converted model and an adapter (or resume=True).")
