@@ -30,7 +30,10 @@ def is_compile_error(exc: BaseException) -> bool:
 
 
 def reason(exc: BaseException) -> str:
-    """The first line of a compile failure, which names what failed (the rest is a long traceback)."""
+    """What failed, in one line: the innermost cause's first line (dynamo wraps a backend's own error, and the
+    rest is a long traceback)."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+        exc = inner
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
