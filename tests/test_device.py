@@ -386,3 +386,25 @@ def test_a_model_on_cuda_exports_folded_and_verified_on_the_cpu(tmp_path):
 def test_the_hardware_options_are_in_help():
     out = runner.invoke(app, ["--help"], terminal_width=200).output
     assert all(option in out for option in ("--device", "--precision", "--compile", "--correlation-memory-mb"))
+
+
+# ---- small runs: training.png from a helper process -----------------------------------------------------------
+
+def test_training_png_comes_from_the_helper_and_in_process_when_it_is_gone(converted, adapter, tmp_path):
+    from dendrite_convert.training import plotter
+
+    plotter.stop()
+    train(converted, adapter, tmp_path / "a", TrainConfig(max_epochs=2, max_dendrites=0))
+    helper = plotter._helper
+    assert helper is not None and helper.poll() is None  # started with the run, still there for the next one
+    assert (tmp_path / "a" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    helper.kill()
+    helper.wait()
+    train(converted, adapter, tmp_path / "b", TrainConfig(max_epochs=2, max_dendrites=0))  # restarted
+    assert plotter._helper is not helper and (tmp_path / "b" / "training.png").stat().st_size > 1000
+    plotter._helper.kill()  # dies before it is asked: the plot is drawn here instead
+    plotter._helper.wait()
+    plotter.draw(tmp_path / "c.png", [{"epoch": 1, "phase": "neuron", "train_loss": 1.0, "val": 0.5, "test": None,
+                                       "lr": 0.1, "seconds": 0.1}], [], 1, "score")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".c.png*"))
+    plotter.stop()

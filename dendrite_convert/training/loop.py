@@ -25,7 +25,7 @@ from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError
 from ..core.layers import count_parameters
 from ..core.structure import snapshot
-from . import checkpoint, compiling, distributed, outputs
+from . import checkpoint, compiling, distributed, outputs, plotter
 from .adapter import Adapter, batch_size, load_adapter
 from .config import TrainConfig
 from .device import describe, peak_memory_mb, reset_peak_memory, resolve_device, to_device
@@ -63,6 +63,8 @@ class Run:
         self.compile_fallback: str | None = None  # why torch.compile was given up, once it was
         log.info(f"training on {describe(self.device)}, {config.precision}"
                  f"{', compiled' if config.compile else ''}")
+        if config.plot and distributed.is_main():
+            plotter.start()  # imports matplotlib in another process while this one trains
         self.growth = Growth(config.schedule_config(adapter.maximize), config.make_objective(), self._training_data)
         self.checkpointer = checkpoint.Checkpointer(output, converted)
         self.rows: list[dict] = []

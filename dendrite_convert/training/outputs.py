@@ -108,10 +108,10 @@ def _best_row(run: Run) -> dict | None:
 def plot(run: Run) -> None:
     """training.png, when matplotlib (the optional `plots` extra) is installed."""
     try:
-        from .plots import save_training_png
+        from . import plotter
 
-        save_training_png(run.output / "training.png", run.rows, run.schedule.switches,
-                          run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+        plotter.draw(run.output / "training.png", run.rows, run.schedule.switches, run.schedule.best_epoch or None,
+                     "-loss" if run.adapter.score is None else "score")
     except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
         log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
 
