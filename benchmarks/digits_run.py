@@ -1,6 +1,6 @@
 """A whole `dendrite-train` run on the digits MLP against the loop a user would write by hand, side by side.
 
-    python benchmarks/digits_run.py [--repeats 5]
+    python benchmarks/digits_run.py [--repeats 5] [--compile]
 
 The small task of issue 15: sklearn's digits, the width-8 MLP of examples/digits, 0 dendrites, default
 patience (10). The hand-written loop does the same per-epoch work (a training pass, validation and test
@@ -9,7 +9,8 @@ is the whole `train()` call: loading the converted directory, every epoch, its c
 summary.json and training.png, with the imports only it needs (matplotlib). Each run is a fresh process that
 has imported what both need (torch, dendrite_convert, the adapter's data) before its clock starts; the
 two kinds of run alternate and the fastest of --repeats each is reported (other processes only add time).
-Goal: the whole run within 1.5x of the hand-written loop.
+Goal: the whole run within 1.5x of the hand-written loop. --compile adds dendrite-train --compile (its whole run
+includes the compilation; "median epoch" is the steady state).
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def hand_written(converted: Path, adapter, patience: int = 10, max_epochs: int =
     return epochs
 
 
-def dendrite_train(converted: Path, adapter, out: Path, plot: bool = True) -> int:
+def dendrite_train(converted: Path, adapter, out: Path, plot: bool = True, compile: bool = False) -> int:
     from dendrite_convert import TrainConfig, train
 
-    return train(converted, adapter, out, TrainConfig(max_dendrites=0, plot=plot), force=True)["epochs"]
+    summary = train(converted, adapter, out, TrainConfig(max_dendrites=0, plot=plot, compile=compile), force=True)
+    if compile and not summary["compiled"]:
+        raise SystemExit(f"torch.compile fell back: {summary['compile_fallback']}")
+    return summary["epochs"]
 
 
 def one(kind: str, converted: Path, out: Path) -> None:
@@ -76,9 +80,18 @@ def one(kind: str, converted: Path, out: Path) -> None:
 
     adapter = load_adapter(ADAPTER)  # sklearn and the data: both loops need them
     start = time.perf_counter()
-    epochs = hand_written(converted, adapter) if kind == "hand" else dendrite_train(converted, adapter, out,
-                                                                                      plot=kind == "tool")
-    print(json.dumps({"seconds": time.perf_counter() - start, "epochs": epochs, "threads": torch.get_num_threads()}))
+    if kind == "hand":
+        epochs = hand_written(converted, adapter)
+    else:
+        epochs = dendrite_train(converted, adapter, out, plot=kind != "tool-noplot", compile=kind == "tool-compile")
+    seconds = time.perf_counter() - start
+    median = None
+    if kind != "hand":
+        import csv
+
+        with open(out / "scores.csv") as f:
+            median = sorted(float(r["seconds"]) for r in csv.DictReader(f))[epochs // 2]
+    print(json.dumps({"seconds": seconds, "epochs": epochs, "threads": torch.get_num_threads(), "median": median}))
 
 
 def _measure(kind: str, converted: Path, out: Path) -> dict:
@@ -90,6 +103,7 @@ def _measure(kind: str, converted: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time dendrite-train --compile")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -108,10 +122,13 @@ def main() -> None:
         torch.save(build(8), tmp / "digits.pt")
         convert(tmp / "digits.pt").save(tmp / "converted")
         runs: dict[str, list[dict]] = {"hand": [], "tool": [], "tool-noplot": []}
+        if args.compile:
+            runs["tool-compile"] = []
         for _ in range(args.repeats):
             for kind in runs:
                 runs[kind].append(_measure(kind, tmp / "converted", tmp / "run"))
-        hand, tool, noplot = (min(runs[k], key=lambda r: r["seconds"]) for k in runs)
+        best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    hand, tool, noplot = best["hand"], best["tool"], best["tool-noplot"]
     print(f"torch {torch.__version__}, {hand['threads']} thread(s), fastest of {args.repeats} alternating runs, "
           "each in a fresh process")
     print(f"  {'loop':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8}")
@@ -121,6 +138,10 @@ def main() -> None:
           f"{tool['seconds'] / tool['epochs']:8.4f}")
     print(f"  {'dendrite-train, plot=False':<36} {noplot['epochs']:6d} {noplot['seconds']:8.3f} "
           f"{noplot['seconds'] / noplot['epochs']:8.4f}")
+    if "tool-compile" in best:
+        c = best["tool-compile"]
+        print(f"  {'dendrite-train --compile':<36} {c['epochs']:6d} {c['seconds']:8.3f} {c['seconds'] / c['epochs']:8.4f}"
+              f"   median epoch {c['median']:.4f} s vs {tool['median']:.4f} s eager")
     ratio = tool["seconds"] / hand["seconds"]
     per_epoch = (tool["seconds"] / tool["epochs"]) / (hand["seconds"] / hand["epochs"])
     print(f"  whole run: {ratio:.2f}x the hand-written loop (goal <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'}); "
