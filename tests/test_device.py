@@ -408,3 +408,14 @@ def test_training_png_comes_from_the_helper_and_in_process_when_it_is_gone(conve
                                        "lr": 0.1, "seconds": 0.1}], [], 1, "score")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".c.png*"))
     plotter.stop()
+
+
+def test_seeds_and_baseline_train_on_the_chosen_device_and_precision(converted, adapter, tmp_path):
+    from dendrite_convert.conversion.consent import Consent
+    from dendrite_convert.training.compare import compare
+
+    config = TrainConfig(max_epochs=2, max_dendrites=1, switch_every=1, plot=False, device="cpu", precision="bf16")
+    compare(converted, adapter, tmp_path / "cmp", config, seeds=2, baseline=True, consent=Consent())
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "cmp").glob("*/seed_*/summary.json"))]
+    assert len(summaries) == 4
+    assert {(s["device"], s["precision"]) for s in summaries} == {("cpu", "bf16")}
