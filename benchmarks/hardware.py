@@ -287,6 +287,10 @@ def run_model(label: str, samples: int, dirs: dict, adapter: Path, args, tmp: Pa
     return lines
 
 
+def _count(params: int) -> str:
+    return f"{params / 1e6:.1f}M parameters" if params >= 100_000 else f"{params:,} parameters"
+
+
 def _mb(value) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -331,14 +335,14 @@ def main() -> None:
             dirs = _prepare(tmp, "resnet", "resnet18", resnet_kwargs,
                             {"kind": "images", "n": args.images, "val": max(args.images // 10, 1), "pin": pin,
                              "vocab": 0, "length": 0, "batch": min(args.batch, args.images)}, dendrites)
-            run_model(f"ResNet-18 ({params / 1e6:.1f}M), {args.images} images, images/s", args.images, dirs, tmp / "resnet_adapter.py", args, tmp, args.correlation_samples)
+            run_model(f"ResNet-18 ({_count(params)}), {args.images} images, images/s", args.images, dirs, tmp / "resnet_adapter.py", args, tmp, args.correlation_samples)
         if "transformer" not in args.skip:
             params = sum(p.numel() for p in transformer(**gpt_kwargs).parameters())
             dirs = _prepare(tmp, "gpt", "transformer", gpt_kwargs,
                             {"kind": "tokens", "n": args.sequences, "val": max(args.sequences // 10, 1), "pin": pin,
                              "vocab": gpt_kwargs["vocab"], "length": gpt_kwargs["length"],
                              "batch": min(max(args.batch // 4, 1), args.sequences)}, dendrites)
-            run_model(f"transformer ({params / 1e6:.1f}M), {args.sequences}x{gpt_kwargs['length']} tokens, "
+            run_model(f"transformer ({_count(params)}), {args.sequences}x{gpt_kwargs['length']} tokens, "
                                "tokens/s", args.sequences * gpt_kwargs["length"], dirs,
                                tmp / "gpt_adapter.py", args, tmp, None)
 

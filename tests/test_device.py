@@ -419,3 +419,17 @@ def test_seeds_and_baseline_train_on_the_chosen_device_and_precision(converted, 
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "cmp").glob("*/seed_*/summary.json"))]
     assert len(summaries) == 4
     assert {(s["device"], s["precision"]) for s in summaries} == {("cpu", "bf16")}
+
+
+@pytest.mark.slow
+def test_the_hardware_benchmark_runs_in_quick_mode():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "hardware.py"), "--quick", "--dendrites", "0,1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=1200, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ResNet-18") or line.startswith("| transf")]
+    assert len(rows) == 4 and all(float(r.split("|")[5].split()[0]) > 0 for r in rows)
+    assert "correlation phase on the ResNet-18" in done.stdout
