@@ -431,5 +431,6 @@ def test_the_hardware_benchmark_runs_in_quick_mode():
                            "--threads", "1"], capture_output=True, text=True, timeout=1200, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ResNet-18") or line.startswith("| transf")]
-    assert len(rows) == 4 and all(float(r.split("|")[5].split()[0]) > 0 for r in rows)
+    cells = [r.split("|") for r in rows]
+    assert len(rows) == 4 and all(float(c[5].split()[0]) > 0 and float(c[6]) > 0 for c in cells)  # wall, CPU ratios
     assert "correlation phase on the ResNet-18" in done.stdout
