@@ -49,7 +49,8 @@ def test_outputs_agree_with_each_other(digits_converted, tmp_path):
     out = tmp_path / "run"
     summary = train(digits_converted, ADAPTER, out, TrainConfig(switch_every=2, max_dendrites=2, max_epochs=7))
     rows = read_csv(out / "scores.csv")
-    assert list(rows[0]) == ["epoch", "phase", "dendrites", "params", "train_loss", "val", "test", "lr", "seconds"]
+    assert list(rows[0]) == ["epoch", "phase", "dendrites", "params", "train_loss", "val", "test", "lr", "seconds",
+                            "peak_mem_mb"]
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == len(rows) and [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     best = rows[summary["best_epoch"] - 1]
@@ -182,10 +183,10 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_numbers(digits_converted,
                          capture_output=True, text=True)
     resumed = json.loads(out.stdout)
     expected = json.loads((full / "summary.json").read_text())
-    for key in ("wall_seconds",):
+    for key in ("wall_seconds", "peak_mem_mb"):  # measured, not computed
         resumed.pop(key), expected.pop(key)
     assert resumed == expected
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "peak_mem_mb")} for r in rows]  # noqa: E731
     assert strip(read_csv(killed / "scores.csv")) == strip(read_csv(full / "scores.csv"))
     a, b = load(killed / "best").state_dict(), load(full / "best").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,6 +13,7 @@ from ._common import (AllowModuleOpt, FactoryAgainOpt, ForceOpt, JsonOpt, QuietO
 
 _SCHEDULE, _OBJECTIVE, _RUN, _COMPARE = "Schedule", "Dendrite objective", "Run", "Seeds and baseline"
 _OBJECTIVES_HELP = "How dendrites learn: " + "; ".join(f"{name} ({help})" for name, (_, help) in REGISTRY.items()) + "."
+_HARDWARE = "Hardware (on --resume: given ones replace the recorded ones)"
 
 
 @handle_errors
@@ -22,6 +23,7 @@ def train(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory to write (best/, checkpoint/, scores.csv, summary.json, ...).", show_default=False)] = None,
     objective: Annotated[str, typer.Option(help=_OBJECTIVES_HELP, rich_help_panel=_OBJECTIVE)] = "gradient",
     candidates: Annotated[int, typer.Option(min=1, help="Correlation: candidate dendrites trained per target; the best is kept.", rich_help_panel=_OBJECTIVE)] = 4,
+    correlation_memory_mb: Annotated[int, typer.Option(min=1, help="Correlation: MB that recorded error signals and candidate work may hold at once; targets that do not fit together are recorded in turn.", rich_help_panel=_OBJECTIVE)] = 512,
     patience: Annotated[int, typer.Option(min=1, help="Add dendrites after this many epochs without validation improvement.", rich_help_panel=_SCHEDULE)] = 10,
     switch_every: Annotated[int | None, typer.Option(min=1, help="Add dendrites every N epochs instead of by patience.", rich_help_panel=_SCHEDULE)] = None,
     max_dendrites: Annotated[int | None, typer.Option(min=0, help="Most dendrites per target (0: plain training with early stopping) [default: 100; with --resume: the run's, raise it to continue a finished run].", rich_help_panel=_SCHEDULE, show_default=False)] = None,
@@ -32,6 +34,9 @@ def train(
     seeds: Annotated[int, typer.Option(min=1, help="Train this many seeds (from --seed) and report mean ± std: RUN/dendrites/seed_N/.", rich_help_panel=_COMPARE)] = 1,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train every seed without dendrites (RUN/baseline/) and test whether the difference is beyond noise (Welch's t-test).", rich_help_panel=_COMPARE)] = False,
     jobs: Annotated[int, typer.Option(min=1, help="With --seeds/--baseline: runs in this many parallel processes.", rich_help_panel=_COMPARE)] = 1,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=_HARDWARE, show_default="auto")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, or mixed precision: bf16 (autocast) or fp16 (autocast with a gradient scaler).", rich_help_panel=_HARDWARE, show_default="fp32")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step (again after each dendrite added); falls back to eager with the reason if it fails.", rich_help_panel=_HARDWARE, show_default=False)] = None,
     adapter_template: Annotated[bool, typer.Option("--adapter-template", help="Print a commented adapter.py to start from, and exit.", rich_help_panel=_RUN)] = False,
     factory: FactoryAgainOpt = None,
     trust_code: TrustOpt = False,
@@ -57,16 +62,18 @@ def train(
     run_dir = run_directory(converted, adapter, output, resume, compare=seeds > 1 or baseline)
     allowed = consent(trust_code, trust_pickle, factory, allow_module)
     budget = {k: v for k, v in (("max_dendrites", max_dendrites), ("max_epochs", max_epochs)) if v is not None}
+    hardware = {k: v for k, v in {"device": device, "precision": precision, "compile": compile}.items() if v is not None}
     config = TrainConfig(
         objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
-        capacity_test=capacity_test, seed=seed, **budget,
+        capacity_test=capacity_test, seed=seed, correlation_memory_mb=correlation_memory_mb, **budget, **hardware,
     )
     if seeds > 1 or baseline:
         compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
     with Progress(config.max_epochs, quiet) as progress, resume_hint(run_dir):
         summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            budget=budget if resume is not None else None, on_epoch=progress.epoch, **allowed)
+                            budget=budget if resume is not None else None, on_epoch=progress.epoch,
+                            hardware=hardware if resume is not None else None, **allowed)
     report(summary, run_dir, quiet, json_out)
 
 

@@ -29,7 +29,8 @@ class ErrorMoments:
         self.count, self.total, self.squares = 0, 0.0, 0.0
 
     def add(self, e: torch.Tensor) -> None:
-        e = flat(e, self.layer).double()
+        e = flat(e, self.layer)
+        e = e.double() if e.device.type != "mps" else e.float()  # MPS has no float64
         self.count, self.total, self.squares = self.count + e.shape[0], self.total + e.sum(0), self.squares + e.square().sum(0)
 
     def top_channels(self) -> torch.Tensor | None:

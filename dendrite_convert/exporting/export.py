@@ -12,6 +12,7 @@ looks like a success.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -179,6 +180,15 @@ def _dynamic_shapes(inputs: _Inputs):
 
 # ---- the verb -----------------------------------------------------------------------------------------------
 
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """Folding and verification run on the CPU (exact, where onnxruntime runs): a model trained on an accelerator
+    is copied there, leaving the caller's module where it was."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type in ("cpu", "meta") for t in tensors):
+        return model
+    return copy.deepcopy(model).to("cpu")
+
+
 def export(model: nn.Module | ConvertedModel | str | Path, output: str | Path, config: ExportConfig | None = None,
            *, inputs: tuple | dict | None = None, folded: nn.Module | None = None) -> ExportReport:
     """Fold `model` (a converted directory, ConvertedModel or module with dendrite layers) and write `output`.
@@ -207,7 +217,7 @@ def _export(model, output: Path, config: ExportConfig, inputs, folded: nn.Module
     if converted is None and config.format == "safetensors":
         raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
                          "the architecture from; save the model with dendrite-convert first.")
-    unfolded = (converted.model if converted else model).eval()
+    unfolded = _on_cpu(converted.model if converted else model).eval()
     inputs = resolve_inputs(config, converted.example_inputs if converted else [], inputs)
     if inputs is None and config.format in ("onnx", "pt2"):
         raise UsageError("no example input: pass --input-shape (e.g. 2,3,32,32), --adapter, or convert with --input-shape.")

@@ -1,10 +1,12 @@
 """checkpoint/: everything `train(..., resume=True)` needs to continue a run bit for bit (CPU).
 
 `checkpoint/` holds `model/` and `best/` (converted-model directories), `training_state.pt` (optimizer,
-scheduler, torch and loader RNG states) and `state.json` (config, adapter, schedule, rows, Python and
+scheduler, fp16 gradient scaler, torch, CUDA and loader RNG states) and `state.json` (config, adapter, schedule, rows, Python and
 NumPy RNG states). It is replaced atomically after every epoch (or every few, see
 `TrainConfig.checkpoint_budget`), so a crash or Ctrl-C loses at most the epochs since; `best/` beside it
-is refreshed from it whenever the best model changes.
+is refreshed from it whenever the best model changes. Nothing in it depends on the device that wrote it:
+weights are written from CPU copies and the training state is read with map_location="cpu", then moved to
+the device the resumed run uses (which may be another one).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class Checkpointer:
             buffer = io.BytesIO()
             torch.save({"optimizer": run.optimizer.state_dict(),
                         "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
-                        "rng": _rng_tensors(run.loaders())}, buffer)
+                        "scaler": run.precision.state_dict(),
+                        "rng": _rng_tensors(run.loaders(), run.device)}, buffer)
             (tmp / "training_state.pt").write_bytes(buffer.getvalue())
             (tmp / "state.json").write_text(json.dumps(_state(run), separators=(",", ":")) + "\n")
         self.converted.source.files = {name: ckpt / "model" / name for name in self.converted.source.files}
@@ -135,14 +138,17 @@ def restore_run(run: Run, state: dict) -> None:
     run.wall_before = float(state["wall_seconds"])
     run.stop_reason = state["stop_reason"]
     run.nonfinite = state["nonfinite"]
-    blob = torch.load(ckpt / "training_state.pt", weights_only=True)
+    blob = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
     if run.schedule.done:  # its model is the restored best: the optimizer state saved with it is not its own
         run.already_finished = not run.raise_budget()
     else:
-        run.optimizer.load_state_dict(blob["optimizer"])
+        run.optimizer.load_state_dict(blob["optimizer"])  # moves the state to its parameters' device
+        run.precision.load_state_dict(blob.get("scaler"))
         if run.scheduler is not None and blob["scheduler"] is not None:
             run.scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
+    if run.device.type == "cuda" and blob["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(blob["rng"]["cuda"], run.device)
     gens = [g for loader in run.loaders() for g in _loader_generators(loader)]
     for g, s in zip(gens, blob["rng"]["loaders"]):
         g.set_state(s)
@@ -170,8 +176,9 @@ def _state(run: Run) -> dict:
     }
 
 
-def _rng_tensors(loaders: list) -> dict:
+def _rng_tensors(loaders: list, device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "loaders": [g.get_state() for loader in loaders for g in _loader_generators(loader)]}
 
 

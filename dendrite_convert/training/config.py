@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.errors import UsageError
+from .device import check_device_name
 from .objectives import OBJECTIVES, Objective, make_objective
+from .precision import check_precision
 from .schedule import ScheduleConfig
+
+
+HARDWARE = ("device", "precision", "compile")
 
 
 @dataclass
@@ -28,6 +33,14 @@ class TrainConfig:
     # this fraction of the training time: then after every few epochs, so a crash loses at most about
     # (checkpoint time / checkpoint_budget) seconds, e.g. 0.3 s for digits. Switches and the end always write.
     checkpoint_budget: float = 0.05
+    # Hardware (how, not what: a resumed run may change them). device: auto | cpu | cuda | cuda:N | mps
+    # (auto: CUDA, then MPS, then CPU); under torchrun each rank keeps its own GPU.
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a gradient scaler)
+    compile: bool = False  # torch.compile the training step (again after each dendrite added)
+    # Correlation: the recorded error signals and candidate work held at once stay within this many MB; targets
+    # whose recordings do not fit together are recorded in turn, and one larger than this records fewer samples.
+    correlation_memory_mb: int = 512
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -40,9 +53,22 @@ class TrainConfig:
             raise UsageError(f"switch_every must be at least 1, not {self.switch_every}.", parameter="switch_every")
         if self.max_dendrites < 0:
             raise UsageError(f"max_dendrites must be 0 or more, not {self.max_dendrites}.", parameter="max_dendrites")
+        check_device_name(self.device)
+        check_precision(self.precision)
+        if self.correlation_memory_mb < 1:
+            raise UsageError(f"correlation_memory_mb must be at least 1, not {self.correlation_memory_mb}.",
+                             parameter="correlation_memory_mb")
         if not self.checkpoint_budget > 0:
             raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.",
                              parameter="checkpoint_budget")
+
+    def with_hardware(self, hardware: dict) -> TrainConfig:
+        """This config on other hardware: `hardware` may set device, precision and compile, which change where
+        and how fast a run trains, not what it is (a resumed run may change them)."""
+        unknown = sorted(set(hardware) - set(HARDWARE))
+        if unknown:
+            raise UsageError(f"only {', '.join(HARDWARE)} can change when a run resumes, not {', '.join(unknown)}.")
+        return replace(self, **hardware)
 
     def schedule_config(self, maximize: bool) -> ScheduleConfig:
         return ScheduleConfig(
@@ -53,4 +79,4 @@ class TrainConfig:
     def make_objective(self) -> Objective:
         """The objective, given the options of this config that it declares."""
         return make_objective(self.objective, candidates=self.candidates, epochs=self.correlation_epochs,
-                              samples=self.correlation_samples)
+                              samples=self.correlation_samples, memory_mb=self.correlation_memory_mb)

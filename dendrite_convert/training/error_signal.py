@@ -2,7 +2,8 @@
 
 Both objectives grow from it: the gradient objective ranks a channel-selective target's channels by its
 variance (`error_ranked_channels`), the correlation objective records (x, e) pairs and fits candidates to
-them (`record_error_signals`). Nothing here changes a parameter.
+them (`record_error_signals`). Nothing here changes a parameter. Signals recorded under mixed precision
+(autocast) are handed on in fp32, so statistics accumulate in fp32 whatever the training precision.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def each_error_signal(
     forward_loss: Callable[[object], torch.Tensor],
     max_samples: int,
     visit: Callable[[str, torch.Tensor, torch.Tensor], None],
+    stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Run training batches forward and backward and call `visit(target, x, e = dloss/dy)` for every call
-    of a target that reaches the loss, until `max_samples` samples; no parameter is changed. Gradients are
-    on even when called from an evaluation loop (Lightning runs callbacks there under inference mode)."""
+    """Run training batches forward and backward and call `visit(target, x, e = dloss/dy)` (fp32 for fp16/bf16
+    signals) for every call of a target that reaches the loss, until `max_samples` samples or `stop()`; no
+    parameter is changed. Gradients are on even when called from an evaluation loop (Lightning runs callbacks
+    there under inference mode)."""
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def hook(name):
@@ -49,14 +52,18 @@ def each_error_signal(
                 grads = torch.autograd.grad(loss, [y for _, _, y in calls], allow_unused=True) if calls else []
                 for (name, x, _), e in zip(calls, grads):
                     if e is not None:
-                        visit(name, x, e.detach())
+                        visit(name, _fp32(x), _fp32(e.detach()))
                 seen += batch_size(batch)
-                if seen >= max_samples:
+                if seen >= max_samples or (stop is not None and stop()):
                     break
     finally:
         for h in handles:
             h.remove()
         calls.clear()
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def record_error_signals(model: nn.Module, layers: dict[str, DendriteLayer], batches: Iterable,

@@ -26,30 +26,23 @@ from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError
 from ..core.layers import count_parameters
 from ..core.structure import snapshot
-from . import checkpoint, distributed, outputs
+from . import checkpoint, compiling, distributed, outputs, plotter
 from .adapter import Adapter, batch_size, call, load_adapter
 from .config import TrainConfig
+from .device import describe, peak_memory_mb, reset_peak_memory, resolve_device, to_device
 from .growth import Growth
 from .objectives import TrainingData
+from .precision import Precision
 from .schedule import Decision, Schedule
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("dendrite_convert.progress")  # lines the CLI shows while a run trains
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 class Run:
@@ -62,9 +55,18 @@ class Run:
         self.config = config
         self.on_epoch = on_epoch
         self.model = converted.model
-        if distributed.active() and torch.cuda.is_available():
-            self.model.to(torch.device("cuda", torch.cuda.current_device()))
-        self.device = next(self.model.parameters()).device
+        if distributed.active():  # torchrun: each rank its own GPU (distributed.init), else the CPU
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
+                torch.device("cpu"))
+        else:
+            self.device = resolve_device(config.device)
+        self.model.to(self.device)
+        self.precision = Precision(config.precision, self.device)
+        self.compile_fallback: str | None = None  # why torch.compile was given up, once it was
+        progress.info(f"training on {describe(self.device)}, {config.precision}"
+                      f"{', compiled' if config.compile else ''}")
+        if config.plot and distributed.is_main():
+            plotter.start()  # imports matplotlib in another process while this one trains
         self.growth = Growth(config.schedule_config(adapter.maximize), config.make_objective(), self._training_data)
         self.checkpointer = checkpoint.Checkpointer(output, converted)
         self.rows: list[dict] = []
@@ -99,10 +101,11 @@ class Run:
     @classmethod
     def from_checkpoint(cls, output: Path, adapter: Adapter | str | Path | None,
                         on_epoch: Callable[[dict], None] | None, consent: Consent,
-                        budget: dict[str, int] | None = None) -> Run:
+                        budget: dict[str, int] | None = None, hardware: dict | None = None) -> Run:
         """The run recorded in `output/checkpoint`, ready to continue where it stopped; `budget` replaces
-        its max_epochs/max_dendrites."""
+        its max_epochs/max_dendrites, `hardware` its device, precision or compile (another machine may resume it)."""
         state, config = checkpoint.read_state(output, budget or {})
+        config = config.with_hardware(hardware or {})
         if adapter is None and not consent.trust_code:  # the recorded adapter is code named by a file
             raise LoadError(f"resume {output}: the run's adapter {state.get('adapter')} is code recorded in "
                             f"{output / 'checkpoint'}/state.json; name it again (adapter=) or pass trust_code=True "
@@ -157,6 +160,11 @@ class Run:
         and the scheduler. `model` stays the unwrapped module that is evaluated and saved."""
         self.model.train()
         self.net = distributed.wrap(self.model)  # a fresh DDP: it syncs rank 0's weights and buckets these params
+        if self.compiled:
+            try:  # compiled afresh: the structure may have changed since the last phase
+                self.net = compiling.compile_module(self.net)
+            except Exception as exc:  # noqa: BLE001 - torch.compile refusing this platform at all
+                self._give_up_compile(exc)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = call(self.adapter, "optimizer(params)", self.adapter.build_optimizer, self.params)
         self.scheduler = call(self.adapter, "scheduler(optimizer)", self.adapter.build_scheduler, self.optimizer)
@@ -166,13 +174,24 @@ class Run:
         """What an objective grows from: our training batches and the adapter's loss on `model`."""
         yield TrainingData(self.train_loader, lambda batch: self.forward_loss(batch, model))
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the training step runs through torch.compile (asked for, and not given up)."""
+        return self.config.compile and self.compile_fallback is None
+
+    def _give_up_compile(self, exc: BaseException) -> None:
+        self.compile_fallback = compiling.reason(exc)
+        log.warning(f"--compile: torch.compile failed ({self.compile_fallback}); training continues without it.")
+        self.net = distributed.wrap(self.model) if distributed.active() else self.model
+
     # ---- one epoch -----------------------------------------------------------------------------------
     def forward_loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
         if self.device.type != "cpu":
-            batch = _to_device(batch, self.device)
+            batch = to_device(batch, self.device)
         args, kwargs = call(self.adapter, "inputs(batch)", self.adapter.model_inputs, batch)
         try:
-            outputs = (net or self.net)(*args, **kwargs)
+            with self.precision.autocast():
+                outputs = (net or self.net)(*args, **kwargs)
         except ValueError as exc:
             if "more than 1 value per channel when training" not in str(exc):
                 raise
@@ -180,7 +199,8 @@ class Run:
             raise LoadError(f"adapter {self.adapter.spec}: train_data() gave a batch of {n} sample{'s' * (n != 1)}, too "
                             "few for BatchNorm to train on; pass drop_last=True to its DataLoader (or pick a batch size "
                             "that leaves no single sample over).", parameter="adapter") from exc
-        loss = call(self.adapter, "loss(outputs, batch)", self.adapter.loss, outputs, batch)
+        with self.precision.autocast():
+            loss = call(self.adapter, "loss(outputs, batch)", self.adapter.loss, outputs, batch)
         if not self._loss_checked:
             self._check_loss(loss)
         return loss
@@ -205,16 +225,30 @@ class Run:
         total = torch.zeros((), device=self.device)
         steps = 0
         for batch in self.train_loader:
-            loss = self.forward_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = self._compiled_step(batch) if self.compiled else self._step(batch, optimizer)
             total += loss.detach()
             steps += 1
         if steps == 0:
             raise LoadError(f"adapter {self.adapter.spec}: train_data() yielded no batches.", parameter="adapter")
         total_loss, all_steps = distributed.all_sum(total.item(), steps)
         return total_loss / all_steps
+
+    def _step(self, batch, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        loss = self.forward_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        self.precision.backward_step(loss, optimizer)
+        return loss
+
+    def _compiled_step(self, batch) -> torch.Tensor:
+        """A step through the compiled module; on a compile failure (torch compiles at the first call) the
+        step is taken again eagerly: nothing was applied, since the failure comes before optimizer.step."""
+        try:
+            return self._step(batch, self.optimizer)
+        except Exception as exc:
+            if not compiling.is_compile_error(exc):
+                raise
+            self._give_up_compile(exc)
+            return self._step(batch, self.optimizer)
 
     @torch.no_grad()
     def evaluate(self, data, name: str) -> float:
@@ -225,14 +259,15 @@ class Run:
         try:
             for batch in data:
                 if self.device.type != "cpu":
-                    batch = _to_device(batch, self.device)
+                    batch = to_device(batch, self.device)
                 args, kwargs = call(adapter, "inputs(batch)", adapter.model_inputs, batch)
-                outputs = model(*args, **kwargs)
                 n = batch_size(batch)
-                if adapter.score is None:
-                    total_t -= call(adapter, "loss(outputs, batch)", adapter.loss, outputs, batch).detach().reshape(()) * n
-                else:
-                    total += self._score(outputs, batch) * n
+                with self.precision.autocast():
+                    outputs = model(*args, **kwargs)
+                    if adapter.score is None:
+                        total_t -= call(adapter, "loss(outputs, batch)", adapter.loss, outputs, batch).detach().reshape(()) * n
+                    else:
+                        total += self._score(outputs, batch) * n
                 count += n
         finally:
             model.train()
@@ -265,11 +300,14 @@ class Run:
         start = time.perf_counter()
         first_new_row = len(self.rows)
         lr = self.optimizer.param_groups[0]["lr"]
+        reset_peak_memory(self.device)
         train_loss = self.train_epoch()
         val, test = self._val_test()
         dendrites = self.schedule.dendrites
         params = count_parameters(self.model)
         seconds = time.perf_counter() - start
+        peak = peak_memory_mb(self.device)
+        reset_peak_memory(self.device)  # a dendrite phase's row shows the growth's own peak
         growth_start = time.perf_counter()
         if not (math.isfinite(train_loss) and math.isfinite(val)):
             what = "training loss" if not math.isfinite(train_loss) else "validation score"
@@ -278,7 +316,7 @@ class Run:
             self.nonfinite = True
         else:
             decision = self.growth.observe(self.model, val)  # keeps the best, restores and grows in place
-        self.rows.append(self._row("neuron", dendrites, params, train_loss, val, test, lr, seconds))
+        self.rows.append(self._row("neuron", dendrites, params, train_loss, val, test, lr, seconds, peak))
         if decision.save_best:
             self.checkpointer.best_changed = True
         if decision.action == "continue" and self.scheduler is not None:
@@ -298,8 +336,9 @@ class Run:
         since = time.perf_counter() - self._last_checkpoint
         return since * self.config.checkpoint_budget >= self._checkpoint_cost
 
-    def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
-        return outputs.score_row(len(self.rows) + 1, phase, dendrites, params, train_loss, val, test, lr, seconds)
+    def _row(self, phase, dendrites, params, train_loss, val, test, lr, seconds, peak) -> dict:
+        return outputs.score_row(len(self.rows) + 1, phase, dendrites, params, train_loss, val, test, lr, seconds,
+                                 peak)
 
     def raise_budget(self) -> bool:
         """A finished run continues (with a fresh optimizer, from the best model it kept) when the limit it
@@ -337,7 +376,7 @@ class Run:
         if self.growth.objective.dendrite_phase_epochs:
             val, test = self._val_test()
             self.rows.append(self._row("dendrite", self.schedule.dendrites, count_parameters(self.model), None, val,
-                                       test, None, time.perf_counter() - start))
+                                       test, None, time.perf_counter() - start, peak_memory_mb(self.device)))
         self._apply_trainable()
         self.setup_phase()
 

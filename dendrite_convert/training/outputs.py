@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ["epoch", "phase", "dendrites", "params", "train_loss", "val", "test", "lr", "seconds"]
+SCORE_COLUMNS = ["epoch", "phase", "dendrites", "params", "train_loss", "val", "test", "lr", "seconds", "peak_mem_mb"]
 BEST_COLUMNS = ["params", "dendrites", "epoch", "max_val", "test"]
 
 
@@ -39,10 +39,11 @@ def base_parameter_count(model: nn.Module) -> int:
     return total
 
 
-def score_row(epoch, phase, dendrites, params, train_loss, val, test, lr, seconds) -> dict:
-    """One row of scores.csv."""
+def score_row(epoch, phase, dendrites, params, train_loss, val, test, lr, seconds, peak_mem_mb=None) -> dict:
+    """One row of scores.csv; peak_mem_mb: the epoch's peak CUDA memory, or the process's peak RSS so far."""
     return {"epoch": epoch, "phase": phase, "dendrites": dendrites, "params": params,
-            "train_loss": train_loss, "val": val, "test": test, "lr": lr, "seconds": seconds}
+            "train_loss": train_loss, "val": val, "test": test, "lr": lr, "seconds": seconds,
+            "peak_mem_mb": peak_mem_mb}
 
 
 def write_outputs(run: Run) -> dict:
@@ -89,6 +90,11 @@ def summary(run: Run) -> dict:
         "stop_reason": s.stop_reason or None,
         "switches": s.switches,
         "world_size": distributed.world_size(),
+        "device": str(run.device),
+        "precision": run.config.precision,
+        "compiled": run.compiled,
+        "compile_fallback": run.compile_fallback,
+        "peak_mem_mb": max((r["peak_mem_mb"] for r in run.rows if r.get("peak_mem_mb") is not None), default=None),
     }
 
 
@@ -102,10 +108,10 @@ def _best_row(run: Run) -> dict | None:
 def plot(run: Run) -> None:
     """training.png, when matplotlib (the optional `plots` extra) is installed."""
     try:
-        from .plots import save_training_png
+        from . import plotter
 
-        save_training_png(run.output / "training.png", run.rows, run.schedule.switches,
-                          run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+        plotter.draw(run.output / "training.png", run.rows, run.schedule.switches, run.schedule.best_epoch or None,
+                     "-loss" if run.adapter.score is None else "score")
     except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
         log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
 

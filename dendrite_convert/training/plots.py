@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 SWITCH_COLORS = {"add": "tab:cyan", "retry": "tab:orange"}
+DPI = 80
 
 
 def _num(value) -> float:
@@ -15,14 +16,34 @@ def _num(value) -> float:
         return math.nan
 
 
-def draw_training(rows: list[dict], switches: list[dict], best_epoch: int | None, score_name: str = "score"):
-    """A matplotlib Figure (Agg) of the run; switch markers are vertical lines at the switch epochs."""
+def prepare() -> None:
+    """Import matplotlib with the Agg backend (plotter.py does this ahead of time); ImportError without it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    import matplotlib.backends.backend_agg  # noqa: F401 - what savefig renders with
+    import matplotlib.figure  # noqa: F401
+
+
+def warm_up() -> None:
+    """Load the font and fill the text caches the first drawing would otherwise pay for (plotter.py)."""
+    import io
+
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 9), layout="constrained")
+    fig = Figure(figsize=(1, 1))
+    fig.text(0.1, 0.5, "0123456789.e-+ epoch score", fontsize="small")
+    fig.savefig(io.BytesIO(), format="png", dpi=DPI)
+
+
+def draw_training(rows: list[dict], switches: list[dict], best_epoch: int | None, score_name: str = "score"):
+    """A matplotlib Figure (Agg) of the run; switch markers are vertical lines at the switch epochs."""
+    prepare()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 9))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.06, top=0.96, wspace=0.24, hspace=0.28)  # fixed: a layout
+    # engine would measure every label several times, doubling the cost of the plot
     ax_score, ax_loss, ax_lr, ax_time = fig.subplots(2, 2).ravel()
     epochs = [int(r["epoch"]) for r in rows]
     neuron = [r for r in rows if r["phase"] == "neuron"]
@@ -69,4 +90,4 @@ def save_training_png(path: Path, rows: list[dict], switches: list[dict], best_e
 
     fig = draw_training(rows, switches, best_epoch, score_name)
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=DPI)

@@ -48,6 +48,7 @@ def train(
     trust_code: bool = False,
     factory: str | None = None,
     allow_modules=(),
+    hardware: dict | None = None,
 ) -> dict:
     """Train a converted model with dendrites; returns the summary (also `output/summary.json`).
 
@@ -60,6 +61,8 @@ def train(
     One process writes `output` at a time (`output/.dendrite.lock`).
     `trust_code`, `factory` and `allow_modules` are the consent for code the directories name, as for
     `load_converted`; resuming runs the recorded adapter only with `trust_code` (else pass `adapter`).
+    `hardware` ({"device": "cpu"}, precision, compile) replaces the recorded ones on resume, e.g. to continue
+    on another machine.
 
     Example:
         summary = train("converted/", "adapter.py", "run/", TrainConfig(max_epochs=30))
@@ -75,7 +78,7 @@ def train(
             if not output.is_dir():
                 raise UsageError(f"resume {output}: no such run directory to continue.", parameter="resume")
             with _one_writer(output):
-                return _resume(output, adapter, on_epoch, budget or {}, consent)
+                return _resume(output, adapter, on_epoch, budget or {}, consent, hardware or {})
         if converted is None or adapter is None:
             raise UsageError("train needs a converted model and an adapter (or resume=True).")
         if distributed.is_main():
@@ -130,7 +133,7 @@ def _start(converted: ConvertedModel, adapter: Adapter, output: Path, config: Tr
     return run.loop()
 
 
-def _resume(output: Path, adapter, on_epoch, budget: dict[str, int], consent: Consent) -> dict:
+def _resume(output: Path, adapter, on_epoch, budget: dict[str, int], consent: Consent, hardware: dict) -> dict:
     """Continue from the checkpoint; without one, start again from the recorded request."""
     ckpt = output / "checkpoint"
     if distributed.is_main():
@@ -138,14 +141,14 @@ def _resume(output: Path, adapter, on_epoch, budget: dict[str, int], consent: Co
         remove_stale(output / "best")
     distributed.barrier()
     if (ckpt / "state.json").is_file():
-        run = Run.from_checkpoint(output, adapter, on_epoch, consent, budget)
+        run = Run.from_checkpoint(output, adapter, on_epoch, consent, budget, hardware)
         summary = run.loop()
         return {**summary, "already_finished": True} if run.already_finished else summary
     if not (output / REQUEST_FILE).is_file():
         raise UsageError(f"resume {output}: no checkpoint there (expected {ckpt}/state.json).", parameter="resume")
     try:
         request = json.loads((output / REQUEST_FILE).read_text())
-        config = replace(TrainConfig(**request["config"]), **budget)
+        config = replace(TrainConfig(**request["config"]), **budget).with_hardware(hardware)
         converted = request["converted"]
         spec = request["adapter"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

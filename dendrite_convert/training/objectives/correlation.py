@@ -8,7 +8,8 @@ cascade from the earlier dendrites) and are trained to maximise
     S = sum_c |corr_n(h[n, c], e[n, c])|
 
 with n over samples (and positions, for convs). The best candidate is inserted with a zero scale and
-frozen; the next neuron phase trains the network and the scales.
+frozen; the next neuron phase trains the network and the scales. Recordings and candidate work stay within
+`memory_mb` (recording.py): targets are recorded in turn when they do not fit together.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import nn
 
 from ...core.channels import flat, select_channels
 from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
-from ..error_signal import frozen, record_error_signals
+from ..error_signal import frozen
 from .base import Objective, TrainingData
+from .recording import record_within_budget
 
 # Phase progress: one line per target, so a long phase is visible in logs too (the CLI prints these lines).
 progress = logging.getLogger("dendrite_convert.progress")
@@ -35,8 +37,9 @@ class CorrelationConfig:
     candidates: int = 4
     epochs: int = 20  # passes over the recorded samples
     max_samples: int = 4096  # samples recorded per phase
-    chunk: int = 256  # samples per candidate update
+    chunk: int = 256  # samples per candidate update (fewer when the candidates' activations would exceed memory_mb / 4)
     lr: float = 0.05
+    memory_mb: int = 512  # recordings and candidate work held at once
 
 
 def correlation_score(h: torch.Tensor, e: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -86,6 +89,15 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[t
     return chunks
 
 
+def _chunk_samples(pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig) -> int:
+    """Samples per candidate update: `config.chunk`, or fewer so that the candidates' activations (about four
+    tensors the size of e per candidate: output, cascade sum, activation, gradient) stay within a quarter of
+    the memory budget."""
+    e = pairs[0][1]
+    per_sample = e.nbytes / max(1, e.shape[0] if e.ndim else 1)
+    return max(1, min(config.chunk, int(config.memory_mb * 2**20 / 4 / (4 * config.candidates * per_sample))))
+
+
 @torch.inference_mode(False)
 @torch.enable_grad()
 def train_candidates(
@@ -94,7 +106,7 @@ def train_candidates(
 ) -> tuple[nn.Module, torch.Tensor, float]:
     """Train N candidates for one target (serving `channels`, when selective); the best (module, cascade,
     mean correlation per channel served). Gradients are on even inside an evaluation loop (callbacks)."""
-    chunks = _chunks(pairs, config.chunk)
+    chunks = _chunks(pairs, _chunk_samples(pairs, config))
     # Earlier dendrites are frozen during the phase: their outputs are computed once, in eval mode.
     errors = [flat(e, layer) for _, e in chunks]
     if channels is not None:
@@ -128,30 +140,39 @@ def add_correlation_dendrites(
     forward_loss: Callable[[object], torch.Tensor],
     config: CorrelationConfig,
 ) -> dict[str, float]:
-    """One dendrite phase: record, train candidates per target, insert the best with scale 0, frozen.
+    """One dendrite phase: record, train candidates per target, insert the best with scale 0, frozen; as many
+    passes over the batches as the memory budget needs (recording.py), each recording's memory freed once its
+    target is grown.
 
     Returns the best candidate's mean |correlation| per channel, per target.
     """
     start = time.perf_counter()
-    with frozen(model):
-        records = record_error_signals(model, layers, batches, forward_loss, config.max_samples)
-    progress.info("correlation phase: error signals of %d targets recorded (%.1f s)", len(layers),
-                  time.perf_counter() - start)
-    result = {}
-    for i, (name, layer) in enumerate(layers.items(), 1):
-        pairs = records[name]
-        channels = select_channels(layer, [e for _, e in pairs])
-        if pairs:
-            dendrite, cascade, corr = train_candidates(layer, pairs, config, channels)
-        else:  # the target does not reach the loss: a plain fresh dendrite keeps the structure uniform
-            dendrite, cascade, corr = layer.new_dendrite(), None, 0.0
-        layer.add_dendrite(dendrite=dendrite, cascade=cascade, channels=channels)
-        _hold_frozen(dendrite)
-        layer.dendrite_cascade[-1].requires_grad_(False)
-        result[name] = corr
-        progress.info("correlation phase: target %d/%d %s has its dendrite (correlation %.3f, %.1f s)", i, len(layers),
-                      name, corr, time.perf_counter() - start)
-    return result
+    result: dict[str, float] = {}
+    pending = dict(layers)
+    while pending:
+        with frozen(model):
+            records = record_within_budget(model, pending, batches, forward_loss, config.max_samples,
+                                           config.memory_mb * 2**20)
+        progress.info("correlation phase: error signals of %d targets recorded (%.1f s)", len(records),
+                      time.perf_counter() - start)
+        for name in [n for n in pending if n in records]:
+            result[name] = _grow_one(pending.pop(name), records.pop(name), config)
+            progress.info("correlation phase: target %d/%d %s has its dendrite (correlation %.3f, %.1f s)",
+                          len(result), len(layers), name, result[name], time.perf_counter() - start)
+    return {name: result[name] for name in layers}
+
+
+def _grow_one(layer: DendriteLayer, pairs: list[tuple[torch.Tensor, torch.Tensor]], config: CorrelationConfig) -> float:
+    """Train candidates on one target's recording, insert the best (scale 0, frozen); its correlation."""
+    channels = select_channels(layer, [e for _, e in pairs])
+    if pairs:
+        dendrite, cascade, corr = train_candidates(layer, pairs, config, channels)
+    else:  # the target does not reach the loss: a plain fresh dendrite keeps the structure uniform
+        dendrite, cascade, corr = layer.new_dendrite(), None, 0.0
+    layer.add_dendrite(dendrite=dendrite, cascade=cascade, channels=channels)
+    _hold_frozen(dendrite)
+    layer.dendrite_cascade[-1].requires_grad_(False)
+    return corr
 
 
 def freeze_dendrites(model: nn.Module, first: int = 0) -> None:
@@ -185,6 +206,7 @@ class Correlation(Objective):
         candidates: candidate dendrites trained per target; the best is kept.
         epochs: passes over the recorded samples while candidates train.
         samples: training samples recorded per dendrite phase.
+        memory_mb: MB the recorded signals and candidate work may hold at once (targets recorded in turn).
     """
 
     name = "correlation"
@@ -192,9 +214,11 @@ class Correlation(Objective):
     candidates: int = 4
     epochs: int = 20
     samples: int = 4096
+    memory_mb: int = 512
 
     def grow(self, model: nn.Module, data: TrainingData | None) -> None:
-        config = CorrelationConfig(candidates=self.candidates, epochs=self.epochs, max_samples=self.samples)
+        config = CorrelationConfig(candidates=self.candidates, epochs=self.epochs, max_samples=self.samples,
+                                   memory_mb=self.memory_mb)
         add_correlation_dendrites(model, dendrite_layers(model), data.batches, data.loss, config)
 
     def freeze_grown(self, model: nn.Module, first: int) -> None:
