@@ -63,17 +63,14 @@ def train(
     allowed = consent(trust_code, trust_pickle, factory, allow_module)
     budget = {k: v for k, v in (("max_dendrites", max_dendrites), ("max_epochs", max_epochs)) if v is not None}
     hardware = {k: v for k, v in {"device": device, "precision": precision, "compile": compile}.items() if v is not None}
-    config = TrainConfig(
-        objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
-        capacity_test=capacity_test, seed=seed, correlation_memory_mb=correlation_memory_mb, **budget, **hardware,
-    )
+    config = TrainConfig(objective=objective, candidates=candidates, patience=patience, switch_every=switch_every,
+                         capacity_test=capacity_test, seed=seed, correlation_memory_mb=correlation_memory_mb, **budget, **hardware)
     if seeds > 1 or baseline:
         compare_seeds(converted, adapter, run_dir, config, seeds, baseline, jobs, force, json_out, quiet, allowed)
         return
     with Progress(config.max_epochs, quiet) as progress, resume_hint(run_dir):
-        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None,
-                            budget=budget if resume is not None else None, on_epoch=progress.epoch,
-                            hardware=hardware if resume is not None else None, **allowed)
+        summary = train_api(converted, adapter, run_dir, config, force=force, resume=resume is not None, on_epoch=progress.epoch,
+                            **({"budget": budget, "hardware": hardware} if resume is not None else {}), **allowed)
     report(summary, run_dir, quiet, json_out)
 
 

@@ -63,8 +63,6 @@ class Run:
         self.model.to(self.device)
         self.precision = Precision(config.precision, self.device)
         self.compile_fallback: str | None = None  # why torch.compile was given up, once it was
-        progress.info(f"training on {describe(self.device)}, {config.precision}"
-                      f"{', compiled' if config.compile else ''}")
         if config.plot and distributed.is_main():
             plotter.start()  # imports matplotlib in another process while this one trains
         self.growth = Growth(config.schedule_config(adapter.maximize), config.make_objective(), self._training_data)
@@ -292,6 +290,9 @@ class Run:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def loop(self) -> dict:
+        if not self.schedule.done:  # a resumed run that is finished trains nowhere
+            progress.info(f"training on {describe(self.device)}, {self.config.precision}"
+                          f"{', compiled' if self.config.compile else ''}")
         while not self.schedule.done:
             self.run_epoch()
         return self.finish()
