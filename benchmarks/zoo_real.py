@@ -122,7 +122,7 @@ def _timed_export(clock: _Clock):
 
 
 def _shares(clock: _Clock, total: float) -> dict[str, float]:
-    """Seconds by phase; 'second layout export' is the auto layout's extra torch.onnx.export call."""
+    """Seconds by phase; 'second layout export' is any extra torch.onnx.export call (the auto layout's timing graph)."""
     extra = sum(sorted(clock.onnx_calls)[:-1]) if len(clock.onnx_calls) > 1 else 0.0
     first = 1 - extra / max(sum(clock.onnx_calls), 1e-9)  # the inner phases of one torch.onnx.export call
     inner = {"capture (torch.export)": clock.seconds["capture"] * first,
