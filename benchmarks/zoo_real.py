@@ -180,7 +180,7 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         add_dendrites(converted.model)
         randomize_dendrites(converted.model)
         converted.save(tmp / "converted")
-        again = dc.load_converted(tmp / "converted")
+        again = dc.load_converted(tmp / "converted", factory=factory["factory"])  # named again: the consent rule
         with torch.no_grad():
             diff = _max_diff(_outputs(again.model.eval(), example), _outputs(converted.model.eval(), example))
         if diff != 0:
