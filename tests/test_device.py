@@ -94,7 +94,7 @@ def test_cuda_without_cuda_is_exit_2_before_anything_is_written(converted, adapt
     result = runner.invoke(app, [str(converted), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
                                  "--device", name])
     line = _one_sentence(result, 2)
-    assert f"--device {name}: CUDA is not available here" in line and "--device cpu" in line
+    assert f"--device {name}: CUDA is not available here" in line and "use the cpu or auto device" in line
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 

@@ -12,15 +12,16 @@ import sys
 import torch
 
 from ..core.errors import UsageError
+from ..core.words import plural
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 _PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def check_device_name(name: str) -> None:
-    """A usage error unless `name` is one of the spellings `--device` accepts (availability is checked later)."""
+    """A usage error unless `name` is one of the device spellings accepted (availability is checked later)."""
     if not isinstance(name, str) or not _PATTERN.fullmatch(name):
-        raise UsageError(f"--device must be {DEVICE_CHOICES}, not {name!r}.")
+        raise UsageError(f"device must be {DEVICE_CHOICES}, not {name!r}.", parameter="device")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,16 +34,17 @@ def resolve_device(name: str) -> torch.device:
             torch.device("mps") if has_mps else torch.device("cpu"))
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+            raise UsageError(f"device {name}: CUDA is not available here (torch {torch.__version__}, "
                              f"{'no GPU visible' if torch.version.cuda else 'built without CUDA'}); "
-                             "use --device cpu or --device auto.")
+                             "use the cpu or auto device.", parameter="device")
         index = int(name.partition(":")[2] or torch.cuda.current_device())
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0; pick one of them.")
+            raise UsageError(f"device {name}: there are only {plural(torch.cuda.device_count(), 'CUDA device')}, "
+                             f"numbered from 0; pick one of them.", parameter="device")
         return torch.device("cuda", index)
     if name == "mps" and not has_mps:
-        raise UsageError("--device mps: Apple's MPS backend is not available here; use --device cpu or --device auto.")
+        raise UsageError("device mps: Apple's MPS backend is not available here; use the cpu or auto device.",
+                         parameter="device")
     return torch.device(name)
 
 

@@ -19,7 +19,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_precision(name: str) -> None:
     if name not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {name!r}.")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}.", parameter="precision")
 
 
 class Precision:
