@@ -275,7 +275,7 @@ def test_a_tampered_directory_factory_never_runs(converted, tmp_path, monkeypatc
     _refused(_cli("export", conv, "--onnx", "-o", tmp_path / "m.onnx"), marker, spec)
     _refused(_cli("train", conv, "--adapter", tmp_path / "adapter.py", "-o", tmp_path / "run"), marker, spec)
     for load in (dc.load, dc.load_converted, dc.load_folded):
-        with pytest.raises(dc.LoadError, match="--trust-code"):
+        with pytest.raises(dc.LoadError, match="trust_code=True"):
             load(folded if load is dc.load_folded else conv)
     assert not marker.exists()
     try:
@@ -364,7 +364,7 @@ for name, load in [('conv', dc.load), ('best', dc.load), ('folded', dc.load_fold
         load(name)
         raise SystemExit(f'{name} loaded without consent')
     except dc.LoadError as exc:
-        assert '--trust-code' in str(exc), exc
+        assert 'trust_code=True' in str(exc), exc
     for consent in ({'trust_code': True}, {'factory': 'arch_copy.py:build'}):
         with torch.no_grad():
             out = load(name, **consent).eval()(x)

@@ -61,6 +61,25 @@ def test_the_cli_spells_other_arguments_a_message_mentions_as_keywords():
     assert cli_message(both, command) == "pass --trust-code (trust_code=True) if you trust it."
 
 
+def test_the_cli_spells_list_values_choices_and_renamed_options():
+    """`allow_modules=['a']` is the repeatable `--allow-module a`, `format='onnx'` the export flag `--onnx`, and a
+    library name the command spells otherwise (`channel_fraction`) its own option (`--dendrite-channels`)."""
+    from dendrite_convert.cli.convert import convert as convert_command
+    from dendrite_convert.cli.export import export as export_command
+
+    convert, export = inspect.unwrap(convert_command), inspect.unwrap(export_command)
+    refused = dc.LoadError("m.pt names code; pass allow_modules=['helper', 'pkg'] or trust_code=True.")
+    assert cli_message(refused, convert) == ("m.pt names code; pass --allow-module helper --allow-module pkg or "
+                                             "--trust-code.")
+    assert cli_message(dc.ConversionError("export with format='onnx' or format='safetensors' instead."), export) \
+        == "export with --onnx or --safetensors instead."
+    assert cli_message(dc.ConversionError("format='onnx' is odd."), convert) == "format='onnx' is odd."
+    with pytest.raises(dc.UsageError) as err:
+        dc.DendriteConfig(dendrites=1, channel_fraction=0.5)
+    assert str(err.value).startswith("dendrites cannot be combined with channel_fraction= below 1")
+    assert cli_message(err.value, convert).startswith("--dendrites cannot be combined with --dendrite-channels below 1")
+
+
 def test_cli_reports_a_library_error_with_the_flag_and_its_exit_code(tmp_path):
     digits = PACKAGE.parent / "examples" / "digits"
     sys.path.insert(0, str(digits))
@@ -80,7 +99,7 @@ def test_errors_survive_pickling_with_their_parameter():
     assert type(again) is dc.UsageError and str(again) == "patience must be at least 1." and again.parameter == "patience"
 
 
-@pytest.mark.parametrize("package", ["training", "integrations"])
+@pytest.mark.parametrize("package", ["core", "conversion", "exporting", "training", "integrations"])
 def test_library_raises_do_not_word_command_line_flags(package):
     """Messages of raised errors hold no `--flag`: the library is also called from Python."""
     offenders = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import logging
@@ -114,7 +115,8 @@ def cli_message(exc: DendriteError, command, values: dict | None = None) -> str:
     """The library's sentence with the arguments named as this command spells them: the Python name that
     starts the message (`switch_every must be ...`) becomes the option (`--switch-every must be ...`), and so
     do other arguments it mentions as keywords (`pass force=True` -> `pass --force`, `adapter=` ->
-    `--adapter`), unless the message names that option itself already. `values` are the command's arguments:
+    `--adapter`, `allow_modules=['m']` -> `--allow-module m`, `format='onnx'` -> `--onnx`), unless the message
+    names that option itself already. `values` are the command's arguments:
     an option that takes a value, mentioned as `name=True`, applies to the argument at fault (train's
     `resume=True` continues `output`), so it is spelled with that argument's value (`--resume RUN`)."""
     text, name = str(exc), exc.parameter
@@ -130,10 +132,24 @@ def cli_message(exc: DendriteError, command, values: dict | None = None) -> str:
             return f"{option} {subject}"
         return option
 
-    return _KEYWORD.sub(spell, text)
+    def spell_value(match: re.Match) -> str:
+        if match[2].startswith("["):  # a repeatable option: `allow_modules=['a', 'b']` -> `--allow-module a ...`
+            option = _option_name(command, match[1])
+            items = ast.literal_eval(match[2])
+            return " ".join(f"{option} {item}" for item in items) if option and option.startswith("--") else match[0]
+        choice = match[2][1:-1]  # a value the command spells as its own flag: `format='onnx'` -> `--onnx`
+        if _option_name(command, match[1]) is None and _is_flag(command, choice):
+            return _option_name(command, choice) or match[0]
+        return match[0]
+
+    return _KEYWORD.sub(spell, _VALUED.sub(spell_value, text))
 
 
 _KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True\b)?(?![\w'\"(\[{-])")
+_VALUED = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('[a-z][a-z0-9_]*'|\[(?:'[^'\]]*'(?:, )?)+\])")
+# library names whose command-line option is spelled differently (`DendriteConfig.rank` is `--dendrite-rank`)
+_OPTION_FOR = {"allow_modules": "allow_module", "rank": "dendrite_rank", "channel_fraction": "dendrite_channels",
+               "pair_norms": "norm_pairs"}
 
 
 def _appears(option: str, text: str) -> bool:
@@ -149,6 +165,7 @@ def _option_name(command, parameter: str) -> str | None:
     """How `command` spells its `parameter` on the command line: the longest `--option`, or the argument's
     metavar; None when the command has no such parameter (the Python name is then the clearest)."""
     hints = typing.get_type_hints(command, include_extras=True)
+    parameter = parameter if parameter in hints else _OPTION_FOR.get(parameter, parameter)
     info = next((m for m in getattr(hints.get(parameter), "__metadata__", ())
                  if isinstance(m, (typer.models.OptionInfo, typer.models.ArgumentInfo))), None)
     if isinstance(info, typer.models.ArgumentInfo):

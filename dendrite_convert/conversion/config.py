@@ -27,19 +27,21 @@ class DendriteConfig:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise UsageError(f"--activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
+            raise UsageError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.",
+                             parameter="activation")
         if self.dendrites < 0:
-            raise UsageError(f"--dendrites must be 0 or more, not {self.dendrites}.")
+            raise UsageError(f"dendrites must be 0 or more, not {self.dendrites}.", parameter="dendrites")
         if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--dendrite-rank must be 1 or more, not {self.rank}.")
+            raise UsageError(f"rank must be 1 or more, not {self.rank}.", parameter="rank")
         if self.channel_fraction is not None and not 0 < self.channel_fraction <= 1:
-            raise UsageError(f"--dendrite-channels must be a fraction in (0, 1], not {self.channel_fraction}.")
+            raise UsageError(f"channel_fraction must be a fraction in (0, 1], not {self.channel_fraction}.",
+                             parameter="channel_fraction")
         if self.channel_fraction is not None and self.channel_fraction < 1 and self.dendrites:
-            raise UsageError("--dendrites cannot be combined with --dendrite-channels: a channel-selective dendrite "
-                             "serves the channels with the largest error, known only in training; let dendrite-train "
-                             "add them.")
+            raise UsageError("dendrites cannot be combined with channel_fraction= below 1: a channel-selective "
+                             "dendrite serves the channels with the largest error, known only in training; let "
+                             "training add them.", parameter="dendrites")
         if self.init_std <= 0:
-            raise UsageError(f"--init-std must be positive, not {self.init_std}.")
+            raise UsageError(f"init_std must be positive, not {self.init_std}.", parameter="init_std")
 
     def selects(self, module: nn.Module, fqn: str) -> str | None:
         """None if the target is selected, else the reason it is not."""

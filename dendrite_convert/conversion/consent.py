@@ -88,8 +88,7 @@ def load_pickle(path: Path, consent: Consent):
         modules = sorted({name.rpartition(".")[0].split(".")[0] for name in refused})
         raise LoadError(
             f"{path} names code outside torch that unpickling would import and run ({', '.join(refused)}); if you trust it, "
-            f"pass --allow-module {' --allow-module '.join(modules)} (allow_modules= in Python) to allow those "
-            f"modules, or {FLAG} (trust_code=True) to unpickle it fully."
+            f"pass allow_modules={modules!r} to allow those modules, or trust_code=True to unpickle it fully."
         )
     try:
         with torch.serialization.safe_globals([(obj, name) for name, obj in resolved.items()]):
@@ -97,7 +96,7 @@ def load_pickle(path: Path, consent: Consent):
     except Exception as exc:
         raise LoadError(
             f"{path} could not be loaded with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0]}); pass {FLAG} if you trust this file."
+            f"{str(exc).strip().splitlines()[0]}); pass trust_code=True if you trust this file."
         ) from exc
 
 
@@ -113,7 +112,7 @@ def _unpickle_trusted(path: Path, needed: list[str]):
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a module that calls exit() while imported must not end the caller
-        raise LoadError(f"{path} could not be unpickled even with {FLAG} ({type(exc).__name__}: {exc}).") from exc
+        raise LoadError(f"{path} could not be unpickled even with trust_code=True ({type(exc).__name__}: {exc}).") from exc
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
@@ -218,7 +217,7 @@ def check_pt2(path: Path) -> None:
     wanted = list(dict.fromkeys(wanted))
     if wanted:
         raise LoadError(f"{path} would run code when loaded by torch.export ({'; '.join(wanted[:5])}); "
-                        f"pass {FLAG} (trust_code=True) if you trust this file.")
+                        "pass trust_code=True if you trust this file.")
 
 
 def _pt2_problems(path: Path) -> list[str]:

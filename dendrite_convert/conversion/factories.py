@@ -119,9 +119,10 @@ def call_factory(fn, spec: str, kwargs: dict) -> nn.Module:
     try:
         model = fn(**kwargs)
     except Exception as exc:
-        raise LoadError(f"--factory {spec} raised {type(exc).__name__}: {exc}.") from exc
+        raise LoadError(f"factory {spec} raised {type(exc).__name__}: {exc}.", parameter="factory") from exc
     if not isinstance(model, nn.Module):
-        raise LoadError(f"--factory {spec} returned {type(model).__name__}, not a torch.nn.Module.")
+        raise LoadError(f"factory {spec} returned {type(model).__name__}, not a torch.nn.Module.",
+                        parameter="factory")
     return model
 
 

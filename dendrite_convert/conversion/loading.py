@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LoadError
-from .consent import FLAG, Consent, check_pt2, load_pickle
+from .consent import Consent, check_pt2, load_pickle
 from .factories import absolute_factory, build_from_factory, factory_file, is_file_target
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,10 @@ def load_source(path: str | Path, factory: str | None = None, factory_kwargs: di
         return _load_pt2(path, consent), Source("pt2", str(path.resolve()), digest, bundle=copy,
                                                 files={copy["model"]: path.resolve()})
     if kind == "torchscript":
-        missing = ([] if consent.trust_code else [f"loading it runs the file's own code (pass {FLAG} if you trust it)"]) \
-            + ([] if factory else ["it keeps no Python classes (pass --factory module:fn that builds the architecture; "
-                                   "its weights will be loaded)"])
+        missing = ([] if consent.trust_code else ["loading it runs the file's own code (pass trust_code=True if you "
+                                                  "trust it)"]) \
+            + ([] if factory else ["it keeps no Python classes (pass factory= naming a function, module:fn, that "
+                                   "builds the architecture; its weights will be loaded)"])
         if missing:
             raise LoadError(f"{path} is TorchScript: {' and '.join(missing)}.")
         try:
@@ -223,7 +224,8 @@ def load_source(path: str | Path, factory: str | None = None, factory_kwargs: di
         return obj, Source("pickle", str(path.resolve()), digest, bundle=copy, files={copy["model"]: path.resolve()})
     state = unwrap_state_dict(obj, path)
     if not factory:
-        raise LoadError(f"{path} is a state dict (weights only); pass --factory module:fn that builds the model.")
+        raise LoadError(f"{path} is a state dict (weights only); pass factory= naming a function, module:fn, that "
+                        "builds the model.")
     model = build_from_factory(factory, kwargs)
     load_weights_into(model, state, path, f"--factory {factory}")
     return model, factory_source("state_dict", factory, kwargs, path=str(path.resolve()), sha256=digest)

@@ -76,7 +76,7 @@ def _rebuild_factory(source: Source, consent: Consent, where) -> nn.Module:
     if not consent.trust_code:
         stored = " (a copy is stored in the directory)" if copy else ""
         raise LoadError(f"{where} rebuilds its architecture by running code, the factory {recorded}{stored}; name it "
-                        f"again with --factory (factory= in Python) if it is yours, or pass {FLAG} (trust_code=True) "
+                        "again with factory= if it is yours, or pass trust_code=True "
                         f"to run {'the stored copy' if copy else 'it'}.")
     if copy:
         path = source.files[copy]

@@ -248,8 +248,8 @@ def convert_model(model: nn.Module, config: DendriteConfig,
     if config.strict_graph and plan.fallbacks:
         first = plan.fallbacks[0]
         raise ConversionError(
-            f"--strict-graph: {first.module or 'the model'} cannot be traced by torch.fx ({first.reason}) at "
-            f"{first.source}; make that code traceable or drop --strict-graph to convert it by module swapping."
+            f"{first.module or 'the model'} cannot be traced by torch.fx ({first.reason}) at {first.source}; make "
+            "that code traceable or drop strict_graph=True to convert it by module swapping.", parameter="strict_graph"
         )
     report = ConversionReport(fallbacks=plan.fallbacks, skipped=plan.skipped, params_before=count_parameters(model))
     aliases = _all_names(model)
@@ -285,10 +285,10 @@ def convert_model(model: nn.Module, config: DendriteConfig,
     if not selected:
         types = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         filtered = reached and (config.include or config.exclude)
-        why = "the --include/--exclude filters left none" if filtered else f"layer types found: {', '.join(types)}"
+        why = "the include=/exclude= filters left none" if filtered else f"layer types found: {', '.join(types)}"
         raise ConversionError(
             f"No Linear, ConvNd, ConvTransposeNd or Conv1D layer to convert ({why}; Embedding, LSTM and GRU layers "
-            "convert when --include names them); check the model or the filters."
+            "convert when include= names them); check the model or the filters."
         )
 
     param_names: dict[int, list[str]] = defaultdict(list)

@@ -136,7 +136,7 @@ def record(model: nn.Module, specs: list[dict], description: str, explicit: bool
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         if explicit:
             raise UsageError(f"the model cannot run on the example input of shape {shapes} ({type(exc).__name__}: "
-                             f"{first}); give an input shape it accepts (--input-shape).") from exc
+                             f"{first}); give an input shape it accepts (input_shape=).", parameter="input_shape") from exc
         return (f"self-check skipped: the model does not run on the {reference.description} "
                 f"({type(exc).__name__}); pass an input shape it accepts (--input-shape)")
     finally:
@@ -212,7 +212,7 @@ def verify(model: nn.Module, reference: Reference) -> str:
     if mismatches:
         raise ConversionError(f"self-check failed: with zero dendrites the converted model does not compute what the "
                               f"original computed on the {reference.description}: target {mismatches[0]}; "
-                              "nothing was written; exclude that target (--exclude) and report the model as a bug.")
+                              "nothing was written; exclude that target (exclude=) and report the model as a bug.")
     if not _all_same(outputs, reference.outputs, reference.exact):
         raise ConversionError(f"self-check failed: with zero dendrites the converted model's output differs from the "
                               f"original's on the {reference.description}, although every target's own output "

@@ -26,10 +26,10 @@ _TEMPORARY = re.compile(r"\.dendrite-(tmp|old)-(\d+)-[0-9a-f]{32}(\..*)?")  # af
 LOCK_FILE = ".dendrite.lock"
 
 
-def check_writable(path: Path, force: bool, option: str = "-o/--output") -> None:
-    """Fail before any work when the output exists and --force was not given."""
+def check_writable(path: Path, force: bool, parameter: str = "output") -> None:
+    """Fail before any work when the output exists and force was not given."""
     if path.exists() and not force:
-        raise UsageError(f"{option} {path} already exists; pass --force to replace it.")
+        raise UsageError(f"{parameter} {path} already exists; pass force=True to replace it.", parameter=parameter)
 
 
 def temporary_name(path: Path, kind: str = "tmp") -> Path:

@@ -63,11 +63,14 @@ class ExportConfig:
         if self.format not in ("onnx", "safetensors", "pt2"):
             raise UsageError(f"format must be onnx, safetensors or pt2, not {self.format!r}.")
         if self.gemm_layout not in LAYOUTS:
-            raise UsageError(f"--gemm-layout must be one of {', '.join(LAYOUTS)}, not {self.gemm_layout!r}.")
-        if self.atol < 0 or self.rtol < 0 or self.prune_below < 0:
-            raise UsageError("--atol, --rtol and --prune-below must be 0 or more.")
+            raise UsageError(f"gemm_layout must be one of {', '.join(LAYOUTS)}, not {self.gemm_layout!r}.",
+                             parameter="gemm_layout")
+        for name in ("atol", "rtol", "prune_below"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 or more, not {getattr(self, name)}.", parameter=name)
         if self.opset is not None and not 18 <= self.opset <= 23:
-            raise UsageError(f"--opset must be between 18 and 23 for the dynamo exporter, not {self.opset}.")
+            raise UsageError(f"opset must be between 18 and 23 for the dynamo exporter, not {self.opset}.",
+                             parameter="opset")
 
 
 @dataclass
@@ -122,7 +125,7 @@ def _make(spec: dict, sizes: dict[str, int], generator) -> torch.Tensor:
 def _from_specs(specs: list[dict]) -> _Inputs:
     for spec in specs:
         if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or not spec["shape"]:
-            raise LoadError(f"a recorded example input {spec!r} has no shape; pass --input-shape.")
+            raise LoadError(f"a recorded example input {spec!r} has no shape; pass input_shape=.")
     sizes = {name: spec["shape"][axis] for spec in specs for axis, name in spec_axes(spec).items()}
     if "batch" in sizes:
         sizes["batch"] = max(2, sizes["batch"])  # a batch of 1 lets the exporter specialise the batch axis
@@ -168,7 +171,7 @@ def _check_runs(model: nn.Module, inputs: _Inputs) -> None:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"the model cannot run on example inputs of shape {shapes} ({type(exc).__name__}: {first}); "
-                         "pass a matching --input-shape.") from exc
+                         "pass a matching input_shape=.", parameter="input_shape") from exc
 
 
 def _dynamic_shapes(inputs: _Inputs):
@@ -215,12 +218,13 @@ def _export(model, output: Path, config: ExportConfig, inputs, folded: nn.Module
         converted = load_converted(Path(model), trust_code=config.trust_code, factory=config.factory,
                                    allow_modules=config.allow_modules, trust_pickle=config.trust_pickle)
     if converted is None and config.format == "safetensors":
-        raise UsageError("--safetensors needs a converted directory or a ConvertedModel with a source to rebuild "
-                         "the architecture from; save the model with dendrite-convert first.")
+        raise UsageError("format='safetensors' needs a converted directory or a ConvertedModel with a source to "
+                         "rebuild the architecture from; convert the model first.")
     unfolded = _on_cpu(converted.model if converted else model).eval()
     inputs = resolve_inputs(config, converted.example_inputs if converted else [], inputs)
     if inputs is None and config.format in ("onnx", "pt2"):
-        raise UsageError("no example input: pass --input-shape (e.g. 2,3,32,32), --adapter, or convert with --input-shape.")
+        raise UsageError("no example input: pass input_shape= (the shape of one batch), adapter=, or convert with "
+                         "input_shape=.")
     example = inputs.example if inputs else None
     if inputs is not None:
         _check_runs(unfolded, inputs)
@@ -324,7 +328,7 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
     size = sum(t.numel() * t.element_size() for t in [*folded.parameters(), *folded.buffers()])
     if size > _PROTOBUF_LIMIT:
         raise ConversionError(f"the folded model holds {size / 1024**3:.2f} GiB of weights, above the 2 GB limit of a "
-                              "single ONNX file; export --safetensors instead.")
+                              "single ONNX file; export with format='safetensors' instead.")
     args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
     if disable_caches(folded):  # a KV cache is not an inference output of the exported graph
         report.notes.append("use_cache=False for export: the graph returns no key/value cache")

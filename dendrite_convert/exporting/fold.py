@@ -79,7 +79,7 @@ def _fold_norm(weight, bias, norm: nn.Module):
     if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
         raise ConversionError(
             f"{type(norm).__name__} without running statistics (track_running_stats=False) normalises by batch "
-            "statistics even in eval mode and cannot be folded; export the model without pairing it (--no-norm-pairs)."
+            "statistics even in eval mode and cannot be folded; convert the model again without pairing norms (pair_norms=False)."
         )
     scale = torch.rsqrt(norm.running_var.detach() + norm.eps)
     if norm.weight is not None:

@@ -86,7 +86,7 @@ def load_folded(path: str | Path, *, trust_code: bool = False, factory: str | No
         raise LoadError(f"{path} is not a folded-model directory: {FOLDED_CONFIG} is missing.")
     data = read_json(file)
     if data.get("kind") != "folded" or not isinstance(data.get("schema_version"), int):
-        raise LoadError(f"{file} was not written by dendrite-export --safetensors.")
+        raise LoadError(f"{file} was not written by a safetensors export of dendrite_convert.")
     if data["schema_version"] > FOLDED_SCHEMA:
         raise LoadError(f"{file} has schema version {data['schema_version']}; upgrade dendrite_convert to load it.")
     try:

@@ -84,7 +84,7 @@ def _check_loads_without_code(path: Path, output: Path) -> None:
         check_pt2(path)
     except LoadError as exc:  # our own program must load without --trust-code: anything else is a bug here
         raise ConversionError(f"{output}: the program torch.export wrote would need the full unpickler to load "
-                              f"({exc}); export --onnx or --safetensors instead.") from exc
+                              f"({exc}); export with format='onnx' or format='safetensors' instead.") from exc
 
 
 def _verify(unfolded: nn.Module, path: Path, fresh, names: list[str], atol: float, rtol: float) -> VerifyReport:
