@@ -1,7 +1,7 @@
 """dendrite-train at realistic sizes: a ResNet-18 on 32x32 images and a ~20M-parameter transformer, against the
 hand-written loop of the same model on the same device and precision.
 
-    python benchmarks/hardware.py [--device auto] [--precision fp32|bf16|fp16] [--images 50000] [--epochs 2]
+    python benchmarks/hardware.py [--device auto] [--precision fp32|bf16|fp16] [--images 50000] [--epochs 5]
                                   [--sequences 20000] [--correlation-samples 4096] [--quick]
 
 Data are generated and learnable: each image class is a fixed random pattern under noise (10 classes), each token
@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--images", type=int, default=50_000, help="training images (plus 10%% for validation)")
     parser.add_argument("--sequences", type=int, default=20_000, help="training sequences of 128 tokens")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per run (the first and the last always checkpoint)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dendrites", default="0,1,3")
     parser.add_argument("--correlation-samples", type=int, default=4096, help="0: skip the correlation phase")
