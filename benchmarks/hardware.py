@@ -1,8 +1,8 @@
 """dendrite-train at realistic sizes: a ResNet-18 on 32x32 images and a ~20M-parameter transformer, against the
 hand-written loop of the same model on the same device and precision.
 
-    python benchmarks/hardware.py [--device auto] [--precision fp32|bf16|fp16] [--images 50000] [--epochs 2]
-                                  [--sequences 20000] [--quick]
+    python benchmarks/hardware.py [--device auto] [--precision fp32|bf16|fp16] [--images 50000] [--epochs 5]
+                                  [--sequences 20000] [--correlation-samples 4096] [--quick]
 
 Data are generated and learnable: each image class is a fixed random pattern under noise (10 classes), each token
 sequence follows a fixed random successor table (next token = table[token] 90% of the time). For each model the
@@ -193,7 +193,8 @@ def tool(spec: dict, adapter) -> dict:
     epochs, k = spec["epochs"], spec["dendrites"]
     if spec.get("correlation"):
         config = TrainConfig(objective="correlation", max_epochs=3, switch_every=1, max_dendrites=1,
-                             correlation_samples=spec["correlation"], device=spec["device"], precision=spec["precision"])
+                             correlation_samples=spec["correlation"], correlation_epochs=spec["correlation_epochs"],
+                             candidates=spec["candidates"], device=spec["device"], precision=spec["precision"])
     else:
         config = TrainConfig(max_epochs=epochs, switch_every=epochs + 1, max_dendrites=k, device=spec["device"],
                              precision=spec["precision"])
@@ -289,12 +290,14 @@ def run_model(label: str, samples: int, dirs: dict, adapter: Path, args, tmp: Pa
         print(lines[-1], flush=True)
     if correlation:
         spec = {**base, "converted": str(dirs[0]), "dendrites": 0, "output": str(tmp / "corr"), "kind": "tool",
-                "correlation": correlation}
+                "correlation": correlation, "correlation_epochs": args.correlation_epochs,
+                "candidates": args.candidates}
         got = measure(spec)
         if got["phase_seconds"] is None:
             raise SystemExit("the correlation run recorded no dendrite phase")
         lines.append(f"\ncorrelation phase on the {label} (0 -> 1 dendrite per target, {correlation} samples recorded, "
-                     f"default 512 MB budget): {got['phase_seconds']:.1f} s, peak {_mb(got['phase_peak_mb'])} MB")
+                     f"{args.candidates} candidates x {args.correlation_epochs} passes, 512 MB budget): "
+                     f"{got['phase_seconds']:.1f} s, peak {_mb(got['phase_peak_mb'])} MB")
         print(lines[-1], flush=True)
     return lines
 
@@ -313,10 +316,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--images", type=int, default=50_000, help="training images (plus 10%% for validation)")
     parser.add_argument("--sequences", type=int, default=20_000, help="training sequences of 128 tokens")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per run (the first and the last always checkpoint)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dendrites", default="0,1,3")
     parser.add_argument("--correlation-samples", type=int, default=4096, help="0: skip the correlation phase")
+    parser.add_argument("--correlation-epochs", type=int, default=20, help="candidate passes (dendrite-train's default)")
+    parser.add_argument("--candidates", type=int, default=4, help="candidates per target (dendrite-train's default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     parser.add_argument("--skip", choices=["resnet", "transformer"], action="append", default=[])
     parser.add_argument("--quick", action="store_true", help="tiny models and data: checks that the script works")
@@ -332,7 +337,7 @@ def main() -> None:
     if args.quick:
         resnet_kwargs, gpt_kwargs = {"width": 8}, {"d": 32, "layers": 2, "heads": 4, "vocab": 64, "length": 16}
         args.images, args.sequences, args.epochs, args.batch = min(args.images, 64), min(args.sequences, 32), 1, 32
-        args.correlation_samples = min(args.correlation_samples, 32)
+        args.correlation_samples, args.correlation_epochs = min(args.correlation_samples, 32), 2
     device = resolve_device(args.device)
     pin = device.type == "cuda"
     print(f"torch {torch.__version__} on {describe(device)}, {args.precision}, {args.epochs} epoch(s) per run, "
