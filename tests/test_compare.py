@@ -76,12 +76,14 @@ def _rendered(result) -> str:
 def test_digits_three_seeds_with_baseline_agrees_with_summaries(tmp_path):
     import time
 
+    from dendrite_convert.conversion.consent import Consent
     from dendrite_convert.training.trainer import TrainConfig
 
     converted = _digits_converted(tmp_path)
     start = time.perf_counter()
+    factory = Consent(factory=str(ROOT / "examples/digits/model.py") + ":build")  # named again (consent rule)
     result = compare(converted, ROOT / "examples/digits/adapter.py", tmp_path / "cmp",
-                     TrainConfig(patience=5, max_epochs=40), seeds=3, baseline=True, jobs=2)
+                     TrainConfig(patience=5, max_epochs=40), seeds=3, baseline=True, jobs=2, consent=factory)
     assert time.perf_counter() - start < 300
     assert result.score_name == "test_at_best" and result.p_value is not None and 0 <= result.p_value <= 1
     rows = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))

@@ -16,7 +16,8 @@ def test_a_data_dependent_if_is_named_with_its_source_line_and_the_fix(tmp_path)
                            example_inputs=[{"shape": [2, 4], "dtype": "float32"}])
     converted.save(tmp_path / "converted")
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(export_app, [str(tmp_path / "converted"), "--onnx", "-o", str(out), "--no-latency"])
+    result = CliRunner().invoke(export_app, [str(tmp_path / "converted"), "--onnx", "-o", str(out), "--no-latency",
+                                             "--factory", "fixtures.probe_models:data_dependent_if"])  # named again
     assert result.exit_code == 4, result.output
     message = result.stderr.strip()
     assert "probe_models.py:" in message and "if y.mean() > 0:" in message and "torch.cond" in message

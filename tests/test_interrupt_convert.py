@@ -47,7 +47,7 @@ def test_killed_convert_leaves_complete_or_nothing(big_model, tmp_path, sig):
         proc.send_signal(sig)
         proc.wait(timeout=60)
         if out.exists():
-            assert sorted(p.name for p in out.iterdir()) == ["dendrite_config.json", "model.safetensors"]
+            assert sorted(p.name for p in out.iterdir()) == ["dendrite_config.json", "model.safetensors", "source_model.pt"]
             dc.load(out)
             outcomes.append("complete")
         else:
