@@ -19,6 +19,7 @@ from dendrite_convert.training.objectives import OBJECTIVES, make_objective
 from dendrite_convert.training.objectives import closed_form as closed_form_module
 from dendrite_convert.training.objectives.base import TrainingData
 from dendrite_convert.training.objectives.closed_form import ClosedForm
+from tests.helpers_callbacks import lightning_fit, regression_data, regression_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -56,10 +57,6 @@ def optimizer(params):
     return torch.optim.Adam(params, lr=0.01)
 '''
 
-
-def _net(rank=None):
-    torch.manual_seed(0)
-    return dc.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)), dc.DendriteConfig(rank=rank)).model
 
 
 @pytest.fixture()
@@ -159,7 +156,7 @@ def test_rank_comes_from_the_converted_model_and_where_to_grow_limits_the_target
             return float(sum((model(a) - b).square().mean() for a, b in batches)) / len(batches)
 
     for rank, objective, grown in ((1, ClosedForm(order=1), 2), (None, ClosedForm(top_k=1), 1)):
-        model = _net(rank)
+        model = regression_net(rank)
         before = mean_loss(model)
         data = TrainingData(batches, lambda batch: (model(batch[0]) - batch[1]).square().mean())
         objective.grow(model, data)
@@ -172,11 +169,6 @@ def test_rank_comes_from_the_converted_model_and_where_to_grow_limits_the_target
 
 
 # ---- both callbacks --------------------------------------------------------------------------------
-
-def _regression_data(n: int = 128):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 6, generator=g)
-    return x, torch.stack([torch.sin(x[:, :3].sum(1)), x[:, 3] * x[:, 4]], 1)
 
 
 @pytest.fixture()
@@ -208,13 +200,13 @@ def test_trainer_callback_grows_closed_form_dendrites(tmp_path, reports):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _net()
+            self.net = regression_net()
 
         def forward(self, x, labels=None):
             out = self.net(x)
             return {"loss": (out - labels).square().mean(), "logits": out}
 
-    x, y = _regression_data()
+    x, y = regression_data()
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
     args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=3, max_steps=10,
                                           per_device_train_batch_size=32, learning_rate=0.02, report_to=[],
@@ -229,34 +221,11 @@ def test_trainer_callback_grows_closed_form_dendrites(tmp_path, reports):
 
 
 def test_lightning_callback_grows_closed_form_dendrites(tmp_path, reports):
-    pl = pytest.importorskip("lightning.pytorch")
-    from torch.utils.data import DataLoader, TensorDataset
-
+    pytest.importorskip("lightning.pytorch")
     from dendrite_convert.integrations.lightning import DendriteCallback
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def training_step(self, batch, _):
-            loss = (self.net(batch[0]) - batch[1]).square().mean()
-            self.log("train_loss", loss)
-            return loss
-
-        def validation_step(self, batch, _):
-            self.log("val_loss", (self.net(batch[0]) - batch[1]).square().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.02)
-
-    data = TensorDataset(*_regression_data())
     callback = DendriteCallback(capacity_test=True, objective="closed-form")
-    trainer = pl.Trainer(max_epochs=4, callbacks=[callback], logger=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         enable_checkpointing=False, default_root_dir=str(tmp_path))
-    module = Module()
-    trainer.fit(module, DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=128))
+    module = lightning_fit(tmp_path, callback, max_epochs=4)
     assert [h["action"] for h in callback.growth.history][:3] == ["add", "add", "add"]
     _assert_grown_at_a_lower_loss(reports, module)
 

@@ -18,6 +18,7 @@ from dendrite_convert.training.objectives import OBJECTIVES, Correlation, Gradie
 from dendrite_convert.training.objectives.closed_form import ClosedForm
 from dendrite_convert.training.objectives.correlation import freeze_dendrites
 from dendrite_convert.training.schedule import ScheduleConfig
+from tests.helpers_callbacks import lightning_fit, regression_data, regression_net
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
@@ -118,16 +119,6 @@ def test_growth_without_the_loss_refuses_an_objective_that_needs_it():
 
 # ---- both callbacks run the correlation objective ------------------------------------------------
 
-def _regression_data(n: int = 128):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 6, generator=g)
-    return x, torch.stack([torch.sin(x[:, :3].sum(1)), x[:, 3] * x[:, 4]], 1)
-
-
-def _net():
-    torch.manual_seed(0)
-    return dc.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)), dc.DendriteConfig()).model
-
 
 class _RecordedCorrelation(Correlation):
     """The correlation objective, noting each dendrite as inserted (the test compares it at the end)."""
@@ -146,7 +137,7 @@ def test_trainer_callback_inserts_trained_frozen_correlation_dendrites(tmp_path)
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _net()
+            self.net = regression_net()
 
         def forward(self, x, labels=None):
             out = self.net(x)
@@ -160,7 +151,7 @@ def test_trainer_callback_inserts_trained_frozen_correlation_dendrites(tmp_path)
             optimized.append(params == {id(p) for p in model.parameters() if p.requires_grad})
 
     _INSERTED.clear()
-    x, y = _regression_data()
+    x, y = regression_data()
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
     args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=3, max_steps=14,
                                           per_device_train_batch_size=32, learning_rate=0.02, report_to=[],
@@ -177,36 +168,13 @@ def test_trainer_callback_inserts_trained_frozen_correlation_dendrites(tmp_path)
 
 
 def test_lightning_callback_inserts_trained_frozen_correlation_dendrites(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from torch.utils.data import DataLoader, TensorDataset
-
+    pytest.importorskip("lightning.pytorch")
     from dendrite_convert.integrations.lightning import DendriteCallback
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def training_step(self, batch, _):
-            loss = (self.net(batch[0]) - batch[1]).square().mean()
-            self.log("train_loss", loss)  # muted while the objective reads the error signal
-            return loss
-
-        def validation_step(self, batch, _):
-            self.log("val_loss", (self.net(batch[0]) - batch[1]).square().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.02)
 
     assert DendriteCallback(objective="correlation").growth.objective == Correlation()
     _INSERTED.clear()
-    data = TensorDataset(*_regression_data())
     callback = DendriteCallback(capacity_test=True, objective=_RecordedCorrelation(candidates=2, epochs=4, samples=64))
-    trainer = pl.Trainer(max_epochs=5, callbacks=[callback], logger=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         enable_checkpointing=False, default_root_dir=str(tmp_path))
-    module = Module()
-    trainer.fit(module, DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=128))
+    module = lightning_fit(tmp_path, callback, max_epochs=5)
     assert [h["action"] for h in callback.growth.history][:3] == ["add", "add", "add"]
     assert callback.growth.schedule.config.dendrite_phase_epochs == 1
     _assert_frozen_and_scales_trained(module, _INSERTED)
