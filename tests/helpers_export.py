@@ -119,3 +119,19 @@ def tiny_gpt2() -> nn.Module:
 def unfoldable_bn() -> nn.Module:
     """Linear -> BatchNorm1d without running statistics: it normalises by the batch even in eval, so no fold."""
     return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 2))
+
+
+def perturb_the_fold(monkeypatch) -> None:
+    """Make export's fold move one bias (`head.main.bias`) by 0.01: a wrong fold that verification must catch."""
+    import sys
+
+    module = sys.modules["dendrite_convert.exporting.export"]  # the package's `export` name is the function
+    real_fold = module.fold
+
+    def perturbed(*args, **kwargs):
+        result = real_fold(*args, **kwargs)
+        with torch.no_grad():
+            result.model.head.main.bias.add_(0.01)
+        return result
+
+    monkeypatch.setattr(module, "fold", perturbed)

@@ -16,7 +16,8 @@ from dendrite_convert.cli import app
 from dendrite_convert.cli.export import app as export_app
 from dendrite_convert.exporting.fold import strip_dendrites
 from dendrite_convert.exporting.verify import ort_session
-from tests.helpers_export import add_dendrites, cnn, conv1d_net, mlp, tiny_bert_classifier, tiny_gpt2, unfoldable_bn
+from tests.helpers_export import (add_dendrites, cnn, conv1d_net, mlp, perturb_the_fold, tiny_bert_classifier, tiny_gpt2,
+                                  unfoldable_bn)
 
 runner = CliRunner()
 EXPORT = sys.modules["dendrite_convert.exporting.export"]  # the package re-exports the function under the module's name
@@ -155,15 +156,7 @@ def test_cli_onnx_json_and_latency_table(saved_cnn, tmp_path):
 
 
 def test_cli_forced_verification_failure_exits_5_and_leaves_nothing(saved_cnn, tmp_path, monkeypatch):
-    real_fold = EXPORT.fold
-
-    def perturbed(*args, **kwargs):
-        result = real_fold(*args, **kwargs)
-        with torch.no_grad():
-            result.model.head.main.bias.add_(0.01)
-        return result
-
-    monkeypatch.setattr(EXPORT, "fold", perturbed)
+    perturb_the_fold(monkeypatch)
     out = tmp_path / "model.onnx"
     result = runner.invoke(export_app, ["--trust-code", str(saved_cnn), "--onnx", "-o", str(out), "--gemm-layout", "separate"])
     line = _one_sentence(result, 5)

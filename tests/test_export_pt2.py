@@ -14,7 +14,8 @@ from dendrite_convert.cli.convert import app as convert_app
 from dendrite_convert.cli.export import app as export_app
 from dendrite_convert.conversion.consent import check_pt2
 from dendrite_convert.exporting.fold import strip_dendrites
-from tests.test_export import EXPORT, _converted
+from tests.helpers_export import perturb_the_fold
+from tests.test_export import _converted
 
 runner = CliRunner()
 SITE_PACKAGES = Path(torch.__file__).resolve().parents[1]
@@ -89,15 +90,7 @@ def test_our_pt2_converts_without_trust_code(cnn_dir, tmp_path):
 
 
 def test_pt2_verification_failure_exits_5_and_leaves_nothing(cnn_dir, tmp_path, monkeypatch):
-    real_fold = EXPORT.fold
-
-    def perturbed(*args, **kwargs):
-        result = real_fold(*args, **kwargs)
-        with torch.no_grad():
-            result.model.head.main.bias.add_(0.01)
-        return result
-
-    monkeypatch.setattr(EXPORT, "fold", perturbed)
+    perturb_the_fold(monkeypatch)
     out = tmp_path / "model.pt2"
     result = runner.invoke(export_app, ["--trust-code", str(cnn_dir), "--pt2", "-o", str(out), "--gemm-layout", "separate"])
     assert result.exit_code == 5, result.output
