@@ -46,3 +46,25 @@ def lightning_fit(tmp_path, callback, max_epochs: int):
     module = Module()
     trainer.fit(module, DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=128))
     return module
+
+
+def hf_trainer(tmp_path, max_steps: int, callbacks=()):
+    """A transformers Trainer of `regression_net()` on `regression_data()`, evaluating every 3 steps."""
+    import transformers
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = regression_net()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": (out - labels).square().mean(), "logits": out}
+
+    x, y = regression_data()
+    data = [{"x": a, "labels": b} for a, b in zip(x, y)]
+    args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=3, max_steps=max_steps,
+                                          per_device_train_batch_size=32, learning_rate=0.02, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no",
+                                          seed=0)
+    return transformers.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data, callbacks=list(callbacks))

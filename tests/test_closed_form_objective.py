@@ -19,7 +19,7 @@ from dendrite_convert.training.objectives import OBJECTIVES, make_objective
 from dendrite_convert.training.objectives import closed_form as closed_form_module
 from dendrite_convert.training.objectives.base import TrainingData
 from dendrite_convert.training.objectives.closed_form import ClosedForm
-from tests.helpers_callbacks import lightning_fit, regression_data, regression_net
+from tests.helpers_callbacks import hf_trainer, lightning_fit, regression_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -194,25 +194,10 @@ def _assert_grown_at_a_lower_loss(reports: list[dict], model: nn.Module) -> None
 
 
 def test_trainer_callback_grows_closed_form_dendrites(tmp_path, reports):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from dendrite_convert.integrations.transformers import DendriteCallback
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = regression_net()
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": (out - labels).square().mean(), "logits": out}
-
-    x, y = regression_data()
-    data = [{"x": a, "labels": b} for a, b in zip(x, y)]
-    args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=3, max_steps=10,
-                                          per_device_train_batch_size=32, learning_rate=0.02, report_to=[],
-                                          use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no",
-                                          seed=0)
-    trainer = transformers.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data)
+    trainer = hf_trainer(tmp_path, max_steps=10)
     callback = DendriteCallback(capacity_test=True, objective="closed-form").attach(trainer)
     assert callback.growth.objective == ClosedForm()
     trainer.train()

@@ -18,7 +18,7 @@ from dendrite_convert.training.objectives import OBJECTIVES, Correlation, Gradie
 from dendrite_convert.training.objectives.closed_form import ClosedForm
 from dendrite_convert.training.objectives.correlation import freeze_dendrites
 from dendrite_convert.training.schedule import ScheduleConfig
-from tests.helpers_callbacks import lightning_fit, regression_data, regression_net
+from tests.helpers_callbacks import hf_trainer, lightning_fit
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
@@ -134,15 +134,6 @@ def test_trainer_callback_inserts_trained_frozen_correlation_dendrites(tmp_path)
     transformers = pytest.importorskip("transformers")
     from dendrite_convert.integrations.transformers import DendriteCallback
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = regression_net()
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": (out - labels).square().mean(), "logits": out}
-
     optimized: list[bool] = []
 
     class Recorder(transformers.TrainerCallback):
@@ -151,14 +142,7 @@ def test_trainer_callback_inserts_trained_frozen_correlation_dendrites(tmp_path)
             optimized.append(params == {id(p) for p in model.parameters() if p.requires_grad})
 
     _INSERTED.clear()
-    x, y = regression_data()
-    data = [{"x": a, "labels": b} for a, b in zip(x, y)]
-    args = transformers.TrainingArguments(str(tmp_path), eval_strategy="steps", eval_steps=3, max_steps=14,
-                                          per_device_train_batch_size=32, learning_rate=0.02, report_to=[],
-                                          use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no",
-                                          seed=0)
-    trainer = transformers.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data,
-                                   callbacks=[Recorder()])
+    trainer = hf_trainer(tmp_path, max_steps=14, callbacks=[Recorder()])
     objective = _RecordedCorrelation(candidates=2, epochs=4, samples=64)
     callback = DendriteCallback(capacity_test=True, objective=objective).attach(trainer)
     trainer.train()
