@@ -44,7 +44,7 @@ class DendriteLinear(DendriteLayer):
     def read_own_forward(cls, layer: nn.Module) -> nn.Module | str | None:
         """timm's Linear and the like: one F.linear of the input, read on two batches of rows."""
         weight, generator = layer.weight, torch.Generator().manual_seed(0)
-        probes = [torch.randn(n, cls.inputs_of(layer), generator=generator).to(weight) for n in (2, 3)]
+        probes = [torch.randn(n, cls.inputs_of(layer), generator=generator, device="cpu").to(weight) for n in (2, 3)]
         return read_own_forward(layer, F.linear, probes,
                                 lambda w, b, _: cls.plain_layer(None, w, b, cls.layer_spec(layer)))
 
@@ -104,8 +104,8 @@ class _DendriteConvNd(DendriteLayer):
         stride = max(*layer.stride, 2)
         reach = max((k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation))
         side = stride * (-(-reach // stride) + 1)
-        probes = [torch.randn(1, layer.in_channels, *[side + r] * cls.spatial_dims, generator=generator).to(weight)
-                  for r in range(stride)]
+        shapes = [(1, layer.in_channels, *[side + r] * cls.spatial_dims) for r in range(stride)]
+        probes = [torch.randn(shape, generator=generator, device="cpu").to(weight) for shape in shapes]
         spec = {**cls.layer_spec(layer), "padding_mode": "zeros"}
 
         def build(w, b, tf_same):
