@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/zoo_real.py --only test_vit hf:GPT2LMHeadModel --no-capacity
 
 Stages per model: convert (0 dendrites) and exactness against the untouched model; one dendrite per target
-with random scales, save and reload exactly; train steps where every dendrite must get a gradient when its base
-layer's weight gets one; the capacity test (`train --capacity-test` on generated data); ONNX export with parity.
+with random scales, save and reload exactly; train steps (BatchNorm frozen) where every dendrite must get a
+gradient when its base layer's weight gets one; the capacity test (`train --capacity-test` on generated data); ONNX export with parity.
 A stage that stops with a DendriteError is a refusal (its message is the reason); any other exception, an
 inexact result or a dead dendrite is a failure. Writes benchmarks/results/zoo_real.md (or zoo_real_quick.md).
 """
@@ -203,6 +203,9 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
 
     def train():
         model = state["converted"].model.train()
+        for module in model.modules():  # BatchNorm over a batch of 2 at 1x1 resolution (efficientnet_b0 at 32 px)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # has gradients of 1e7: one step NaNs it
+                module.eval()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         for step in range(3):
             optimizer.zero_grad()
