@@ -180,3 +180,18 @@ def test_a_model_with_them_exports_to_onnx_with_parity(timm, tmp_path):
                                                                         latency=False))
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
     assert len(report.folds) == 7 and "extra" not in {r.name for r in report.folds}
+
+
+def test_a_converted_nfnet_saves_and_reloads_exactly(timm, tmp_path):
+    """Reloading checks the recipe on the meta device first, where the reading sees the structure only."""
+    from fixtures.real_zoo import build
+
+    factory = {"factory": "fixtures.real_zoo:build", "factory_kwargs": {"name": "test_nfnet"}}
+    converted = dc.convert(build("test_nfnet"), dc.DendriteConfig(rank=2), **factory)
+    add_dendrites(converted.model, k=2, scale=0.1)
+    converted.save(tmp_path / "converted")
+    again = dc.load_converted(tmp_path / "converted", factory=factory["factory"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.model.eval()(x), converted.model.eval()(x))
+    assert sum(layer.num_dendrites for layer in dc.dendrite_layers(again.model).values()) == 2 * 34

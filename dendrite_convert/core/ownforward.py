@@ -122,8 +122,8 @@ def read_own_forward(layer: nn.Module, functional: Callable, probes: list[torch.
         weight, bias = call["weight"], call.get("bias")
         if read is None:
             read = (weight, bias, padded)
-        elif real and not (torch.equal(weight, read[0]) and (bias is None) == (read[1] is None)
-                  and (bias is None or torch.equal(bias, read[1])) and padded == read[2]):
+        elif padded != read[2] or (bias is None) != (read[1] is None) or real and not (
+                torch.equal(weight, read[0]) and (bias is None or torch.equal(bias, read[1]))):
             return f"the weight, bias or padding of its {name} call depends on the input"
         outputs.append(y)
     weight, bias, padded = read
