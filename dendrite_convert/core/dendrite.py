@@ -32,6 +32,8 @@ import math
 import torch
 from torch import nn
 
+from .ownforward import own_forward_refusal, plain_form
+
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
@@ -152,13 +154,14 @@ class DendriteLayer(nn.Module):
         return y
 
     def new_dendrite(self) -> nn.Module:
-        """A fresh dendrite: a copy of the neuron with weights ~ N(0, init_std^2) and fresh norm state.
+        """A fresh dendrite: a copy of the neuron (of its plain form) with weights ~ N(0, init_std^2) and fresh norm state.
 
         With `rank`, a low-rank dendrite of the same input/output shape instead, where that is cheaper.
         """
-        dendrite = self.low_rank_dendrite(self.base_layer, self.rank, self.init_std, self.width) if self.rank else None
+        template = self.plain_form(self.base_layer)
+        dendrite = self.low_rank_dendrite(template, self.rank, self.init_std, self.width) if self.rank else None
         if dendrite is None:
-            dendrite = self.narrow_copy(self.base_layer, self.width)
+            dendrite = self.narrow_copy(template, self.width)
             with torch.no_grad():
                 for p in dendrite.parameters():
                     p.normal_(0.0, self.init_std)
@@ -228,16 +231,22 @@ class DendriteLayer(nn.Module):
 
     @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
-        """Why `module` cannot be a target although it matches, or None. A subclass that computes its output in its
-        own forward (timm's ScaledStdConv2d standardises its weight, Conv2dSame pads by the input size) would get
-        dendrites of the plain layer's math and a fold from its raw weight: a wrong export, so it is left alone."""
-        base = cls.layer_type
-        own = [name for name in ("forward", "_conv_forward")
-               if base is not None and getattr(type(module), name, None) is not getattr(base, name, None)]
-        if own:
-            return (f"{type(module).__name__} computes its output in its own {own[0]} (it overrides {base.__name__}'s), "
-                    "which dendrites and the fold cannot reproduce from its weight")
+        """Why `module` cannot be a target although it matches, or None: e.g. a subclass computing its output in
+        its own forward that its family cannot read as a plain layer (core/ownforward.py)."""
+        return own_forward_refusal(module, cls.layer_type, cls.read_own_forward)
+
+    @classmethod
+    def read_own_forward(cls, layer: nn.Module) -> nn.Module | str | None:
+        """For a subclass computing its output in its own forward: the plain layer of this family computing the
+        same (its effective weight, in the layer's current mode), or why there is none; None when this family
+        does not read such layers."""
         return None
+
+    @classmethod
+    def plain_form(cls, layer: nn.Module) -> nn.Module:
+        """`layer` as a plain layer of this family that computes what it computes: the layer itself, or what
+        `read_own_forward` reads from a subclass with its own forward. Dendrites copy it; the fold folds it."""
+        return plain_form(layer, cls.layer_type, cls.read_own_forward)
 
     @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
@@ -321,9 +330,10 @@ class DendriteLayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def plain_layer(cls, template: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        """A standard layer with the template's hyper-parameters and the given out-major weights."""
-        spec = {**cls.layer_spec(template), "bias": bias is not None}
+    def plain_layer(cls, template: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                    spec: dict | None = None) -> nn.Module:
+        """A standard layer with the template's hyper-parameters (or those of `spec`) and the given out-major weights."""
+        spec = {**(spec or cls.layer_spec(template)), "bias": bias is not None}
         layer = cls.layer_from_spec(spec, out_channels=weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(cls.plain_weight(weight, getattr(layer, "groups", 1)))

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dendrite import DendriteLayer
+from .ownforward import read_own_forward
+from .tfsame import TFSameConv1d, TFSameConv2d, TFSameConv3d, TFSameConv
 
 _ATEN = torch.ops.aten
 
@@ -37,6 +39,14 @@ class DendriteLinear(DendriteLayer):
         if rank * (n_in + width) >= n_in * width:
             return None
         return nn.Linear(n_in, rank, bias=False, **factory), nn.Linear(rank, width, bias=bias, **factory)
+
+    @classmethod
+    def read_own_forward(cls, layer: nn.Module) -> nn.Module | str | None:
+        """timm's Linear and the like: one F.linear of the input, read on two batches of rows."""
+        weight, generator = layer.weight, torch.Generator().manual_seed(0)
+        probes = [torch.randn(n, cls.inputs_of(layer), generator=generator, device="cpu").to(weight) for n in (2, 3)]
+        return read_own_forward(layer, F.linear, probes,
+                                lambda w, b, _: cls.plain_layer(None, w, b, cls.layer_spec(layer)))
 
     @classmethod
     def layer_spec(cls, layer: nn.Module, out_channels: int | None = None) -> dict:
@@ -81,7 +91,26 @@ class DendriteHFConv1D(DendriteLinear):
 
 class _DendriteConvNd(DendriteLayer):
     """nn.ConvNd: weight [out, in/groups, *kernel], channels on axis 1 (or 0 unbatched). Dendrites of grouped
-    convs serve every channel; low rank is a conv with R outputs and the layer's geometry, then a 1x1 conv."""
+    convs serve every channel; low rank is a conv with R outputs and the layer's geometry, then a 1x1 conv.
+    A conv with TensorFlow's 'SAME' padding (tfsame.py) records padding "tf_same" in its spec."""
+
+    tf_same_type: type[nn.Module] | None = None
+
+    @classmethod
+    def read_own_forward(cls, layer: nn.Module) -> nn.Module | str | None:
+        """timm's ScaledStdConv2d, StdConv2d, Conv2dSame and the like: one F.convNd of the input, or of the input
+        padded as 'SAME', read on inputs whose sizes cover every remainder of the stride."""
+        weight, generator = layer.weight, torch.Generator().manual_seed(0)
+        stride = max(*layer.stride, 2)
+        reach = max((k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation))
+        side = stride * (-(-reach // stride) + 1)
+        shapes = [(1, layer.in_channels, *[side + r] * cls.spatial_dims) for r in range(stride)]
+        probes = [torch.randn(shape, generator=generator, device="cpu").to(weight) for shape in shapes]
+        spec = {**cls.layer_spec(layer), "padding_mode": "zeros"}
+
+        def build(w, b, tf_same):
+            return cls.plain_layer(None, w, b, {**spec, "padding": "tf_same"} if tf_same else spec)
+        return read_own_forward(layer, cls.functionals[0], probes, build)
 
     @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
@@ -98,27 +127,29 @@ class _DendriteConvNd(DendriteLayer):
         kernel = base.weight[0].numel()  # in_channels * prod(kernel_size)
         if rank * (kernel + width) >= kernel * width:
             return None
-        conv = cls.layer_type
-        first = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                     bias=False, padding_mode=base.padding_mode, **factory)
-        return first, conv(rank, width, 1, bias=bias, **factory)
+        first = cls.layer_from_spec({**cls.layer_spec(base), "bias": False}, out_channels=rank).to(**factory)
+        return first, cls.layer_type(rank, width, 1, bias=bias, **factory)
 
     @classmethod
     def layer_spec(cls, layer: nn.Module, out_channels: int | None = None) -> dict:
         return {"type": cls.layer_type.__name__, "in_channels": layer.in_channels,
                 "out_channels": out_channels or layer.out_channels, "kernel_size": list(layer.kernel_size),
                 "stride": list(layer.stride),
-                "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                "padding": "tf_same" if isinstance(layer, TFSameConv) else
+                           layer.padding if isinstance(layer.padding, str) else list(layer.padding),
                 "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
                 "spatial_dims": cls.spatial_dims, "bias": getattr(layer, "bias", None) is not None}
 
     @classmethod
     def layer_from_spec(cls, spec: dict, out_channels: int | None = None) -> nn.Module:
         padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
-        return cls.layer_type(spec["in_channels"], out_channels or spec["out_channels"], tuple(spec["kernel_size"]),
-                              stride=tuple(spec["stride"]), padding=padding, dilation=tuple(spec["dilation"]),
-                              groups=spec["groups"], padding_mode=spec["padding_mode"], bias=spec.get("bias", True),
-                              **cls._extra_options(spec))
+        kind = cls.layer_type
+        if padding == "tf_same" and cls.tf_same_type is not None:
+            kind, padding = cls.tf_same_type, 0
+        return kind(spec["in_channels"], out_channels or spec["out_channels"], tuple(spec["kernel_size"]),
+                    stride=tuple(spec["stride"]), padding=padding, dilation=tuple(spec["dilation"]),
+                    groups=spec["groups"], padding_mode=spec["padding_mode"], bias=spec.get("bias", True),
+                    **cls._extra_options(spec))
 
     @classmethod
     def _extra_options(cls, spec: dict) -> dict:
@@ -134,17 +165,17 @@ class _DendriteConvNd(DendriteLayer):
 
 
 class DendriteConv1d(_DendriteConvNd):
-    layer_type, spatial_dims = nn.Conv1d, 1
+    layer_type, spatial_dims, tf_same_type = nn.Conv1d, 1, TFSameConv1d
     functionals = (F.conv1d, _ATEN.conv1d.default)
 
 
 class DendriteConv2d(_DendriteConvNd):
-    layer_type, spatial_dims = nn.Conv2d, 2
+    layer_type, spatial_dims, tf_same_type = nn.Conv2d, 2, TFSameConv2d
     functionals = (F.conv2d, _ATEN.conv2d.default)
 
 
 class DendriteConv3d(_DendriteConvNd):
-    layer_type, spatial_dims = nn.Conv3d, 3
+    layer_type, spatial_dims, tf_same_type = nn.Conv3d, 3, TFSameConv3d
     functionals = (F.conv3d, _ATEN.conv3d.default)
 
 
@@ -160,6 +191,10 @@ class _DendriteConvTransposeNd(_DendriteConvNd):
     weight_out_axis = 1
     concatenable = False
     functionals = ()
+
+    @classmethod
+    def read_own_forward(cls, layer: nn.Module) -> nn.Module | str | None:
+        return None
 
     @classmethod
     def low_rank_factors(cls, base, rank, width, bias, **factory):

@@ -16,8 +16,10 @@ Per target (the math of layers.py, eval semantics):
 
 A family whose input is an index (Embedding) precomputes its outputs instead: one plain layer, exact whatever
 the activation. A recurrent layer's dendrites add to its gate inputs, a Linear with dendrites inside it: that is
-folded as above and the plain recurrence put around it (core/recurrent.py). What a layer's weights look like comes from its family (core/layers.py); the folded module
-and its specs are in folded.py. `fold_model` returns a copy; it is idempotent (no dendrite layers are left).
+folded as above and the plain recurrence put around it (core/recurrent.py). A target whose class computes its output in
+its own forward (timm's ScaledStdConv2d, Conv2dSame) is folded as its plain form: the plain layer its family reads
+from that computation, with its effective weight in eval and its padding (core/ownforward.py). What a layer's
+weights look like comes from its family (core/layers.py); the folded module and its specs are in folded.py. `fold_model` returns a copy; it is idempotent (no dendrite layers are left).
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ def fold_layer(layer: DendriteLayer, prune_below: float = 0.0, layout: str = "se
     precomputed = layer.precomputed()
     if precomputed is not None:
         return precomputed.requires_grad_(False), FoldRecord(name, "layer", k, 0, folded=k)
-    weight, bias = equivalent_weight_bias(_neuron_module(layer))
-    template, plain_layer = layer.base_layer, layer.plain_layer
+    template, plain_layer = layer.plain_form(layer.base_layer), layer.plain_layer  # a subclass read through its forward
+    weight, bias = equivalent_weight_bias(template if layer.norm is None else nn.Sequential(template, layer.norm))
     sets = layer.dendrite_channels  # None, or [k, m]: the channels each dendrite serves
     scales = [s.detach() for s in layer.dendrite_scales]
     cascade = [_shared_cascade(u.detach(), sets, i) for i, u in enumerate(layer.dendrite_cascade)]

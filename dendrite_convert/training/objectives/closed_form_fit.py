@@ -119,6 +119,8 @@ def supported(layer: DendriteLayer) -> str | None:
     base = layer.base_layer
     if not isinstance(base._parameters.get("weight"), nn.Parameter):
         return "its weight is computed (weight or spectral norm)"
+    if layer.plain_form(base) is not base:  # timm's Linear, ScaledStdConv2d, ...: the fit adjusts the raw weight
+        return f"{type(base).__name__} computes its output in its own forward"
     if isinstance(base, nn.Linear) or DendriteHFConv1D.matches(base):
         return None
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d) and base.groups == 1:
