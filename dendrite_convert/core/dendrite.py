@@ -240,6 +240,12 @@ class DendriteLayer(nn.Module):
         return None
 
     @classmethod
+    def split(cls, module: nn.Module) -> nn.Module | None:
+        """For a layer holding several weight sets of this family (a stacked or bidirectional LSTM), a module that
+        computes it from one layer per set, its children, each a target of its own; else None."""
+        return None
+
+    @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
         """Output channels C of a layer of this family."""
         raise NotImplementedError
