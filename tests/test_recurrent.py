@@ -222,7 +222,7 @@ def test_onnx_and_safetensors_exports_reproduce_lstm_and_gru_dendrites(tmp_path)
     config = dc.ExportConfig(atol=1e-5, rtol=1e-5, gemm_layout="separate", latency=False)
     report = dc.export(converted, tmp_path / "model.onnx", config)
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
-    assert report.verify.input_shapes == [[3, STEPS, FEATURES]]  # another batch size than the example's
+    assert report.verify.input_shapes == [[3, STEPS + 1, FEATURES]]  # another batch size and length than the example's
     assert {r.name: (r.form, r.kept) for r in report.folds if r.name != "head"} == {"lstm": ("dendrites", 2),
                                                                                  "gru": ("dendrites", 2)}
     ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
