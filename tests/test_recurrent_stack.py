@@ -1,7 +1,7 @@
 """Stacked and bidirectional nn.LSTM/GRU: one target per layer and direction, bit for bit at zero dendrites (with and
 without initial states, either layout), the parts composed as torch composes them (checked against the step-by-step
-gate math), packed sequences, gradients with dropout in training, the fold, reload, the sequence axis found at
-conversion, and ONNX at another sequence length than the example's."""
+gate math), packed sequences, gradients with dropout in training, error signals, the fold, reload, the sequence
+axis found at conversion, and ONNX and .pt2 at other sequence lengths than the example's."""
 
 import pytest
 import torch
@@ -67,7 +67,7 @@ def _leaves(result):
 def _specs(kind, batch_first, states, layers=2, directions=2):
     x = [2, STEPS, FEATURES] if batch_first else [STEPS, 2, FEATURES]
     state = {"shape": [layers * directions, 2, HIDDEN]}
-    return [{"shape": x}] + [state] * (states and (2 if kind == "LSTM" else 1))
+    return [{"shape": x}] + ([state] * (2 if kind == "LSTM" else 1) if states else [])
 
 
 @pytest.mark.parametrize("states", [False, True])
@@ -84,7 +84,8 @@ def test_stacked_bidirectional_layers_convert_bit_for_bit_one_target_per_layer_a
     assert [t.name for t in converted.report.targets] == [*PARTS, "head"]
     assert [t.out_channels for t in converted.report.targets][:4] == [(4 if kind == "LSTM" else 3) * HIDDEN] * 4
     stack = converted.model.rnn
-    assert type(stack) is RecurrentStack and (stack.hidden_size, stack.num_layers, stack.bidirectional) == (HIDDEN, 2, True)
+    assert type(stack) is RecurrentStack
+    assert (stack.hidden_size, stack.num_layers, stack.bidirectional) == (HIDDEN, 2, True)
     assert stack.weight_ih_l1_reverse is stack.l1_reverse.base_layer.weight_ih_l0  # the original's, not copies
     assert stack.l1.input_size == 2 * HIDDEN  # layer 1 reads both directions of layer 0
     torch.manual_seed(1)
@@ -133,6 +134,30 @@ def test_dendrites_of_every_layer_and_direction_get_gradients_with_dropout_in_tr
             assert p.grad is not None and p.grad.abs().max() > 0, name
     single, _ = model.eval()(torch.randn(STEPS, FEATURES))  # unbatched input
     assert single.shape == (STEPS, 1)
+
+
+def test_error_signals_reach_every_layer_and_direction():
+    """Channel-selective ranking and correlation candidates read dloss/dG at each part's own gate inputs."""
+    from dendrite_convert.core.structure import add_dendrites
+    from dendrite_convert.training.error_signal import error_ranked_channels
+    from dendrite_convert.training.objectives.correlation import CorrelationConfig, add_correlation_dendrites
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, STEPS, FEATURES), torch.randn(64, STEPS, 1)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    selective = dc.convert(Encoder(), dc.DendriteConfig(include=["rnn"], channel_fraction=0.25)).model
+    ranked = error_ranked_channels(selective, dendrite_layers(selective), batches,
+                                   lambda b: nn.functional.mse_loss(selective(b[0])[0], b[1]))
+    assert sorted(ranked) == PARTS and all(rows.shape == (HIDDEN,) for rows in ranked.values())
+    assert len({tuple(rows.tolist()) for rows in ranked.values()}) > 1  # each part ranks its own gate channels
+    add_dendrites(selective, ranked)
+    assert all(torch.equal(layer.dendrite_channels[0], ranked[name])
+               for name, layer in dendrite_layers(selective).items())
+    model = dc.convert(Encoder("GRU"), dc.DendriteConfig(include=["rnn"])).model
+    corr = add_correlation_dendrites(model, dendrite_layers(model), batches,
+                                     lambda b: nn.functional.mse_loss(model(b[0])[0], b[1]),
+                                     CorrelationConfig(candidates=2, epochs=3, max_samples=64))
+    assert sorted(corr) == PARTS and min(corr.values()) > 0.05
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -212,9 +237,10 @@ def test_onnx_of_stacked_layers_runs_at_other_sequence_lengths_and_the_safetenso
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         for a, b in zip(got, _leaves(model(x))):
             torch.testing.assert_close(torch.from_numpy(a), b.detach(), rtol=1e-5, atol=1e-5)
-    program = dc.export(converted, tmp_path / "model.pt2", dc.ExportConfig(format="pt2", atol=1e-5, gemm_layout="separate", latency=False))
-    assert program.verify.ok and program.verify.input_shapes == [[3, STEPS + 1, FEATURES]]
-    assert dc.export(converted, tmp_path / "folded", dc.ExportConfig(format="safetensors", gemm_layout="separate", latency=False)).verify.ok
+    other = {"gemm_layout": "separate", "latency": False}
+    program = dc.export(converted, tmp_path / "model.pt2", dc.ExportConfig(format="pt2", atol=1e-5, **other))
+    assert program.verify.ok and program.verify.input_shapes == [[3, STEPS + 1, FEATURES]]  # a while_loop program
+    assert dc.export(converted, tmp_path / "folded", dc.ExportConfig(format="safetensors", **other)).verify.ok
     folded = load_folded(tmp_path / "folded", factory="tests.test_recurrent_stack:encoder")
     assert [type(m) for m in folded.rnn.children()] == [FoldedRecurrent] * 4
     x = torch.randn(2, STEPS + 4, FEATURES)

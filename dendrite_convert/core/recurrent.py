@@ -19,8 +19,9 @@ output by float rounding (~1e-7), not bit for bit, and the export carries the id
 bidirectional module has one gate set per layer and direction: conversion splits it into one-layer, one-direction
 parts, each a target of this family (`split`, recurrent_stack.py). Refused with a reason: proj_size (ONNX's LSTM has
 no projection, so not even the plain layer exports). Dendrites reading h_{t-1} are not offered: a nonlinear function
-of the state inside the recurrence cannot be precomputed and would need an unrolled loop. The error signal (channel-selective ranking, correlation candidates) is dloss/dG, seen at
-`error_site`, so channel-selective dendrites serve the gate channels with the largest error and candidates fit it.
+of the state inside the recurrence cannot be precomputed and would need an unrolled loop. The error signal
+(channel-selective ranking, correlation candidates) is dloss/dG, seen at `error_site`, so channel-selective dendrites
+serve the gate channels with the largest error and candidates fit it.
 """
 
 from __future__ import annotations

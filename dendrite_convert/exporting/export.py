@@ -1,8 +1,9 @@
 """`export`: fold a dendritic model into plain layers and write verified ONNX, safetensors or .pt2 (docs/design.md §5).
 
 ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
-integer token inputs and a recurrent model's time axis) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
-inputs at another batch size (`--gemm-layout auto` picks each target's layout as layout.py says).
+integer token inputs and a recurrent model's time axis) into one file, `onnx.checker`, then onnxruntime against
+the *unfolded* model on fresh inputs at another batch size (`--gemm-layout auto` picks each target's layout as
+layout.py says).
 safetensors: the folded weights plus `folded_config.json`, the recipe `load_folded` needs to rebuild the
 folded module with plain torch. pt2: a torch.export program that loads with torch alone (pt2.py). Outputs
 are written under a temporary name and renamed only after verification, so a failure leaves nothing that
