@@ -222,7 +222,7 @@ def test_onnx_and_safetensors_exports_reproduce_lstm_and_gru_dendrites(tmp_path)
     config = dc.ExportConfig(atol=1e-5, rtol=1e-5, gemm_layout="separate", latency=False)
     report = dc.export(converted, tmp_path / "model.onnx", config)
     assert report.verify.ok and max(o.max_abs for o in report.verify.outputs) <= 1e-5
-    assert report.verify.input_shapes == [[3, STEPS, FEATURES]]  # another batch size than the example's
+    assert report.verify.input_shapes == [[3, STEPS + 1, FEATURES]]  # another batch size and length than the example's
     assert {r.name: (r.form, r.kept) for r in report.folds if r.name != "head"} == {"lstm": ("dendrites", 2),
                                                                                  "gru": ("dendrites", 2)}
     ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
@@ -235,10 +235,14 @@ def test_onnx_and_safetensors_exports_reproduce_lstm_and_gru_dendrites(tmp_path)
     torch.testing.assert_close(folded(x), converted.model(x), rtol=0, atol=1e-5)
 
 
+class Custom(nn.GRU):
+    def forward(self, input, hx=None):
+        return super().forward(input.flip(0), hx)
+
+
 @pytest.mark.parametrize("layer, reason", [
-    (nn.LSTM(3, 4, num_layers=2), "num_layers=2"),
-    (nn.GRU(3, 4, bidirectional=True), "bidirectional GRU"),
-    (nn.LSTM(3, 4, proj_size=2), "proj_size=2"),
+    (nn.LSTM(3, 4, num_layers=2, proj_size=2), "LSTM with proj_size=2: ONNX's LSTM has no projection"),
+    (Custom(3, 4, bidirectional=True), "Custom computes its output in its own forward"),
 ])
 def test_unsupported_recurrent_configurations_are_skipped_with_a_reason(layer, reason):
     class Model(nn.Module):

@@ -17,6 +17,7 @@ from .liveness import unreached_targets
 from .loading import Source, factory_source, load_source
 from .rewrite import convert_model, refresh_report
 from .selfcheck import derived_inputs
+from .sequence_axes import with_sequence_axes
 from .static_shapes import static_batch_notes
 
 
@@ -56,7 +57,14 @@ def convert(
                                  else (derived_inputs(model), "input derived from the first layer"))
     reference = selfcheck.record(model, check_inputs, description, explicit=bool(given))
     model, report = convert_model(model, replace(config, dendrites=0), unreached_targets(model, check_inputs))
-    report.notes.append(selfcheck.verify(model, reference) if isinstance(reference, selfcheck.Reference) else reference)
+    if isinstance(reference, selfcheck.Reference):
+        report.notes.append(selfcheck.verify(model, reference))
+        timed = with_sequence_axes(model, example_inputs)  # recurrent targets take any sequence length
+        report.notes += [f"input {i}: axis {next(a for a, n in s['axes'].items() if n == 'sequence')} is time; the "
+                         "export takes any sequence length" for i, s in enumerate(timed) if s not in example_inputs]
+        example_inputs = timed
+    else:
+        report.notes.append(reference)
     report.notes += static_batch_notes(model)
     if config.dendrites:  # added after the check, which proves the rewrite with zero dendrites
         set_dendrite_counts(model, config.dendrites)

@@ -307,13 +307,17 @@ def convert_model(model: nn.Module, config: DendriteConfig,
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and (plan.norm_calls[norm_name] != 1 or len(aliases[id(norm)]) != 1):
             norm_name, norm = None, None
-        layer = dendrite_class_for(base)(base, norm=norm, activation=config.activation, init_std=config.init_std,
-                                         rank=config.rank, channel_fraction=config.channel_fraction)
-        before = count_parameters(layer)
-        for _ in range(config.dendrites):
-            layer.add_dendrite()
+        whole = dendrite_class_for(base).split(base)  # a stacked LSTM: one target per layer and direction
+        parts = {name: base} if whole is None else {_join(name, p): m for p, m in whole.named_children()}
+        layers = {}
+        for part_name, part in parts.items():
+            layer = layers[part_name] = dendrite_class_for(part)(
+                part, norm=norm, activation=config.activation, init_std=config.init_std, rank=config.rank,
+                channel_fraction=config.channel_fraction)
+            if whole is not None:
+                setattr(whole, part_name.rpartition(".")[2], layer)
         for alias in dict.fromkeys([*group, *aliases[id(base)]]):
-            model = _set_module(model, alias, layer)
+            model = _set_module(model, alias, layers[name] if whole is None else whole)
         if norm_name:
             model = _set_module(model, norm_name, nn.Identity())
         if name in functional_calls:
@@ -322,12 +326,16 @@ def convert_model(model: nn.Module, config: DendriteConfig,
             how, via = "fx graph", f"+ {type(norm).__name__} {norm_name}" if norm_name else ""
         else:
             how, via = "module swap", f"inside {plan.swaps[name]}"
-        weight = layer.main_weight(base)
-        report.targets.append(TargetRecord(
-            name=name, type=type(base).__name__, weight_shape=list(weight.shape), out_channels=layer.out_channels,
-            reached=how, via=via, shared=shared, dendrites=layer.num_dendrites,
-            params_before=before, params_after=count_parameters(layer),
-        ))
+        for part_name, layer in layers.items():
+            before = count_parameters(layer)
+            for _ in range(config.dendrites):
+                layer.add_dendrite()
+            weight = layer.main_weight(layer.base_layer)
+            report.targets.append(TargetRecord(
+                name=part_name, type=type(layer.base_layer).__name__, weight_shape=list(weight.shape),
+                out_channels=layer.out_channels, reached=how, via=via, shared=shared, dendrites=layer.num_dendrites,
+                params_before=before, params_after=count_parameters(layer),
+            ))
     report.params_after = count_parameters(model)
     retie_weight_keys(model)  # transformers' save_pretrained then finds tied weights inside dendrite layers
     return model, report

@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from .channel_index import add_to_channels, channel_positions
 from .ownforward import own_forward_refusal, plain_form
 
 ACTIVATIONS = {
@@ -249,6 +250,12 @@ class DendriteLayer(nn.Module):
         return plain_form(layer, cls.layer_type, cls.read_own_forward)
 
     @classmethod
+    def split(cls, module: nn.Module) -> nn.Module | None:
+        """For a layer holding several weight sets of this family (a stacked or bidirectional LSTM), a module that
+        computes it from one layer per set, its children, each a target of its own; else None."""
+        return None
+
+    @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
         """Output channels C of a layer of this family."""
         raise NotImplementedError
@@ -382,16 +389,3 @@ def layers_and_norm(module: nn.Module) -> tuple[list[nn.Module], nn.Module | Non
         module, norm = (module[0] if len(module) == 2 else nn.Sequential(*module[:-1])), module[-1]
     return (list(module) if isinstance(module, nn.Sequential) else [module]), norm
 
-
-def channel_positions(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each channel of `want` sits in the sorted set `have`, and whether it is there at all."""
-    position = torch.searchsorted(have, want).clamp(max=have.numel() - 1)
-    return position, have[position] == want
-
-
-def add_to_channels(y: torch.Tensor, term: torch.Tensor, channels: torch.Tensor, axis: int) -> torch.Tensor:
-    """y with `term` (m channels along `axis`) added to the channels listed in `channels` (a scatter-add:
-    onnxruntime runs it as one ScatterElements, with no transposes)."""
-    shape = [1] * term.ndim
-    shape[axis] = channels.numel()
-    return y.scatter_add(axis, channels.view(shape).expand_as(term), term)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .dendrite import ACTIVATIONS, NORM_LAYERS, DendriteLayer, add_to_channels, channel_positions, layers_and_norm
+from .channel_index import add_to_channels, channel_positions
+from .dendrite import ACTIVATIONS, NORM_LAYERS, DendriteLayer, layers_and_norm
 from .families import (
     DendriteConv1d,
     DendriteConv2d,

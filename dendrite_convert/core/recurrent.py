@@ -15,11 +15,13 @@ nn.LSTM(C, H) with the identity input weight (`FoldedRecurrent`), which ONNX exp
 costs C^2 multiply-adds per step and sample (16H^2 for an LSTM) besides the dendrites.
 
 Opt-in (`by_default = False`, `--include LSTM`/`GRU`/a name/`*`): adding a dendrite with a zero scale moves the
-output by float rounding (~1e-7), not bit for bit, and the export carries the identity GEMM. Refused with a reason:
-num_layers > 1, bidirectional, proj_size (one gate set per layer and direction, not built yet). Dendrites reading
-h_{t-1} are not offered: a nonlinear function of the state inside the recurrence cannot be precomputed and would need
-an unrolled loop. The error signal (channel-selective ranking, correlation candidates) is dloss/dG, seen at
-`error_site`, so channel-selective dendrites serve the gate channels with the largest error and candidates fit it.
+output by float rounding (~1e-7), not bit for bit, and the export carries the identity GEMM. A stacked or
+bidirectional module has one gate set per layer and direction: conversion splits it into one-layer, one-direction
+parts, each a target of this family (`split`, recurrent_stack.py). Refused with a reason: proj_size (ONNX's LSTM has
+no projection, so not even the plain layer exports). Dendrites reading h_{t-1} are not offered: a nonlinear function
+of the state inside the recurrence cannot be precomputed and would need an unrolled loop. The error signal
+(channel-selective ranking, correlation candidates) is dloss/dG, seen at `error_site`, so channel-selective dendrites
+serve the gate channels with the largest error and candidates fit it.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .dendrite import DendriteLayer
 from .families import DendriteLinear
+from .recurrent_stack import RecurrentStack
 
 
-class _DendriteRecurrent(DendriteLayer):
-    """A one-layer, one-direction LSTM/GRU whose C gate channels (on the last axis of G) get the dendrites."""
+class DendriteRecurrent(DendriteLayer):
+    """A one-layer, one-direction LSTM/GRU (or one part of a stacked one) whose C gate channels (on the last axis of
+    G) get the dendrites."""
 
     by_default = False
     gates = 0  # 4 for LSTM, 3 for GRU
@@ -43,15 +47,17 @@ class _DendriteRecurrent(DendriteLayer):
 
     @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
-        name = type(module).__name__
-        if module.num_layers != 1:
-            return (f"{name} with num_layers={module.num_layers}: dendrites are built for one layer; stack "
-                    f"num_layers {name}s of one layer each to give every layer dendrites")
-        if module.bidirectional:
-            return f"bidirectional {name}: dendrites are built for one direction"
         if getattr(module, "proj_size", 0):
-            return f"{name} with proj_size={module.proj_size}: dendrites are built for layers without projection"
+            return (f"{type(module).__name__} with proj_size={module.proj_size}: ONNX's LSTM has no projection, so "
+                    "neither this layer nor its dendrites would export; use proj_size=0 or a Linear after the LSTM")
         return super().refusal(module)
+
+    @classmethod
+    def split(cls, module: nn.Module) -> RecurrentStack | None:
+        """A stacked or bidirectional module as one part per layer and direction (recurrent_stack.py)."""
+        if module.num_layers == 1 and not module.bidirectional:
+            return None
+        return RecurrentStack(module, cls.layer_type)
 
     @classmethod
     def channels_of(cls, layer: nn.Module) -> int:
@@ -100,9 +106,13 @@ class _DendriteRecurrent(DendriteLayer):
     def error_site(self) -> nn.Module:
         return self.gate_inputs
 
+    def runs_original(self) -> bool:
+        """No dendrites and nobody listening at the gate inputs: the wrapped module computes this layer, bit for bit."""
+        return not self.dendrite_layers and not self.gate_inputs._forward_hooks
+
     def forward(self, input, hx=None):
         """nn.LSTM/GRU's call, with the dendrites added to the gate pre-activations of every step."""
-        if not self.dendrite_layers and not self.gate_inputs._forward_hooks:  # the original module: bit for bit
+        if self.runs_original():
             return self.base_layer(input, hx)
         base = self.base_layer
         packed = isinstance(input, PackedSequence)
@@ -181,13 +191,13 @@ class _GateInputs(nn.Module):
         return gates
 
 
-class DendriteLSTM(_DendriteRecurrent):
+class DendriteLSTM(DendriteRecurrent):
     """nn.LSTM (one layer, one direction): gates i, f, g, o, C = 4H."""
 
     layer_type, gates = nn.LSTM, 4
 
 
-class DendriteGRU(_DendriteRecurrent):
+class DendriteGRU(DendriteRecurrent):
     """nn.GRU (one layer, one direction): gates r, z, n, C = 3H; dendrites add to n's input side."""
 
     layer_type, gates = nn.GRU, 3

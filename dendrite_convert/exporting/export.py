@@ -1,8 +1,9 @@
 """`export`: fold a dendritic model into plain layers and write verified ONNX, safetensors or .pt2 (docs/design.md §5).
 
 ONNX: `torch.onnx.export(dynamo=True)` of the folded model with a dynamic batch axis (and sequence axis for
-integer token inputs) into one file, `onnx.checker`, then onnxruntime against the *unfolded* model on fresh
-inputs at another batch size (`--gemm-layout auto` picks each target's layout as layout.py says).
+integer token inputs and a recurrent model's time axis) into one file, `onnx.checker`, then onnxruntime against
+the *unfolded* model on fresh inputs at another batch size (`--gemm-layout auto` picks each target's layout as
+layout.py says).
 safetensors: the folded weights plus `folded_config.json`, the recipe `load_folded` needs to rebuild the
 folded module with plain torch. pt2: a torch.export program that loads with torch alone (pt2.py). Outputs
 are written under a temporary name and renamed only after verification, so a failure leaves nothing that
@@ -31,6 +32,7 @@ from ..core.layers import dendrite_layer_paths
 from ..core.words import plural
 from .diagnose import disable_caches, explain
 from .foldeddir import save_folded
+from .recurrence import beyond_batch, has_recurrence, recurrent_export
 from ..conversion.modeldir import ConvertedModel, load_converted
 from .verify import VerifyReport, compare, reference_outputs, verify_onnx
 
@@ -338,13 +340,14 @@ def _torch_export(folded: nn.Module, path: Path, inputs: _Inputs, config: Export
 def _onnx_export(model: nn.Module, args: tuple, kwargs: dict | None, path: Path, config: ExportConfig, dynamic_shapes,
                  output_names: list[str], input_names: list[str] | None = None) -> None:
     """torch.onnx.export (dynamo) into one file, silenced; a failure is a ConversionError naming its cause."""
+    any_length = beyond_batch(dynamic_shapes)  # recurrence.py: then an LSTM/GRU graph is left unoptimized
     try:
-        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-              contextlib.redirect_stderr(io.StringIO()), _quiet_exporter()):  # stderr: torch's partial graph dumps
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+              io.StringIO()), _quiet_exporter(), recurrent_export(model, True, any_length)):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False, verbose=False,
                               opset_version=config.opset, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                              output_names=output_names, optimize=True)
+                              output_names=output_names, optimize=not (any_length and has_recurrence(model)))
     except OSError:
         raise  # writing the file failed (disk full, permissions): a write error, not a failed conversion
     except Exception as exc:

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 from ..core.errors import ConversionError, LoadError
 from ..core.files import atomic_file
 from .diagnose import disable_caches, explain
+from .recurrence import beyond_batch, recurrent_export
 from .verify import OutputCheck, VerifyReport, compare, reference_outputs
 
 
@@ -63,7 +64,8 @@ def write_pt2(folded: nn.Module, unfolded: nn.Module, output: Path, example, fre
         notes.append(f"outputs as a dict of tensors ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
                      f"a {type(sample).__name__} would need its class to load")
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with (warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()),
+              recurrent_export(folded, False, beyond_batch(axes))):
             warnings.simplefilter("ignore")
             program = torch.export.export(folded, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
