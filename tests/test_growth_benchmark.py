@@ -1,6 +1,7 @@
 """The fair growth benchmark (issue 18) in its reduced CI mode, and the function-preserving arms it compares."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,17 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
     out = tmp_path / "results"
     tasks = ["wine (MLP)", "bars (CNN)"]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/growth.py"), "--quick", "-o", str(out), "--tasks",
-                           *tasks], capture_output=True, text=True, timeout=900)
+                           *tasks, "--jobs", "2"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "bars (CNN): gromo arm skipped: " in done.stderr  # gromo grows MLPs only (or is not installed)
+    with_gromo = importlib.util.find_spec("gromo") is not None
+    arms = {"wine (MLP)": 12 + 2 * with_gromo, "bars (CNN)": 12}  # (arm, budget) pairs per task
     rows = list(csv.DictReader((out / "growth.csv").open()))
-    assert len(rows) == len(tasks) * 12 * 2  # tasks x (arm, budget) x seeds
+    assert len(rows) == sum(arms.values()) * 2  # x seeds
     for task in tasks:
         for seed in ("0", "1"):
             mine = [r for r in rows if r["task"] == task and r["seed"] == seed]
+            assert len(mine) == arms[task]
             assert len({r["start_test"] for r in mine}) == 1  # every arm starts from the same saved model
             by_arm = {(r["arm"], r["budget"]): r for r in mine}
             for arm in ("continue", "widen", "lora", "gradient", "correlation"):  # function-preserving insertions
@@ -64,7 +69,11 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
             assert int(by_arm[("gradient", "low-rank")]["added_params"]) < full
             # closed-form insertion lowers the training loss at once (it is line-searched on training batches)
             assert float(by_arm[("closed-form 1st", "full")]["insertion_loss_drop"]) > 0
+            if ("gromo", "full") in by_arm:  # TINY's neurons, at widening's units, lower the loss at once too
+                assert 0 < int(by_arm[("gromo", "full")]["added_params"]) <= int(by_arm[("widen", "full")]["added_params"])
+                assert float(by_arm[("gromo", "full")]["insertion_loss_drop"]) > 0
     table = (out / "growth.md").read_text()
-    assert table.count("\n| ") == 1 + len(tasks) * 12  # header + one line per task, budget and arm
-    assert table.count("\n- ") == len(tasks) * 2  # one verdict per task and budget
+    assert table.count("\n| ") == 1 + sum(arms.values())  # header + one line per task, budget and arm
+    assert table.count("\n- ") == len(tasks) * 2 + 1  # one verdict per task and budget, and the goal
+    assert "- **Goal** (" in table and "reached on " in table
     assert (out / "growth.png").stat().st_size > 20_000
