@@ -276,6 +276,41 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
+def overview(rows: list[dict]) -> str:
+    """Test % (mean ± std over seeds, added parameters in brackets) per arm and task, the best mean of each
+    task and budget in bold: the README's table."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = ["| budget | arm | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for budget in (FULL, LOW):
+        arms = list(dict.fromkeys(r["arm"] for r in rows if r["budget"] == budget))
+        best = {t: max((statistics.fmean(s) for a in arms if (s := _scores(rows, t, budget, a))), default=None)
+                for t in tasks}
+        for arm in arms:
+            cells = []
+            for task in tasks:
+                scores = _scores(rows, task, budget, arm)
+                if not scores:
+                    cells.append("-")
+                    continue
+                added = statistics.fmean(r["added_params"] for r in rows
+                                         if r["task"] == task and r["budget"] == budget and r["arm"] == arm)
+                mean, std = statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+                text = f"{mean:.2f} ± {std:.2f}"
+                cells.append(f"{'**' + text + '**' if mean == best[task] else text} (+{added:,.0f})")
+            lines.append(f"| {budget} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """growth.csv's rows with their numbers as numbers."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in COLUMNS[3:]:
+            row[key] = float(row[key]) if "." in row[key] or "e" in row[key] else int(row[key])
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -311,11 +346,18 @@ def main() -> None:
     parser.add_argument("--extra-epochs", type=int, default=None,
                         help="the epochs every arm gets (default 20, quick 1)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="subset of task names")
-    parser.add_argument("--jobs", type=int, default=1, help="tasks run in this many processes at once (1 thread each)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="tasks run in this many processes at once (1 thread each), started in --tasks order")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite growth.md and growth.png from the growth.csv in --output, running nothing")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
     extra = args.extra_epochs or (1 if args.quick else 20)
+    if args.report_only:
+        rows = read_rows(args.output / "growth.csv")
+        header = (args.output / "growth.md").read_text().split("\n\n", 1)[0]
+        return write_report(rows, args.output, header)
     torch.set_num_threads(1)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -323,16 +365,14 @@ def main() -> None:
                if TASKS[name].package and importlib.util.find_spec(TASKS[name].package) is None}
     for name, package in missing.items():
         print(f"{name}: skipped: the {package} package is not installed (pip install -e '.[bench]')", file=sys.stderr)
-    names = [name for name in args.tasks if name not in missing]
     with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn")) as pool:
-        runs = [pool.submit(run_task, name, args.output, seeds, args.quick, extra) for name in names]
-        rows = [row for run in runs for row in run.result()]
+        runs = {name: pool.submit(run_task, name, args.output, seeds, args.quick, extra)
+                for name in args.tasks if name not in missing}
+        rows = [row for name in TASKS if name in runs for row in runs[name].result()]  # tables in TASKS order
     with (args.output / "growth.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.output / "growth.png")
-    table, verdicts = summarize(rows)
     command = "python benchmarks/growth.py" + (" --quick" if args.quick else "")
     command += f" --seeds {seeds}" if args.seeds else ""
     command += f" --extra-epochs {extra}" if args.extra_epochs else ""
@@ -340,10 +380,15 @@ def main() -> None:
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     gromo = "" if importlib.util.find_spec("gromo") else "; the gromo arm skipped: gromo is not installed"
     skipped = "".join(f"; {name} skipped: {package} is not installed" for name, package in missing.items())
-    report = (f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread per task, torch "
-              f"{torch.__version__}, {time.perf_counter() - start:.0f} s{gromo}{skipped})\n\n{table}\n\n"
-              + "\n".join(verdicts) + "\n")
-    (args.output / "growth.md").write_text(report)
+    write_report(rows, args.output, f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread per "
+                 f"task, torch {torch.__version__}, {time.perf_counter() - start:.0f} s{gromo}{skipped})")
+
+
+def write_report(rows: list[dict], out: Path, header: str) -> None:
+    plot(rows, out / "growth.png")
+    table, verdicts = summarize(rows)
+    report = f"{header}\n\n{overview(rows)}\n\n{table}\n\n" + "\n".join(verdicts) + "\n"
+    (out / "growth.md").write_text(report)
     print(report)
 
 
