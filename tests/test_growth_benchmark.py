@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
 
+import growth_gromo  # noqa: E402
 from growth_arms import add_lora, lora_cost, lora_rank, widen, widen_pairs  # noqa: E402
 from tasks import models  # noqa: E402
 
@@ -40,6 +41,28 @@ def test_widening_and_lora_preserve_the_function_and_add_the_budget(factory, wid
     loss.backward()
     original = next(k for k in range(n) if torch.equal(first[n], first[k]))  # unit n is a copy of `original`
     assert not torch.allclose(first.grad[original], first.grad[n])
+
+
+def test_gromo_grows_the_mlps_it_builds_with_its_own_neurons():
+    assert "Linear/ReLU chains" in growth_gromo.unavailable(models.bars_cnn(4)) or "not installed" in \
+        growth_gromo.unavailable(models.bars_cnn(4))
+    pytest.importorskip("gromo")
+    from dendrite_convert.training.adapter import load_adapter
+
+    adapter = load_adapter(ROOT / "examples" / "digits" / "adapter.py")
+    torch.manual_seed(0)
+    model = models.digits_mlp(8)
+    assert growth_gromo.unavailable(model) is None
+
+    def train_loss(net):
+        with torch.no_grad():
+            return float(sum(adapter.loss(net(b[0]), b) * len(b[1]) for b in adapter.train_data()))
+
+    grown = growth_gromo.grow(model, 300, adapter)
+    wide = widen(model, 300, torch.Generator().manual_seed(0))
+    assert [type(m) for m in grown] == [type(m) for m in model]
+    assert count_parameters(grown) == count_parameters(wide)  # the units widening adds, found by TINY
+    assert train_loss(grown) < 0.95 * train_loss(model)  # its neurons (and step) lower the loss at once
 
 
 @pytest.mark.slow
