@@ -96,7 +96,8 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
                 assert 0 < int(by_arm[("gromo", "full")]["added_params"]) <= int(by_arm[("widen", "full")]["added_params"])
                 assert float(by_arm[("gromo", "full")]["insertion_loss_drop"]) > 0
     table = (out / "growth.md").read_text()
-    assert table.count("\n| ") == 1 + sum(arms.values())  # header + one line per task, budget and arm
+    overview = len({(r["budget"], r["arm"]) for r in rows})  # the README's table: one line per budget and arm
+    assert table.count("\n| ") == 1 + overview + 1 + sum(arms.values())  # and one per task, budget and arm
     assert table.count("\n- ") == len(tasks) * 2 + 1  # one verdict per task and budget, and the goal
     assert "- **Goal** (" in table and "reached on " in table
     assert (out / "growth.png").stat().st_size > 20_000
