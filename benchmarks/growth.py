@@ -1,6 +1,6 @@
 """Is adding dendrites the best use of extra parameters and extra training for a trained model? (issue 18)
 
-    .venv/bin/python benchmarks/growth.py            # full: 10 seeds, 5 tasks, 20 extra epochs
+    .venv/bin/python benchmarks/growth.py            # full: 10 seeds, 6 tasks, 20 extra epochs
     .venv/bin/python benchmarks/growth.py --quick    # CI: 2 seeds, tiny budgets, same outputs
 
 Per task and seed the plain model is trained to its plateau (early stopping on validation) and saved. Every
@@ -16,17 +16,23 @@ dendrite per target):
     correlation       cascade-correlation candidates, frozen, scales and network trained (full budget only)
     closed-form       second-order closed-form dendrites (the closed-form objective), then trained
     closed-form 1st   first-order closed-form dendrites (full budget only)
+    gromo             the `gromo` package's own TINY growth of hidden neurons (growth_gromo.py), where it
+                      builds the same network (the MLPs) and is installed; skipped with the reason elsewhere
 
 Paired 90 % bootstrap intervals (seeds resampled jointly) compare every arm with every other arm of its
-budget. Writes benchmarks/results/growth.{csv,md,png}.
+budget. Writes benchmarks/results/growth.{csv,md,png}. The mnist1d task and the gromo arm need the
+benchmark-only packages of `pip install -e '.[bench]'`; without them they are skipped with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import csv
+import importlib.util
 import math
+import multiprocessing
 import random
 import statistics
 import sys
@@ -45,6 +51,7 @@ from dendrite_convert.exporting.latency import count_flops  # noqa: E402
 from dendrite_convert.training.adapter import batch_size, load_adapter  # noqa: E402
 from dendrite_convert.training.loop import seed_everything  # noqa: E402
 from dendrite_convert.training.objectives import OBJECTIVES, TrainingData  # noqa: E402
+import growth_gromo  # noqa: E402
 from growth_arms import add_lora, lora_rank, widen  # noqa: E402
 from tasks import models  # noqa: E402
 
@@ -57,6 +64,7 @@ class Task:
     patience: int = 10  # base training: epochs without a better validation score before its plateau is declared
     max_epochs: int = 200
     rank: int = 2  # the low-rank budget's dendrite rank
+    package: str | None = None  # a benchmark-only package the task needs
 
 
 TASKS = {  # the bundled tasks of benchmarks/results.py, plus wine
@@ -65,11 +73,12 @@ TASKS = {  # the bundled tasks of benchmarks/results.py, plus wine
     "wine (MLP)": Task("wine_mlp", 4, ROOT / "benchmarks/tasks/wine.py", patience=30, max_epochs=400, rank=1),
     "bars (CNN)": Task("bars_cnn", 4, ROOT / "benchmarks/tasks/bars.py", patience=4, max_epochs=60),
     "reviews (tiny BERT)": Task("text_bert", 16, ROOT / "benchmarks/tasks/reviews.py", patience=3, max_epochs=40),
+    "mnist1d (MLP)": Task("mnist1d_mlp", 16, ROOT / "benchmarks/tasks/mnist1d_signals.py", package="mnist1d"),
 }
 FULL, LOW = "full", "low-rank"
-ARMS = [("continue", FULL), ("widen", FULL), ("lora", FULL), ("gradient", FULL), ("correlation", FULL),
+ARMS = [("continue", FULL), ("widen", FULL), ("lora", FULL), ("gromo", FULL), ("gradient", FULL), ("correlation", FULL),
         ("closed-form", FULL), ("closed-form 1st", FULL),
-        ("continue", LOW), ("widen", LOW), ("lora", LOW), ("gradient", LOW), ("closed-form", LOW)]
+        ("continue", LOW), ("widen", LOW), ("lora", LOW), ("gromo", LOW), ("gradient", LOW), ("closed-form", LOW)]
 DENDRITE_ARMS = ("gradient", "correlation", "closed-form", "closed-form 1st")
 COLUMNS = ["task", "budget", "arm", "seed", "added_params", "added_flops", "start_test", "test_at_best",
            "insertion_loss_drop", "seconds"]
@@ -153,6 +162,8 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
         return widen(model, budget, torch.Generator().manual_seed(seed))
     if arm == "lora":
         return add_lora(model, lora_rank(model, budget))
+    if arm == "gromo":
+        return growth_gromo.grow(model, budget, runner.adapter)
     model = dc.convert(model, dc.DendriteConfig(rank=rank)).model
     seed_everything(seed)
     # the objective classes dendrite-train runs, grown once from the model's own training batches and loss
@@ -170,6 +181,7 @@ def _flops(model, example) -> int:
 
 
 def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -> list[dict]:
+    torch.set_num_threads(1)  # also in a --jobs worker process
     task = TASKS[name]
     runner = Runner(task)
     samples = 256 if quick else 4096
@@ -178,6 +190,9 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -
     patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
     example = runner.example()
     rows = []
+    skipped = growth_gromo.unavailable(getattr(models, task.factory)(task.width))
+    if skipped:
+        print(f"{name}: gromo arm skipped: {skipped}", file=sys.stderr)
     for seed in range(seeds):
         seed_everything(seed)
         base, start_test, _ = runner.train(getattr(models, task.factory)(task.width), max_epochs, seed, patience)
@@ -187,6 +202,8 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -
         base_flops, base_params, base_loss = _flops(base, example), dc.count_parameters(base), runner.train_loss(base)
         budgets = {FULL: _added_dendrite_params(base, None), LOW: _added_dendrite_params(base, task.rank)}
         for arm, budget in ARMS:
+            if arm == "gromo" and skipped:
+                continue
             saved = getattr(models, task.factory)(task.width)
             saved.load_state_dict(torch.load(path, weights_only=True))  # every arm starts from the saved model
             start = time.perf_counter()
@@ -222,8 +239,9 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
     lines = ["| task | budget | arm | added params | added FLOPs | start test % | test % (mean ± std) | "
              "loss drop at insertion | vs continue (90 % CI) | worst lower bound vs the others |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    verdicts = []
-    for task in dict.fromkeys(r["task"] for r in rows):
+    verdicts, reached = [], {}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task in tasks:
         for budget in (FULL, LOW):
             arms = list(dict.fromkeys(r["arm"] for r in rows if r["task"] == task and r["budget"] == budget))
             winners = []
@@ -246,11 +264,51 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
                              f"{vs} | {worst:+.2f} |")
             best = max(arms, key=lambda a: statistics.fmean(_scores(rows, task, budget, a)))
             winner = winners[0] if winners else None
+            if winner in DENDRITE_ARMS:
+                reached.setdefault(task, f"{winner}, {budget} budget")
             verdicts.append(f"- {task}, {budget} budget: best mean {best}; "
                             + (f"{winner} beats every other arm with a 90 % interval above zero"
                                + (" (a dendrite arm)" if winner in DENDRITE_ARMS else "") if winner
                                else "no arm beats every other with a 90 % interval above zero"))
+    verdicts.append(f"- **Goal** (some dendrite arm beats every other arm of its budget with a 90 % interval above "
+                    f"zero, on at least 3 of {len(tasks)} tasks): reached on {len(reached)} of {len(tasks)}"
+                    + (f" ({'; '.join(f'{t}: {w}' for t, w in reached.items())})" if reached else ""))
     return "\n".join(lines), verdicts
+
+
+def overview(rows: list[dict]) -> str:
+    """Test % (mean ± std over seeds, added parameters in brackets) per arm and task, the best mean of each
+    task and budget in bold: the README's table."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = ["| budget | arm | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for budget in (FULL, LOW):
+        arms = list(dict.fromkeys(r["arm"] for r in rows if r["budget"] == budget))
+        best = {t: max((statistics.fmean(s) for a in arms if (s := _scores(rows, t, budget, a))), default=None)
+                for t in tasks}
+        for arm in arms:
+            cells = []
+            for task in tasks:
+                scores = _scores(rows, task, budget, arm)
+                if not scores:
+                    cells.append("-")
+                    continue
+                added = statistics.fmean(r["added_params"] for r in rows
+                                         if r["task"] == task and r["budget"] == budget and r["arm"] == arm)
+                mean, std = statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+                text = f"{mean:.2f} ± {std:.2f}"
+                cells.append(f"{'**' + text + '**' if mean == best[task] else text} (+{added:,.0f})")
+            lines.append(f"| {budget} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """growth.csv's rows with their numbers as numbers."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in COLUMNS[3:]:
+            row[key] = float(row[key]) if "." in row[key] or "e" in row[key] else int(row[key])
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -288,27 +346,49 @@ def main() -> None:
     parser.add_argument("--extra-epochs", type=int, default=None,
                         help="the epochs every arm gets (default 20, quick 1)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="subset of task names")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="tasks run in this many processes at once (1 thread each), started in --tasks order")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite growth.md and growth.png from the growth.csv in --output, running nothing")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
     extra = args.extra_epochs or (1 if args.quick else 20)
+    if args.report_only:
+        rows = read_rows(args.output / "growth.csv")
+        header = (args.output / "growth.md").read_text().split("\n\n", 1)[0]
+        return write_report(rows, args.output, header)
     torch.set_num_threads(1)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = [row for name in args.tasks for row in run_task(name, args.output, seeds, args.quick, extra)]
+    missing = {name: TASKS[name].package for name in args.tasks
+               if TASKS[name].package and importlib.util.find_spec(TASKS[name].package) is None}
+    for name, package in missing.items():
+        print(f"{name}: skipped: the {package} package is not installed (pip install -e '.[bench]')", file=sys.stderr)
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn")) as pool:
+        runs = {name: pool.submit(run_task, name, args.output, seeds, args.quick, extra)
+                for name in args.tasks if name not in missing}
+        rows = [row for name in TASKS if name in runs for row in runs[name].result()]  # tables in TASKS order
     with (args.output / "growth.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.output / "growth.png")
-    table, verdicts = summarize(rows)
     command = "python benchmarks/growth.py" + (" --quick" if args.quick else "")
     command += f" --seeds {seeds}" if args.seeds else ""
     command += f" --extra-epochs {extra}" if args.extra_epochs else ""
     command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
-    report = (f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread, torch {torch.__version__}, "
-              f"{time.perf_counter() - start:.0f} s)\n\n{table}\n\n" + "\n".join(verdicts) + "\n")
-    (args.output / "growth.md").write_text(report)
+    command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
+    gromo = "" if importlib.util.find_spec("gromo") else "; the gromo arm skipped: gromo is not installed"
+    skipped = "".join(f"; {name} skipped: {package} is not installed" for name, package in missing.items())
+    write_report(rows, args.output, f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread per "
+                 f"task, torch {torch.__version__}, {time.perf_counter() - start:.0f} s{gromo}{skipped})")
+
+
+def write_report(rows: list[dict], out: Path, header: str) -> None:
+    plot(rows, out / "growth.png")
+    table, verdicts = summarize(rows)
+    report = f"{header}\n\n{overview(rows)}\n\n{table}\n\n" + "\n".join(verdicts) + "\n"
+    (out / "growth.md").write_text(report)
     print(report)
 
 

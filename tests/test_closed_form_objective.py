@@ -118,6 +118,48 @@ def test_dendrite_train_inserts_dendrites_that_lower_the_loss_at_once(task, tmp_
     assert all(s > 0 for s in scales)
 
 
+def test_dendrite_train_options_reach_the_objective(task, tmp_path, caplog):
+    """--closed-form-order/-ridge, --grow-top-k/-min-score/-samples set the objective the run grows with."""
+    converted, adapter = task
+    caplog.set_level(logging.INFO, logger="dendrite_convert")
+    options = ["--closed-form-order", "1", "--closed-form-ridge", "0.01", "--grow-top-k", "1", "--grow-min-score", "0.5",
+               "--grow-samples", "128"]
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
+                                            "--objective", "closed-form", "--switch-every", "2", "--max-dendrites", "1",
+                                            "--max-epochs", "4", "--quiet", *options])
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    made = dc.TrainConfig(**state["config"]).make_objective()  # what a resumed run would grow with, too
+    assert made == ClosedForm(order=1, ridge=0.01, top_k=1, min_relative_score=0.5, samples=128)
+    grown = [r.getMessage() for r in caplog.records if r.name == closed_form_module.__name__]
+    # top-k 1: only the target with the best gain per parameter grew, and it lowered the training loss
+    assert len(grown) == 1 and grown[0].startswith("closed-form growth: 1 of 2 targets grew"), grown
+    assert "(not grown: other targets gain more per parameter)" in grown[0] and len(_drops(caplog.records)) == 1
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--closed-form-order", "3", "Invalid value for '--closed-form-order'"),
+    ("--closed-form-ridge", "0", "--closed-form-ridge must be positive, not 0.0."),
+    ("--grow-top-k", "0", "Invalid value for '--grow-top-k'"),
+    ("--grow-min-score", "1.5", "Invalid value for '--grow-min-score'"),
+    ("--grow-samples", "0", "Invalid value for '--grow-samples'"),
+])
+def test_bad_closed_form_options_are_usage_errors_naming_the_option(task, tmp_path, option, value, message):
+    converted, adapter = task
+    result = CliRunner().invoke(train_app, [str(converted), "--adapter", str(adapter), "-o", str(tmp_path / "run"),
+                                            "--objective", "closed-form", option, value], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split()), result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_names_its_own_closed_form_options():
+    for bad in ({"closed_form_order": 0}, {"closed_form_ridge": -1.0}, {"grow_top_k": 0}, {"grow_min_score": -0.1}):
+        with pytest.raises(dc.UsageError) as info:
+            dc.TrainConfig(**bad)
+        name = next(iter(bad))
+        assert info.value.parameter == name and str(info.value).startswith(f"{name} must be")
+
+
 def test_resume_gives_the_same_run_bit_for_bit(task, tmp_path):
     """A run stopped after its first closed-form growth and resumed ends exactly as an uninterrupted one."""
     converted, adapter = task

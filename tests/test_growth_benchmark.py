@@ -1,6 +1,7 @@
 """The fair growth benchmark (issue 18) in its reduced CI mode, and the function-preserving arms it compares."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
 
+import growth_gromo  # noqa: E402
 from growth_arms import add_lora, lora_cost, lora_rank, widen, widen_pairs  # noqa: E402
 from tasks import models  # noqa: E402
 
@@ -41,18 +43,44 @@ def test_widening_and_lora_preserve_the_function_and_add_the_budget(factory, wid
     assert not torch.allclose(first.grad[original], first.grad[n])
 
 
+def test_gromo_grows_the_mlps_it_builds_with_its_own_neurons():
+    assert "Linear/ReLU chains" in growth_gromo.unavailable(models.bars_cnn(4)) or "not installed" in \
+        growth_gromo.unavailable(models.bars_cnn(4))
+    pytest.importorskip("gromo")
+    from dendrite_convert.training.adapter import load_adapter
+
+    adapter = load_adapter(ROOT / "examples" / "digits" / "adapter.py")
+    torch.manual_seed(0)
+    model = models.digits_mlp(8)
+    assert growth_gromo.unavailable(model) is None
+
+    def train_loss(net):
+        with torch.no_grad():
+            return float(sum(adapter.loss(net(b[0]), b) * len(b[1]) for b in adapter.train_data()))
+
+    grown = growth_gromo.grow(model, 300, adapter)
+    wide = widen(model, 300, torch.Generator().manual_seed(0))
+    assert [type(m) for m in grown] == [type(m) for m in model]
+    assert count_parameters(grown) == count_parameters(wide)  # the units widening adds, found by TINY
+    assert train_loss(grown) < 0.95 * train_loss(model)  # its neurons (and step) lower the loss at once
+
+
 @pytest.mark.slow
 def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
     out = tmp_path / "results"
     tasks = ["wine (MLP)", "bars (CNN)"]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/growth.py"), "--quick", "-o", str(out), "--tasks",
-                           *tasks], capture_output=True, text=True, timeout=900)
+                           *tasks, "--jobs", "2"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "bars (CNN): gromo arm skipped: " in done.stderr  # gromo grows MLPs only (or is not installed)
+    with_gromo = importlib.util.find_spec("gromo") is not None
+    arms = {"wine (MLP)": 12 + 2 * with_gromo, "bars (CNN)": 12}  # (arm, budget) pairs per task
     rows = list(csv.DictReader((out / "growth.csv").open()))
-    assert len(rows) == len(tasks) * 12 * 2  # tasks x (arm, budget) x seeds
+    assert len(rows) == sum(arms.values()) * 2  # x seeds
     for task in tasks:
         for seed in ("0", "1"):
             mine = [r for r in rows if r["task"] == task and r["seed"] == seed]
+            assert len(mine) == arms[task]
             assert len({r["start_test"] for r in mine}) == 1  # every arm starts from the same saved model
             by_arm = {(r["arm"], r["budget"]): r for r in mine}
             for arm in ("continue", "widen", "lora", "gradient", "correlation"):  # function-preserving insertions
@@ -64,7 +92,12 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
             assert int(by_arm[("gradient", "low-rank")]["added_params"]) < full
             # closed-form insertion lowers the training loss at once (it is line-searched on training batches)
             assert float(by_arm[("closed-form 1st", "full")]["insertion_loss_drop"]) > 0
+            if ("gromo", "full") in by_arm:  # TINY's neurons, at widening's units, lower the loss at once too
+                assert 0 < int(by_arm[("gromo", "full")]["added_params"]) <= int(by_arm[("widen", "full")]["added_params"])
+                assert float(by_arm[("gromo", "full")]["insertion_loss_drop"]) > 0
     table = (out / "growth.md").read_text()
-    assert table.count("\n| ") == 1 + len(tasks) * 12  # header + one line per task, budget and arm
-    assert table.count("\n- ") == len(tasks) * 2  # one verdict per task and budget
+    overview = len({(r["budget"], r["arm"]) for r in rows})  # the README's table: one line per budget and arm
+    assert table.count("\n| ") == 1 + overview + 1 + sum(arms.values())  # and one per task, budget and arm
+    assert table.count("\n- ") == len(tasks) * 2 + 1  # one verdict per task and budget, and the goal
+    assert "- **Goal** (" in table and "reached on " in table
     assert (out / "growth.png").stat().st_size > 20_000

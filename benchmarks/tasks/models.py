@@ -12,6 +12,11 @@ def digits_mlp(width: int = 8) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
+def mnist1d_mlp(width: int = 16) -> nn.Module:
+    """For the 40-sample MNIST-1D signals: two hidden layers, too narrow for the task (capacity-limited)."""
+    return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
 def cancer_mlp(width: int = 4) -> nn.Module:
     return nn.Sequential(nn.Linear(30, width), nn.ReLU(), nn.Linear(width, 2))
 

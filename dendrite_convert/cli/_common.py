@@ -149,7 +149,7 @@ _KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True\b)?(?![\w'\"(\[{-])")
 _VALUED = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('[a-z][a-z0-9_]*'|\[(?:'[^'\]]*'(?:, )?)+\])")
 # library names whose command-line option is spelled differently (`DendriteConfig.rank` is `--dendrite-rank`)
 _OPTION_FOR = {"allow_modules": "allow_module", "rank": "dendrite_rank", "channel_fraction": "dendrite_channels",
-               "pair_norms": "norm_pairs"}
+               "pair_norms": "norm_pairs", "correlation_samples": "grow_samples"}
 
 
 def _appears(option: str, text: str) -> bool:

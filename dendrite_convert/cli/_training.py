@@ -37,6 +37,21 @@ def run_directory(converted: Path | None, adapter: str | None, output: Path | No
     return output
 
 
+def config_options(arguments: dict) -> dict:
+    """The command's `arguments` that are TrainConfig options, by TrainConfig's names, leaving out those not
+    given (None), so TrainConfig's defaults apply to them."""
+    from dataclasses import fields
+
+    from ..training.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    options = {_CONFIG_NAME.get(name, name): value for name, value in arguments.items() if value is not None}
+    return {name: value for name, value in options.items() if name in names}
+
+
+_CONFIG_NAME = {"grow_samples": "correlation_samples"}  # options the command spells otherwise than TrainConfig
+
+
 def print_template() -> None:
     """--adapter-template: a commented adapter.py on stdout."""
     from ..training.adapter import TEMPLATE

@@ -18,7 +18,7 @@ HARDWARE = ("device", "precision", "compile")
 class TrainConfig:
     """How `dendrite-train` alternates phases (docs/design.md §4); defaults follow the peer."""
 
-    objective: str = "gradient"  # a name in objectives.OBJECTIVES: gradient | correlation
+    objective: str = "gradient"  # a name in objectives.OBJECTIVES: gradient | correlation | closed-form
     candidates: int = 4  # correlation: candidate dendrites per target
     patience: int = 10  # epochs without improvement before a switch
     switch_every: int | None = None  # switch every N epochs instead
@@ -41,6 +41,13 @@ class TrainConfig:
     # Correlation: the recorded error signals and candidate work held at once stay within this many MB; targets
     # whose recordings do not fit together are recorded in turn, and one larger than this records fewer samples.
     correlation_memory_mb: int = 512
+    # Closed-form (objectives/closed_form.py): the fit's order (2 or 1) and ridge, and where to grow: only the
+    # grow_top_k targets with the largest predicted loss decrease per added parameter (None: all), and only
+    # those scoring at least grow_min_score times the best.
+    closed_form_order: int = 2
+    closed_form_ridge: float = 1e-3
+    grow_top_k: int | None = None
+    grow_min_score: float = 0.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -58,6 +65,7 @@ class TrainConfig:
         if self.correlation_memory_mb < 1:
             raise UsageError(f"correlation_memory_mb must be at least 1, not {self.correlation_memory_mb}.",
                              parameter="correlation_memory_mb")
+        _check_closed_form(self)
         if not self.checkpoint_budget > 0:
             raise UsageError(f"checkpoint_budget must be positive, not {self.checkpoint_budget}.",
                              parameter="checkpoint_budget")
@@ -79,4 +87,19 @@ class TrainConfig:
     def make_objective(self) -> Objective:
         """The objective, given the options of this config that it declares."""
         return make_objective(self.objective, candidates=self.candidates, epochs=self.correlation_epochs,
-                              samples=self.correlation_samples, memory_mb=self.correlation_memory_mb)
+                              memory_mb=self.correlation_memory_mb,
+                              **{option: getattr(self, name) for name, option in _CLOSED_FORM.items()})
+
+
+# TrainConfig's name of each closed-form option (ClosedForm's field names are the objective's own)
+_CLOSED_FORM = {"closed_form_order": "order", "closed_form_ridge": "ridge", "grow_top_k": "top_k",
+                "grow_min_score": "min_relative_score", "correlation_samples": "samples"}
+
+
+def _check_closed_form(config: TrainConfig) -> None:
+    """ClosedForm checks its options; a bad one is reported under TrainConfig's name for it."""
+    try:
+        OBJECTIVES["closed-form"](**{option: getattr(config, name) for name, option in _CLOSED_FORM.items()})
+    except UsageError as error:
+        name = next(n for n, option in _CLOSED_FORM.items() if option == error.parameter)
+        raise UsageError(name + str(error)[len(error.parameter):], parameter=name) from None
