@@ -84,8 +84,8 @@ def run_task(name: str, out: Path, seeds: int, jobs: int, quick: bool) -> list[d
     wide_plan = [("plain widened", s, wide_dir, wide, replace(config, max_dendrites=0, seed=s)) for s in range(seeds)]
     wide_dirs = [task_dir / "widened" / f"seed_{s}" for _, s, *_ in wide_plan]
     summaries += run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(wide_plan, wide_dirs)], jobs, OWN_CODE)
-    return [{"task": name, "arm": arm, "seed": s, "width": w, "run": str(run), "params": sm["params"], "dendrites": sm["dendrites"],
-             "epochs": sm["epochs"], "best_val": sm["best_val"], "test_at_best": sm["test_at_best"],
+    return [{"task": name, "arm": arm, "seed": s, "width": w, "run": run.relative_to(out).as_posix(),  # movable output
+             "params": sm["params"], "dendrites": sm["dendrites"], "epochs": sm["epochs"], "best_val": sm["best_val"], "test_at_best": sm["test_at_best"],
              "wall_seconds": sm["wall_seconds"]}
             for (arm, s, _, w, _), run, sm in zip(plan + wide_plan, run_dirs + wide_dirs, summaries)]
 
