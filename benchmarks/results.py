@@ -154,7 +154,8 @@ def main() -> None:
         for script in ("train_overhead.py", "export_bench.py"):
             if (ROOT / "benchmarks" / script).exists():
                 done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
-                extras.append(f"### {script}\n\n```\n{done.stdout.strip()}\n```")
+                failure = f"\nfailed (exit {done.returncode}): {done.stderr.strip()[-500:]}" if done.returncode else ""
+                extras.append(f"### {script}\n\n```\n{done.stdout.strip()}{failure}\n```")
     machine = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     command = "python benchmarks/results.py" + (" --quick" if args.quick else "")
     report = (f"## Results\n\n`{command}` ({seeds} seeds per arm, {machine}, {time.perf_counter() - start:.0f} s)\n\n"
