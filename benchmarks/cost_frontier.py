@@ -37,8 +37,8 @@ from cheap_latency import structure_latency  # noqa: E402
 from tasks import models  # noqa: E402
 
 TASKS = {  # name -> factory, width, adapter, input shape, budget
-    # width 8: capacity-limited, so full dendrites have a gain to keep (+0.84 points, p = 0.002 in results.md;
-    # at width 32 their gain was within seed noise and no share of it could be measured)
+    # width 8: capacity-limited, so full dendrites have a gain to keep (+1.2 points, p = 0.06 with 5 seeds in
+    # results.md; at width 32 their gain was within seed noise and no share of it could be measured)
     "digits (MLP)": ("digits_mlp", 8, ROOT / "examples/digits/adapter.py", [64, 64], TrainConfig(patience=5, max_epochs=60)),
     "bars (CNN)": ("bars_cnn", 16, ROOT / "benchmarks/tasks/bars.py", [64, 1, 12, 12], TrainConfig(patience=4, max_epochs=40)),
 }
