@@ -37,8 +37,8 @@ from cheap_latency import structure_latency  # noqa: E402
 from tasks import models  # noqa: E402
 
 TASKS = {  # name -> factory, width, adapter, input shape, budget
-    # width 8: capacity-limited, so full dendrites have a gain to keep (+0.84 points, p = 0.002 in results.md;
-    # at width 32 their gain was within seed noise and no share of it could be measured)
+    # width 8: capacity-limited, so full dendrites have a gain to keep (+1.2 points, p = 0.06 with 5 seeds in
+    # results.md; at width 32 their gain was within seed noise and no share of it could be measured)
     "digits (MLP)": ("digits_mlp", 8, ROOT / "examples/digits/adapter.py", [64, 64], TrainConfig(patience=5, max_epochs=60)),
     "bars (CNN)": ("bars_cnn", 16, ROOT / "benchmarks/tasks/bars.py", [64, 1, 12, 12], TrainConfig(patience=4, max_epochs=40)),
 }
@@ -83,7 +83,7 @@ def run_task(name: str, out: Path, seeds: int, ranks: list[int], fractions: list
     summaries = run_all([(c, adapter, run, cfg) for (_, _, c, cfg), run in zip(plan, runs)], jobs, OWN_CODE)
     rows = [{"task": name, "arm": arm, "seed": s, "params": sm["params"], "dendrites": sm["dendrites"],
              "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best", trust_code=True), shape), "ort_ms": None,
-             "run": str(run)} for (arm, s, *_), run, sm in zip(plan, runs, summaries)]
+             "run": run.relative_to(out).as_posix()} for (arm, s, *_), run, sm in zip(plan, runs, summaries)]
     full_flops = statistics.fmean(r["flops"] for r in rows if r["arm"] == "full")
     wide = next(w for w in range(width, 16 * width) if _flops(getattr(models, factory)(w), shape) >= full_flops)
     wide_dir = _converted(task_dir, factory, wide, None, None)
@@ -92,7 +92,7 @@ def run_task(name: str, out: Path, seeds: int, ranks: list[int], fractions: list
                               for s, run in enumerate(wide_runs)], jobs, OWN_CODE)
     rows += [{"task": name, "arm": "plain widened", "seed": s, "params": sm["params"], "dendrites": 0,
               "test_at_best": sm["test_at_best"], "flops": _flops(dc.load(run / "best", trust_code=True), shape), "ort_ms": None,
-              "run": str(run)} for s, (run, sm) in enumerate(zip(wide_runs, wide_summaries))]
+              "run": run.relative_to(out).as_posix()} for s, (run, sm) in enumerate(zip(wide_runs, wide_summaries))]
     structures = {"plain": (width, None, None, 0), "plain widened": (wide, None, None, 0), "full": (width, None, None, 1)}
     structures |= {arm: (width, rank, fraction, 1) for arm, (rank, fraction) in cheap.items()}
     with tempfile.TemporaryDirectory() as tmp:

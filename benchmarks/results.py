@@ -84,8 +84,8 @@ def run_task(name: str, out: Path, seeds: int, jobs: int, quick: bool) -> list[d
     wide_plan = [("plain widened", s, wide_dir, wide, replace(config, max_dendrites=0, seed=s)) for s in range(seeds)]
     wide_dirs = [task_dir / "widened" / f"seed_{s}" for _, s, *_ in wide_plan]
     summaries += run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(wide_plan, wide_dirs)], jobs, OWN_CODE)
-    return [{"task": name, "arm": arm, "seed": s, "width": w, "run": str(run), "params": sm["params"], "dendrites": sm["dendrites"],
-             "epochs": sm["epochs"], "best_val": sm["best_val"], "test_at_best": sm["test_at_best"],
+    return [{"task": name, "arm": arm, "seed": s, "width": w, "run": run.relative_to(out).as_posix(),  # movable output
+             "params": sm["params"], "dendrites": sm["dendrites"], "epochs": sm["epochs"], "best_val": sm["best_val"], "test_at_best": sm["test_at_best"],
              "wall_seconds": sm["wall_seconds"]}
             for (arm, s, _, w, _), run, sm in zip(plan + wide_plan, run_dirs + wide_dirs, summaries)]
 
@@ -154,7 +154,8 @@ def main() -> None:
         for script in ("train_overhead.py", "export_bench.py"):
             if (ROOT / "benchmarks" / script).exists():
                 done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
-                extras.append(f"### {script}\n\n```\n{done.stdout.strip()}\n```")
+                failure = f"\nfailed (exit {done.returncode}): {done.stderr.strip()[-500:]}" if done.returncode else ""
+                extras.append(f"### {script}\n\n```\n{done.stdout.strip()}{failure}\n```")
     machine = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     command = "python benchmarks/results.py" + (" --quick" if args.quick else "")
     report = (f"## Results\n\n`{command}` ({seeds} seeds per arm, {machine}, {time.perf_counter() - start:.0f} s)\n\n"

@@ -22,7 +22,7 @@ def test_results_quick_mode_is_complete_and_consistent(tmp_path):
     assert len(tasks) == 4
     assert len(rows) == 4 * 4 * 2  # tasks x arms x seeds
     for row in rows:  # every table row is what that run's summary.json says
-        summary = json.loads((Path(row["run"]) / "summary.json").read_text())
+        summary = json.loads((out / row["run"] / "summary.json").read_text())
         assert float(row["test_at_best"]) == summary["test_at_best"]
         assert int(row["params"]) == summary["params"] and int(row["dendrites"]) == summary["dendrites"]
         if row["arm"] in ("plain", "plain widened"):

@@ -19,7 +19,7 @@ def test_frontier_quick_mode(tmp_path):
     rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
     assert {r["arm"] for r in rows} == {"plain", "full", "rank 1", "channels 0.25", "plain widened"} and len(rows) == 10
     for row in rows:
-        summary = json.loads((Path(row["run"]) / "summary.json").read_text())
+        summary = json.loads((tmp_path / row["run"] / "summary.json").read_text())
         assert float(row["test_at_best"]) == summary["test_at_best"] and int(row["dendrites"]) == summary["dendrites"]
         assert float(row["ort_ms"]) > 0
     plain = int(next(r["flops"] for r in rows if r["arm"] == "plain"))
