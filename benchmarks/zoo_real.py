@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/zoo_real.py --quick      # the reduced mode (run by a slow test)
     .venv/bin/python benchmarks/zoo_real.py --only test_nfnet hf:T5ForConditionalGeneration --merge --readme
                                                          # rerun two models; the other rows stay as they were
+    .venv/bin/python benchmarks/zoo_real.py --only --merge --readme  # rewrite both tables from the stored rows
 
 Stages per model: convert (0 dendrites) and exactness against the untouched model; one dendrite per target
 with random scales, save and reload exactly; train steps where every dendrite must get a gradient; the capacity
@@ -340,10 +341,21 @@ def _write(results: Path, commands: list[str], rows: list[Row], readme: bool) ->
     return text
 
 
+def _command(argv: list[str], only: list[str] | None) -> str:
+    """The command line as the results file shows it: a long --only list as its length."""
+    if only and len(only) > 3:
+        argv = [f"--only <{len(only)} models>" if a == "--only" else a for a in argv if a not in only]
+    return " ".join(["python benchmarks/zoo_real.py", *argv])
+
+
+def _ordered(rows: dict[str, Row]) -> list[Row]:
+    return sorted(rows.values(), key=lambda r: NAMES.index(r.name))
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", nargs="+", help="these models only")
+    parser.add_argument("--only", nargs="*", help="these models only (none: rewrite the files from the stored rows)")
     parser.add_argument("--merge", action="store_true",
                         help="replace these models' rows in the results file, keeping the others (with --only)")
     parser.add_argument("--readme", action="store_true", help="copy the table into README.md between its markers")
@@ -351,17 +363,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--budget-min", type=float, help="start no new model after this many minutes")
     parser.add_argument("--output", type=Path, help="where to write the markdown (default benchmarks/results/...)")
     args = parser.parse_args(argv)
-    names = args.only or (QUICK if args.quick else NAMES)
+    names = args.only if args.only is not None else (QUICK if args.quick else NAMES)
+    if not names and not args.merge:
+        parser.error("--only without model names rewrites the stored rows: add --merge")
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
         parser.error(f"not in fixtures/real_zoo.py: {', '.join(unknown)}")
-    command = " ".join(["python benchmarks/zoo_real.py", *(argv if argv is not None else sys.argv[1:])])
     output = args.output or ROOT / "benchmarks" / "results" / ("zoo_real_quick.md" if args.quick else "zoo_real.md")
     output.parent.mkdir(parents=True, exist_ok=True)
     commands, kept = _load(output) if args.merge else ([], {})
-    commands.append(command)
+    commands += [_command(argv if argv is not None else sys.argv[1:], args.only)] if names else []
     torch.set_num_threads(1)
-    start, text = time.perf_counter(), ""
+    start = time.perf_counter()
     for name in names:
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             print(f"time budget spent: {names.index(name)} of {len(names)} models run", file=sys.stderr)
@@ -372,9 +385,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             kept[name].seconds = time.perf_counter() - t0
             print(f"{name}: {'pass' if kept[name].passed else kept[name].status} ({kept[name].seconds:.0f} s)",
                   file=sys.stderr, flush=True)
-        rows = sorted(kept.values(), key=lambda r: NAMES.index(r.name))
-        text = _write(output, commands, rows, args.readme)  # after every model: an interrupted run leaves a partial table
-    print(text)
+        _write(output, commands, _ordered(kept), args.readme)  # after each model: a partial table if stopped
+    print(_write(output, commands, _ordered(kept), args.readme))
     return [kept[n] for n in names if n in kept]
 
 
