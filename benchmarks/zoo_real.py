@@ -1,20 +1,25 @@
 """Real timm and transformers architectures through every stage (issue 19), with export timing shares.
 
-    .venv/bin/python benchmarks/zoo_real.py              # every model of fixtures/real_zoo.py
-    .venv/bin/python benchmarks/zoo_real.py --quick      # 3 timm + 3 transformers (run by a slow test)
-    .venv/bin/python benchmarks/zoo_real.py --only test_vit hf:GPT2LMHeadModel --no-capacity
+    .venv/bin/python benchmarks/zoo_real.py --readme     # every model of fixtures/real_zoo.py; the README's table
+    .venv/bin/python benchmarks/zoo_real.py --quick      # the reduced mode (run by a slow test)
+    .venv/bin/python benchmarks/zoo_real.py --only test_nfnet hf:T5ForConditionalGeneration --merge --readme
+                                                         # rerun two models; the other rows stay as they were
+    .venv/bin/python benchmarks/zoo_real.py --only --merge --readme  # rewrite both tables from the stored rows
 
 Stages per model: convert (0 dendrites) and exactness against the untouched model; one dendrite per target
-with random scales, save and reload exactly; train steps (BatchNorm frozen) where every dendrite must get a
-gradient when its base layer's weight gets one; the capacity test (`train --capacity-test` on generated data); ONNX export with parity.
-A stage that stops with a DendriteError is a refusal (its message is the reason); any other exception, an
-inexact result or a dead dendrite is a failure. Writes benchmarks/results/zoo_real.md (or zoo_real_quick.md).
+with random scales, save and reload exactly; train steps (on a copy, BatchNorm frozen) where every dendrite
+must get a gradient when its base layer's weight gets one; the capacity test (`train --capacity-test` on
+generated data); ONNX export with parity. A stage that stops with a DendriteError is a refusal (its message
+is the reason); any other exception, an inexact result or a dead dendrite is a failure. Writes
+benchmarks/results/zoo_real.md (or zoo_real_quick.md) and, beside it, the rows as JSON, which `--merge` reads back.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import json
 import math
 import statistics
 import sys
@@ -22,7 +27,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,8 +43,8 @@ from dendrite_convert.exporting.export import resolve_inputs  # noqa: E402
 from dendrite_convert.training.adapter import Adapter  # noqa: E402
 from fixtures.real_zoo import NAMES, build, example_specs  # noqa: E402
 
-QUICK = ["test_resnet", "test_convnext", "test_vit", "hf:BertForSequenceClassification", "hf:GPT2LMHeadModel",
-         "hf:MambaModel"]
+# conv + BatchNorm, attention, HF Linear with a pooler, HF Conv1D, targets read directly and an export refusal
+QUICK = ["test_resnet", "test_vit", "hf:BertForSequenceClassification", "hf:GPT2LMHeadModel", "hf:MambaModel"]
 STAGES = ("convert", "exact", "reload", "train", "capacity", "export")
 
 
@@ -60,6 +65,8 @@ class Row:
     onnx_err: float = float("nan")
     export_s: float = float("nan")
     shares: dict[str, float] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -202,14 +209,16 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
             raise Silent(f"reloaded output differs by {diff:.2e}")
 
     def train():
-        model = state["converted"].model.train()
+        # a copy: three raw SGD steps on output² can blow random weights up until float32 itself disagrees with
+        # float64 (rexnet, fbnet: NaN), which export's verification would then report as a wrong fold
+        model = copy.deepcopy(state["converted"].model).train()
         for module in model.modules():  # BatchNorm over a batch of 2 at 1x1 resolution (efficientnet_b0 at 32 px)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # has gradients of 1e7: one step NaNs it
                 module.eval()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         for step in range(3):
             optimizer.zero_grad()
-            loss = _first(model(**example) if isinstance(example, dict) else model(*example)).float().pow(2).mean()
+            loss = sum(o.float().pow(2).mean() for o in _outputs(model, example))  # all: a pooler's output too
             loss.backward()
             if step == 0:
                 dead = dead_dendrite_layers(model)
@@ -219,7 +228,6 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
             if not math.isfinite(loss.item()):
                 raise Silent(f"loss {loss.item()} at step {step}")
             optimizer.step()
-        model.eval()
 
     def capacity_test():
         fresh = dc.convert(build(name), dc.DendriteConfig(), example_inputs=specs, **factory)
@@ -246,6 +254,7 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         if stage != "capacity" and any(row.status.get(s, "ok") != "ok" for s in ("convert", "reload")):
             row.status[stage] = "-"
             continue
+        start = time.perf_counter()
         try:
             fn()
             row.status[stage] = "ok"
@@ -258,6 +267,7 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         except Exception as exc:  # a crash is a row, not the end of the benchmark
             traceback.print_exc(file=sys.stderr)
             row.status[stage] = f"FAILED ({type(exc).__name__}: {_one_line(str(exc))})"
+        row.stage_s[stage] = time.perf_counter() - start
     return row
 
 
@@ -265,7 +275,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:500].replace("|", "/")
 
 
-def render(rows: list[Row], elapsed: float, capacity: bool, command: str) -> str:
+def render(rows: list[Row], commands: list[str]) -> tuple[str, str]:
+    """The results file's text, and the part of it the README shows (all but the layers left without dendrites)."""
     passed = sum(r.passed for r in rows)
     refused = [r for r in rows if not r.passed and all(
         v in ("ok", "not run", "-") or v.startswith("refused") for v in r.status.values())]
@@ -273,13 +284,16 @@ def render(rows: list[Row], elapsed: float, capacity: bool, command: str) -> str
     silent = [r for r in rows if any(v.startswith("SILENT") for v in r.status.values())]
     crashed = [r for r in rows if any(v.startswith("FAILED") for v in r.status.values())]
     timm_n = sum(not r.name.startswith("hf:") for r in rows)
-    lines = [f"Generated by `{command}` (torch {torch.__version__}, random weights, tiny configs; "
-             f"{len(rows)} of the {len(NAMES)} models of fixtures/real_zoo.py run: {timm_n} timm, "
-             f"{len(rows) - timm_n} transformers; {elapsed / 60:.1f} min, 1 thread).", "",
-             f"**{passed}/{len(rows)} pass every stage; {len(refused)} stop with a clear refusal; {len(caught)} "
+    no_capacity = sum(r.status.get("capacity") == "not run" for r in rows)
+    runs = "; ".join(f"`{c}`" for c in commands)
+    lines = [f"Generated by {runs} (torch {torch.__version__}, random weights, tiny configs; "
+             f"{len(rows)} of the {len(NAMES)} models of fixtures/real_zoo.py: {timm_n} timm, "
+             f"{len(rows) - timm_n} transformers; {sum(r.seconds for r in rows) / 60:.0f} min of model time, "
+             "1 thread).",
+             "", f"**{passed}/{len(rows)} pass every stage; {len(refused)} stop with a clear refusal; {len(caught)} "
              f"stop at export verification (exit 5: a wrong fold caught, nothing written); {len(crashed)} fail with "
              f"an unexpected error; {len(silent)} silent failures.**"
-             + ("" if capacity else " Capacity test not run."), "",
+             + (f" Capacity test not run for {no_capacity}." if no_capacity else ""), "",
              "| model | targets | " + " | ".join(STAGES) + " | ONNX max err | export s |",
              "|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for r in rows:
@@ -287,6 +301,10 @@ def render(rows: list[Row], elapsed: float, capacity: bool, command: str) -> str
         err = f"{r.onnx_err:.1e}" if math.isfinite(r.onnx_err) else "-"
         secs = f"{r.export_s:.1f}" if math.isfinite(r.export_s) else "-"
         lines.append(f"| `{r.name}` | {r.targets} | " + " | ".join(cells) + f" | {err} | {secs} |")
+    notes = [f"- `{r.name}`: " + "; ".join(f"{s}: {v}" for s, v in r.status.items() if v not in ("ok", "not run", "-"))
+             for r in rows if not r.passed]
+    if notes:
+        lines += ["", "Stages that did not pass (the message is the tool's own):", "", *notes]
     timed = [r for r in rows if r.shares]
     if timed:
         total = sum(r.export_s for r in timed)
@@ -295,14 +313,11 @@ def render(rows: list[Row], elapsed: float, capacity: bool, command: str) -> str
                       f"(max {max(r.export_s for r in timed):.1f} s, {len(timed)} exports). Where it goes:", "",
                   "| phase | share |", "|---|---|"]
         lines += [f"| {p} | {100 * s / total:.0f} % |" for p, s in phases.items()]
-    notes = [f"- `{r.name}`: " + "; ".join(f"{s}: {v}" for s, v in r.status.items() if v not in ("ok", "not run", "-"))
-             for r in rows if not r.passed]
-    if notes:
-        lines += ["", "Stages that did not pass (the message is the tool's own):", "", *notes]
+    shown = "\n".join(lines) + "\n"
     skipped = [f"- `{r.name}`: " + "; ".join(r.skipped) for r in rows if r.skipped]
     if skipped:
         lines += ["", "Layers left without dendrites, with the reason conversion gave:", "", *skipped]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", shown
 
 
 def _cell(status: str) -> str:
@@ -317,33 +332,80 @@ def _cell(status: str) -> str:
     return status
 
 
+README = ROOT / "README.md"
+BEGIN, END = "<!-- zoo_real.py --readme: begin -->", "<!-- zoo_real.py --readme: end -->"
+NOTES = "\n## Notes"  # what is written by hand below this heading of the results file survives regeneration
+
+
+def _load(results: Path) -> tuple[list[str], dict[str, Row]]:
+    """The commands and rows a previous run stored beside its results file (nothing when there is none)."""
+    stored = results.with_suffix(".json")
+    if not stored.exists():
+        return [], {}
+    data = json.loads(stored.read_text())
+    return data["commands"], {r["name"]: Row(**r) for r in data["rows"]}
+
+
+def _write(results: Path, commands: list[str], rows: list[Row], readme: bool) -> str:
+    text, shown = render(rows, commands)
+    old = results.read_text() if results.exists() else ""
+    results.write_text(text + (old[old.index(NOTES):] if NOTES in old else ""))
+    results.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": [asdict(r) for r in rows]},
+                                                       indent=1))
+    if readme:
+        page = README.read_text()
+        head, rest = page.split(BEGIN)
+        README.write_text(f"{head}{BEGIN}\n{shown}{END}{rest.split(END)[1]}")
+    return text
+
+
+def _command(argv: list[str], only: list[str] | None) -> str:
+    """The command line as the results file shows it: a long --only list as its length."""
+    if only and len(only) > 3:
+        argv = [f"--only <{len(only)} models>" if a == "--only" else a for a in argv if a not in only]
+    return " ".join(["python benchmarks/zoo_real.py", *argv])
+
+
+def _ordered(rows: dict[str, Row]) -> list[Row]:
+    return sorted(rows.values(), key=lambda r: NAMES.index(r.name))
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 timm + 3 transformers models")
-    parser.add_argument("--only", nargs="+", help="these models only")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--only", nargs="*", help="these models only (none: rewrite the files from the stored rows)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these models' rows in the results file, keeping the others (with --only)")
+    parser.add_argument("--readme", action="store_true", help="copy the table into README.md between its markers")
     parser.add_argument("--no-capacity", action="store_true", help="skip the capacity test")
     parser.add_argument("--budget-min", type=float, help="start no new model after this many minutes")
     parser.add_argument("--output", type=Path, help="where to write the markdown (default benchmarks/results/...)")
     args = parser.parse_args(argv)
-    names = args.only or (QUICK if args.quick else NAMES)
-    command = "python benchmarks/zoo_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    names = args.only if args.only is not None else (QUICK if args.quick else NAMES)
+    if not names and not args.merge:
+        parser.error("--only without model names rewrites the stored rows: add --merge")
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        parser.error(f"not in fixtures/real_zoo.py: {', '.join(unknown)}")
     output = args.output or ROOT / "benchmarks" / "results" / ("zoo_real_quick.md" if args.quick else "zoo_real.md")
     output.parent.mkdir(parents=True, exist_ok=True)
+    commands, kept = _load(output) if args.merge else ([], {})
+    commands += [_command(argv if argv is not None else sys.argv[1:], args.only)] if names else []
     torch.set_num_threads(1)
-    rows, start, text = [], time.perf_counter(), ""
+    start = time.perf_counter()
     for name in names:
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
-            print(f"time budget spent: {len(rows)} of {len(names)} models run", file=sys.stderr)
+            print(f"time budget spent: {names.index(name)} of {len(names)} models run", file=sys.stderr)
             break
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            rows.append(run_model(name, Path(tmp), capacity=not args.no_capacity))
-            print(f"{name}: {'pass' if rows[-1].passed else rows[-1].status} ({time.perf_counter() - t0:.0f} s)",
+            kept[name] = run_model(name, Path(tmp), capacity=not args.no_capacity)
+            kept[name].seconds = time.perf_counter() - t0
+            print(f"{name}: {'pass' if kept[name].passed else kept[name].status} ({kept[name].seconds:.0f} s)",
                   file=sys.stderr, flush=True)
-        text = render(rows, time.perf_counter() - start, not args.no_capacity, command.strip())
-        output.write_text(text)  # after every model: an interrupted run still leaves an honest partial table
-    print(text)
-    return rows
+        _write(output, commands, _ordered(kept), args.readme)  # after each model: a partial table if stopped
+    print(_write(output, commands, _ordered(kept), args.readme))
+    return [kept[n] for n in names if n in kept]
 
 
 if __name__ == "__main__":

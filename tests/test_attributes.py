@@ -87,3 +87,30 @@ def test_whisper_converts_and_runs_with_dendrites():
     randomize_dendrites(converted.model)
     out = converted.model(input_features=features, decoder_input_ids=ids).last_hidden_state
     assert out.shape == reference.shape and (out - reference).abs().max() > 1e-3
+
+
+def test_a_copy_of_a_wrapped_weight_normed_conv_keeps_its_dendrites():
+    """transformers' Wav2Vec2 weight-norms its positional conv (torch's parametrization, whose class defines
+    `__deepcopy__`): the wrapper must not hand that hook out, or every copy (the fold's, the best-model snapshot's)
+    is the bare conv and the export is wrong (it failed verification by 0.5) and the checkpoint loses a target."""
+    import copy
+
+    from conftest import randomize_dendrites
+    from tests.helpers_export import add_dendrites
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                            conv_dim=[8, 8], conv_stride=[4, 4], conv_kernel=[8, 4], num_conv_pos_embeddings=8,
+                            num_conv_pos_embedding_groups=2)
+    converted = dc.convert(Wav2Vec2Model(config).eval(), dc.DendriteConfig(dendrites=0))
+    add_dendrites(converted.model, k=1)
+    randomize_dendrites(converted.model)
+    conv = converted.model.encoder.pos_conv_embed.conv
+    assert type(conv.base_layer).__name__ == "ParametrizedConv1d"
+    copied = copy.deepcopy(conv)
+    assert type(copied) is type(conv) and copied.num_dendrites == 1
+    x, audio = torch.randn(2, 16, 9), torch.randn(2, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), conv(x), rtol=0, atol=0)
+        expected = converted.model(audio).last_hidden_state
+        torch.testing.assert_close(fold_model(converted.model)(audio).last_hidden_state, expected, rtol=0, atol=1e-5)

@@ -90,11 +90,12 @@ class DendriteLayer(nn.Module):
 
     def __getattr__(self, name: str):
         """The wrapped layer's attributes read through the wrapper, as PEFT's layers allow: model code reads
-        `conv1.stride[0]`, `.padding`, `.in_features`, `.weight.dtype`. The wrapper's own attributes come first."""
+        `conv1.stride[0]`, `.padding`, `.in_features`, `.weight.dtype`. The wrapper's own attributes come first.
+        Dunder names are never the base's: a weight-normed base's `__deepcopy__` would copy the base alone."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":  # not set yet (in __init__, or while unpickling)
+            if name == "base_layer" or name.startswith("__"):  # base_layer: not set yet (in __init__, unpickling)
                 raise
         base = self.base_layer
         try:
