@@ -179,11 +179,16 @@ def _sym_power(s: torch.Tensor, power: float) -> torch.Tensor:
     return (v * w.clamp_min(torch.finfo(w.dtype).tiny) ** power) @ v.T
 
 
+def ridge_of(stats: TargetStatistics, ridge: float) -> float:
+    """lambda = ridge * the inputs' mean square (uncentred): a direction along which the inputs barely vary,
+    compared with their size, gains little from a fit and cannot make its weights large."""
+    return ridge * max(float(stats.xx.diagonal().mean()) / max(stats.rows, 1), 1e-12)
+
+
 def _whitening(stats: TargetStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S^-1/2 and S for S = C_xx + lambda I, lambda = ridge * mean eigenvalue of C_xx."""
+    """S^-1/2 and S for S = C_xx + lambda I (ridge_of)."""
     cov = stats.cov_xx()
-    lam = ridge * max(float(cov.diagonal().mean()), 1e-12)
-    s = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    s = cov + ridge_of(stats, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype)
     return _sym_power(s, -0.5), s
 
 
