@@ -166,6 +166,9 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
     for eta in (guess, guess / 2, guess * 2):
         if eta not in tried:
             tried[eta] = loss_at(eta)
+    vertex = _parabola_vertex([(e, tried[e]) for e in (0.0, 1.0, guess)])
+    if vertex is not None and vertex not in tried:  # the measured loss's own minimiser (its slope is not `gain`
+        tried[vertex] = loss_at(vertex)  # on batches held out of the fit)
     eta = min(e for e in tried if e > 0)
     for _ in range(8):
         if min(tried, key=tried.get) != 0.0:
@@ -174,6 +177,18 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
         tried[eta] = loss_at(eta)
     best = min(tried, key=tried.get)
     return best, tried[best]
+
+
+def _parabola_vertex(points: list[tuple[float, float]]) -> float | None:
+    """The minimiser (within 1e-3 to 1e3) of the parabola through three (eta, loss) points; None if not convex."""
+    (a, fa), (b, fb), (c, fc) = points
+    if len({a, b, c}) < 3:
+        return None
+    curvature = ((fc - fa) / (c - a) - (fb - fa) / (b - a)) / (c - b)
+    if not curvature > 0:
+        return None
+    slope = (fb - fa) / (b - a) - curvature * (a + b)
+    return min(max(-slope / (2 * curvature), 1e-3), 1e3)
 
 
 def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, dendrite: nn.Module,
@@ -234,8 +249,8 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStat
 
 def natural_step(layer: DendriteLayer, stats: TargetStatistics, batches: list,
                  forward_loss: Callable[[object], torch.Tensor], ridge: float) -> tuple[float, float, float]:
-    """Move the target's own weight along its ridge natural gradient, dy = eta M (x - mean) with M the
-    first-order fit (what TINY does to the layer it grows, before its new neurons), eta line-searched on
+    """Move the target's own weight along its ridge natural gradient, dy = eta (M (x - mean) - mean e) with M
+    the first-order fit (what TINY does to the layer it grows, before its new neurons), eta line-searched on
     `batches`; (eta, loss before, loss after), eta 0 and the weight unchanged when no step helps."""
     fit = fit_dendrite(stats, None, ridge)
     base = layer.base_layer
@@ -243,7 +258,9 @@ def natural_step(layer: DendriteLayer, stats: TargetStatistics, batches: list,
     weight0 = base.weight.detach().clone()
     rows0 = weight0.T if hf else weight0.reshape(weight0.shape[0], -1)
     bias0 = None if base.bias is None else base.bias.detach().clone()
-    shift = fit.weight @ stats.mean_x  # keeps the step centred where the target has a bias
+    mean_e = stats.sum_e / stats.rows  # the bias's own natural gradient (its input, 1, is white and apart from x - mean)
+    shift = fit.weight @ stats.mean_x + mean_e  # the bias keeps the step centred and takes its own step
+    gain = fit.gain + (0.0 if bias0 is None else float(mean_e.square().sum()) * stats.per_sample)
 
     def loss_at(eta: float) -> float:
         with torch.no_grad():
@@ -254,7 +271,7 @@ def natural_step(layer: DendriteLayer, stats: TargetStatistics, batches: list,
         return mean_loss(batches, forward_loss)
 
     loss0 = mean_loss(batches, forward_loss)
-    eta, loss = line_search(loss_at, loss0, fit.gain) if fit.gain > 0 else (0.0, loss0)
+    eta, loss = line_search(loss_at, loss0, gain) if gain > 0 else (0.0, loss0)
     loss_at(eta)
     return eta, loss0, loss
 
