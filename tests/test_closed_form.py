@@ -10,7 +10,7 @@ from torch import nn
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
 from dendrite_convert.training.objectives.closed_form_fit import _sym_power, fit_dendrite, input_rows, record_statistics
 from dendrite_convert.training.objectives.closed_form_growth import (
-    ClosedFormConfig, add_closed_form_dendrites, most_curved_point, natural_step,
+    ClosedFormConfig, add_closed_form_dendrites, most_curved_point,
 )
 
 FIRST = ClosedFormConfig(order=1)
@@ -265,17 +265,3 @@ def test_weights_stay_bounded_where_the_inputs_barely_vary(order):
     scale = float(model[0].dendrite_scales[0].abs().max())
     assert float(model[0].base_layer.weight.abs().max()) <= weight0 + scale * bound  # compensation bounded too
 
-
-def test_natural_step_moves_a_weight_to_its_least_squares_fit():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, 6, generator=g) * torch.linspace(0.5, 2.0, 6)  # not white: a plain gradient step is not enough
-    with torch.no_grad():
-        y = nn.Linear(6, 3)(x)
-    model = convert(nn.Sequential(nn.Linear(6, 3)), DendriteConfig()).model
-    batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, 2048, 256)]
-    stats = record_statistics(model, batches[:6], _mse(model), dendrite_layers(model))["0"]
-    eta, before, after = natural_step(model[0], stats, batches[6:], _mse(model), 1e-6)
-    assert eta > 0 and after < 1e-4 * before  # the residual is linear in x: one step removes it
-    with torch.no_grad():  # the reported loss is the model's, on the line search's batches
-        assert abs(sum(float(_mse(model)(b)) for b in batches[6:]) / 2 - after) < 1e-7
-    assert model[0].num_dendrites == 0  # only the target's own weight moved

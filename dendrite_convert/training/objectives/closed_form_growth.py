@@ -40,7 +40,6 @@ class ClosedFormConfig:
     spread: float = 0.5  # std of a new dendrite's pre-activation around its operating point
     top_k: int | None = None  # where to grow: only the k targets with the best gain per parameter
     min_relative_score: float = 0.0  # ... and only those scoring at least this fraction of the best
-    weight_step: bool = True  # with a second-order dendrite, also move the target's weight by its natural gradient
     held_out: float = 0.25  # fraction of the recorded batches kept out of the fits, for the line search alone
 
 
@@ -53,7 +52,6 @@ class TargetReport:
     params: int = 0  # parameters the dendrite adds (weights, scale, cascade)
     score: float = 0.0  # gain per added parameter
     step: float = 0.0  # the line search's eta
-    weight_step: float = 0.0  # the natural-gradient step's eta on the target's own weight (0: none taken)
     loss_before: float = float("nan")
     loss_after: float = float("nan")
 
@@ -247,35 +245,6 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStat
     return eta, loss0, loss
 
 
-def natural_step(layer: DendriteLayer, stats: TargetStatistics, batches: list,
-                 forward_loss: Callable[[object], torch.Tensor], ridge: float) -> tuple[float, float, float]:
-    """Move the target's own weight along its ridge natural gradient, dy = eta (M (x - mean) - mean e) with M
-    the first-order fit (what TINY does to the layer it grows, before its new neurons), eta line-searched on
-    `batches`; (eta, loss before, loss after), eta 0 and the weight unchanged when no step helps."""
-    fit = fit_dendrite(stats, None, ridge)
-    base = layer.base_layer
-    hf = DendriteHFConv1D.matches(base)
-    weight0 = base.weight.detach().clone()
-    rows0 = weight0.T if hf else weight0.reshape(weight0.shape[0], -1)
-    bias0 = None if base.bias is None else base.bias.detach().clone()
-    mean_e = stats.sum_e / stats.rows  # the bias's own natural gradient (its input, 1, is white and apart from x - mean)
-    shift = fit.weight @ stats.mean_x + mean_e  # the bias keeps the step centred and takes its own step
-    gain = fit.gain + (0.0 if bias0 is None else float(mean_e.square().sum()) * stats.per_sample)
-
-    def loss_at(eta: float) -> float:
-        with torch.no_grad():
-            rows = rows0 + eta * fit.weight.to(rows0)
-            base.weight.copy_(rows.T if hf else rows.reshape(weight0.shape))
-            if bias0 is not None:
-                base.bias.copy_(bias0 - eta * shift.to(bias0))
-        return mean_loss(batches, forward_loss)
-
-    loss0 = mean_loss(batches, forward_loss)
-    eta, loss = line_search(loss_at, loss0, gain) if gain > 0 else (0.0, loss0)
-    loss_at(eta)
-    return eta, loss0, loss
-
-
 def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss: Callable[[object], torch.Tensor],
                               config: ClosedFormConfig | None = None,
                               targets: dict[str, DendriteLayer] | None = None) -> dict[str, TargetReport]:
@@ -317,13 +286,8 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
             elif report.gain <= 0.0:
                 report.reason = "its input does not predict its error"
             else:
-                before = None
-                if config.weight_step and fit.curvature is not None and layer.norm is None:
-                    report.weight_step, before, _ = natural_step(layer, stats[name], search_batches, forward_loss,
-                                                                 config.ridge)
                 report.step, report.loss_before, report.loss_after = insert_closed_form(
                     layer, fit, stats[name], dendrite, search_batches, forward_loss, config.spread, config.ridge)
-                report.loss_before = report.loss_before if before is None else before
                 report.grown = report.step > 0
                 report.reason = "" if report.grown else "no step lowered the training loss"
     return reports
