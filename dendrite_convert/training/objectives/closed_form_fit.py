@@ -10,7 +10,7 @@ e is scaled by the batch size: the gradient of one sample's loss, whatever the b
 A new dendrite adds dy = s * a(z) to the output, and to first order the loss moves by sum_n e_n . dy_n.
 
 First order (a linearised: a(z) ~ a(z0) + a'(z0)(z - z0)): the map from centred x that best predicts -e
-(ridge least squares, C = centred covariances, S = C_xx + lambda I) is
+(ridge least squares, C = centred covariances, S = C_xx + lambda I, lambda relative to x's mean square) is
 
     M = -C_ex S^-1 = -(S^-1/2 G)^T   with   G = S^-1/2 C_xe
 

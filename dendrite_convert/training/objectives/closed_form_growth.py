@@ -10,8 +10,9 @@ spread over the training inputs, centred by the dendrite's bias (or its norm). T
   the constant and the linear part s_c a'(z0) (z - z0) are taken out of the target's own weight and bias,
   leaving s_c a''(z0) (z - z0)^2 / 2, s_c proportional to minus the channel's curvature.
 
-The step eta is line-searched on the training batches that were recorded (eta = 0 is always a candidate,
-so the training loss never goes up); a dendrite no step helps is removed again.
+The step eta is line-searched on the last quarter of the recorded training batches, which the fits never
+saw: a fit that only matches the other batches' noise finds no loss decrease there. eta = 0 is always a
+candidate, so the loss on those batches never goes up; a dendrite no step helps is removed again.
 """
 
 from __future__ import annotations
@@ -94,8 +95,10 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def build_dendrite(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, spread: float, z0: float,
-                   dendrite: nn.Module | None = None, ridge: float = 0.0) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dendrite` (default: the layer's next one) with pre-activation z_c = z0_c + r_c . (x - mean).
+                   dendrite: nn.Module | None = None, ridge: float = 0.0
+                   ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dendrite` (default: the layer's next one) with pre-activation z_c = z0_c + r_c . (x - mean), r_c of
+    spread `spread` in the fit's metric C_xx + lambda I (`ridge`, as the fit took it).
 
     Returns (dendrite, std_c of fit row c over the inputs, z0_c, r_c [C', d]). z0_c = z0 where the dendrite
     can centre itself (a bias or a norm), else where the uncentred inputs put it."""
@@ -164,9 +167,6 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
     for eta in (guess, guess / 2, guess * 2):
         if eta not in tried:
             tried[eta] = loss_at(eta)
-    vertex = _parabola_vertex([(e, tried[e]) for e in (0.0, 1.0, guess)])
-    if vertex is not None and vertex not in tried:  # the measured loss's own minimiser (its slope is not `gain`
-        tried[vertex] = loss_at(vertex)  # on batches held out of the fit)
     eta = min(e for e in tried if e > 0)
     for _ in range(8):
         if min(tried, key=tried.get) != 0.0:
@@ -175,18 +175,6 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
         tried[eta] = loss_at(eta)
     best = min(tried, key=tried.get)
     return best, tried[best]
-
-
-def _parabola_vertex(points: list[tuple[float, float]]) -> float | None:
-    """The minimiser (within 1e-3 to 1e3) of the parabola through three (eta, loss) points; None if not convex."""
-    (a, fa), (b, fb), (c, fc) = points
-    if len({a, b, c}) < 3:
-        return None
-    curvature = ((fc - fa) / (c - a) - (fb - fa) / (b - a)) / (c - b)
-    if not curvature > 0:
-        return None
-    slope = (fb - fa) / (b - a) - curvature * (a + b)
-    return min(max(-slope / (2 * curvature), 1e-3), 1e3)
 
 
 def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, dendrite: nn.Module,
@@ -250,7 +238,7 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                               targets: dict[str, DendriteLayer] | None = None) -> dict[str, TargetReport]:
     """One closed-form growth step: record statistics, fit every target, grow those with the best gain per
     parameter (`config.top_k`, `config.min_relative_score`), best first, each with its own line search on
-    the training batches seen while recording. Returns a report per target."""
+    the recorded batches held out of the fits (`config.held_out`). Returns a report per target."""
     config = config or ClosedFormConfig()
     targets = dendrite_layers(model) if targets is None else targets
     fit_batches, search_batches = split_held_out(take_samples(batches, config.max_samples), config.held_out)
