@@ -21,7 +21,8 @@ CorrelationMemoryOpt = Annotated[int, typer.Option(
     "fit together are recorded in turn.", rich_help_panel=PANEL)]
 GrowSamplesOpt = Annotated[int, typer.Option(
     min=1, help="Training samples a growth step reads the error signal from (correlation records them, closed-form "
-    "fits three quarters of them and line-searches on the rest, gradient ranks channels with them).", rich_help_panel=PANEL)]
+    "fits three quarters of them and line-searches on the rest, gradient ranks channels with them).",
+    rich_help_panel=PANEL)]
 ClosedFormOrderOpt = Annotated[int, typer.Option(
     min=1, max=2, help="Closed-form: 2 fits the loss's curvature along each target's input (pays at a plateau); 1 "
     "fits the error signal linearly.", rich_help_panel=PANEL)]

@@ -6,8 +6,8 @@ weights are the fit that lowers the loss most (order 2, the default: along the d
 bends most, which still pays at a plateau where the error no longer correlates linearly with x; order 1:
 the ridge least-squares map from x to -e, reduced to the dendrite's rank), and its scale is line-searched
 on a quarter of those batches kept out of the fits (closed_form_growth.py), so insertion lowers the training
-loss at once instead of starting at zero. "Where to grow" (`top_k`, `min_relative_score`) limits growth to the targets whose
-statistics promise the largest loss decrease per added parameter. After insertion the dendrites train
+loss at once instead of starting at zero. "Where to grow" (`top_k`, `min_relative_score`) limits growth to
+the targets whose statistics promise the largest loss decrease per added parameter. After insertion the dendrites train
 jointly with the network, as gradient dendrites do: they start at a useful point, and training moves them on.
 
 Under DDP rank 0 alone fits and inserts (on its shard of the training data); the other ranks add matching
