@@ -180,7 +180,7 @@ def _flops(model, example) -> int:
     return count_flops(dc.fold_model(model) if has_dendrites else model, example)
 
 
-def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -> list[dict]:
+def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int, arms: list[str]) -> list[dict]:
     torch.set_num_threads(1)  # also in a --jobs worker process
     task = TASKS[name]
     runner = Runner(task)
@@ -202,7 +202,7 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int) -
         base_flops, base_params, base_loss = _flops(base, example), dc.count_parameters(base), runner.train_loss(base)
         budgets = {FULL: _added_dendrite_params(base, None), LOW: _added_dendrite_params(base, task.rank)}
         for arm, budget in ARMS:
-            if arm == "gromo" and skipped:
+            if arm not in arms or (arm == "gromo" and skipped):
                 continue
             saved = getattr(models, task.factory)(task.width)
             saved.load_state_dict(torch.load(path, weights_only=True))  # every arm starts from the saved model
@@ -348,6 +348,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="subset of task names")
     parser.add_argument("--jobs", type=int, default=1,
                         help="tasks run in this many processes at once (1 thread each), started in --tasks order")
+    parser.add_argument("--arms", nargs="*", default=None,
+                        help="run only these arms and merge their rows into the growth.csv in --output (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite growth.md and growth.png from the growth.csv in --output, running nothing")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
@@ -366,9 +368,13 @@ def main() -> None:
     for name, package in missing.items():
         print(f"{name}: skipped: the {package} package is not installed (pip install -e '.[bench]')", file=sys.stderr)
     with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn")) as pool:
-        runs = {name: pool.submit(run_task, name, args.output, seeds, args.quick, extra)
+        runs = {name: pool.submit(run_task, name, args.output, seeds, args.quick, extra,
+                                          args.arms or [arm for arm, _ in ARMS])
                 for name in args.tasks if name not in missing}
         rows = [row for name in TASKS if name in runs for row in runs[name].result()]  # tables in TASKS order
+    if args.arms:
+        old = args.output / "growth.csv"
+        rows = merged(read_rows(old) if old.exists() else [], rows)
     with (args.output / "growth.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -378,10 +384,19 @@ def main() -> None:
     command += f" --extra-epochs {extra}" if args.extra_epochs else ""
     command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
+    command += (" --arms " + " ".join(f'"{a}"' for a in args.arms)) if args.arms else ""
     gromo = "" if importlib.util.find_spec("gromo") else "; the gromo arm skipped: gromo is not installed"
     skipped = "".join(f"; {name} skipped: {package} is not installed" for name, package in missing.items())
     write_report(rows, args.output, f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread per "
                  f"task, torch {torch.__version__}, {time.perf_counter() - start:.0f} s{gromo}{skipped})")
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with every row that `new` has for the same task, budget, arm and seed replaced, tables in TASKS order."""
+    key = lambda r: (r["task"], r["budget"], r["arm"], int(r["seed"]))  # noqa: E731
+    rows = {key(r): r for r in old} | {key(r): r for r in new}
+    order = {name: i for i, name in enumerate(TASKS)}
+    return sorted(rows.values(), key=lambda r: (order.get(r["task"], len(order)), int(r["seed"])))
 
 
 def write_report(rows: list[dict], out: Path, header: str) -> None:

@@ -43,13 +43,15 @@ def test_closed_form_dendrite_lowers_the_loss_at_insertion(rank):
     model = convert(student, DendriteConfig(rank=rank)).model
     layer = dendrite_layers(model)["0"]
     loss = _mse(model)
+    held = batches[-2:]  # the last quarter of the 8 batches: the line search's, kept out of the fit
+    mean = lambda some: sum(float(loss(b)) for b in some) / len(some)  # noqa: E731
     with torch.no_grad():
-        before = sum(float(loss(b)) for b in batches) / len(batches)
+        before, held_before = mean(batches), mean(held)
     report = add_closed_form_dendrites(model, batches, loss, FIRST)["0"]
     with torch.no_grad():
-        after = sum(float(loss(b)) for b in batches) / len(batches)
+        after, held_after = mean(batches), mean(held)
     assert report.grown and layer.num_dendrites == 1 and report.step > 0
-    assert abs(report.loss_before - before) < 1e-6 and abs(report.loss_after - after) < 1e-6
+    assert abs(report.loss_before - held_before) < 1e-6 and abs(report.loss_after - held_after) < 1e-6
     assert after < (0.2 if rank is None else 0.5) * before  # full: > 80 % of the loss gone at insertion
     if rank:
         assert isinstance(layer.dendrite_layers[0], nn.Sequential) and layer.dendrite_layers[0][0].out_features == rank
@@ -139,8 +141,8 @@ def test_conv_bn_target_gets_a_dendrite_that_lowers_the_loss(order):
     dendrite = layers["0"].dendrite_layers[0]
     assert isinstance(dendrite[1], nn.BatchNorm2d)
     model.eval()
-    with torch.no_grad():
-        eval_loss = sum(float(loss(b)) * len(b[1]) for b in batches) / 512
+    with torch.no_grad():  # the line search's batch: the last of the four, kept out of the fit
+        eval_loss = float(loss(batches[-1]))
     assert abs(eval_loss - report.loss_after) < 1e-5  # what the line search measured is what the model computes
 
 
@@ -193,12 +195,13 @@ def _plateau_problem(d=6, c=3, n=4096, seed=0):
 def test_second_order_dendrite_fixes_a_plateau_that_first_order_cannot(rank):
     student, batches = _plateau_problem(d=8, c=4)
     first = convert(copy.deepcopy(student), DendriteConfig(rank=rank)).model
-    linear = add_closed_form_dendrites(first, batches, _mse(first), FIRST)["0"]
+    # fits and line searches on all batches (held_out=0): the student is at the plateau of all of them
+    linear = add_closed_form_dendrites(first, batches, _mse(first), ClosedFormConfig(order=1, held_out=0.0))["0"]
     model = convert(student, DendriteConfig(rank=rank)).model
     with torch.no_grad():
         x = batches[0][0]
         outside = model(x) - model[0].base_layer(x)  # no dendrite yet: zero
-    report = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=2))["0"]
+    report = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=2, held_out=0.0))["0"]
     assert report.order == 2 and report.grown and not outside.any()
     assert linear.gain < 1e-4 * report.gain  # at the plateau nothing linear is left to fit
     assert linear.loss_after > 0.99 * linear.loss_before or not linear.grown
@@ -223,3 +226,42 @@ def test_channel_selective_dendrite_serves_the_channels_with_the_most_gain(order
     report = add_closed_form_dendrites(model, exact, _mse(model), ClosedFormConfig(order=order))["0"]
     assert report.grown and report.loss_after < 0.7 * report.loss_before
     assert layer.dendrite_channels.tolist() == [[0, 2]]
+
+
+def test_a_fit_that_raises_the_held_out_loss_is_rejected():
+    student, batches = _teacher_problem(d=6, c=3)
+    with torch.no_grad():  # the held-out quarter's targets deviate the other way: no step of the fit helps there
+        held = [(x, 2 * student(x) - y) for x, y in batches[-2:]]
+    model = convert(copy.deepcopy(student), DendriteConfig()).model
+    untouched = copy.deepcopy(model.state_dict())
+    loss = _mse(model)
+    report = add_closed_form_dendrites(model, batches[:-2] + held, loss, FIRST)["0"]
+    assert report.gain > 0 and not report.grown and report.reason == "no step lowered the training loss"
+    assert model[0].num_dendrites == 0 and report.loss_after == report.loss_before
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in untouched.items())
+    alone = convert(student, DendriteConfig()).model
+    fitted_alone = add_closed_form_dendrites(alone, batches[:-2] + held, _mse(alone),
+                                             ClosedFormConfig(order=1, held_out=0.0))
+    assert fitted_alone["0"].step > 0  # without held-out batches the same fit would have been inserted
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_weights_stay_bounded_where_the_inputs_barely_vary(order):
+    student, batches = (_teacher_problem if order == 1 else _plateau_problem)(d=6, c=3)
+    # inputs that barely vary around a large mean (like a saturated layer's): 1 + x / 100, the error unchanged
+    batches = [(1 + x / 100, y) for x, y in batches]
+    with torch.no_grad():
+        student[0].weight *= 100  # W x + b = 100 W (1 + x / 100) + b - 100 W 1
+        student[0].bias -= student[0].weight.sum(1)
+    model = convert(student, DendriteConfig()).model
+    weight0 = model[0].base_layer.weight.detach().abs().max()
+    report = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=order))["0"]
+    assert report.grown and report.loss_after < report.loss_before
+    x = torch.cat([b[0] for b in batches])
+    ridge = 1e-3 * float(x.square().mean())
+    bound = 0.5 / ridge ** 0.5  # unit spread 0.5 in the metric C_xx + ridge I: |w| <= 0.5 / sqrt(ridge)
+    dendrite = model[0].dendrite_layers[0]
+    assert float(dendrite.weight.norm(dim=1).max()) <= bound * 1.001
+    scale = float(model[0].dendrite_scales[0].abs().max())
+    assert float(model[0].base_layer.weight.abs().max()) <= weight0 + scale * bound  # compensation bounded too
+

@@ -229,9 +229,8 @@ def reports(monkeypatch):
 
 def _assert_grown_at_a_lower_loss(reports: list[dict], model: nn.Module) -> None:
     assert len(reports) >= 1
-    for step in reports:
-        grown = [r for r in step.values() if r.grown]
-        assert grown and all(r.loss_after < r.loss_before for r in grown)
+    grown = [r for step in reports for r in step.values() if r.grown]  # a step may grow nothing: its held-out
+    assert grown and all(r.loss_after < r.loss_before for r in grown)  # batches (a quarter) found no better step
     assert max(layer.num_dendrites for layer in dc.dendrite_layers(model).values()) >= 1
 
 

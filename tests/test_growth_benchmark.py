@@ -101,3 +101,19 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
     assert table.count("\n- ") == len(tasks) * 2 + 1  # one verdict per task and budget, and the goal
     assert "- **Goal** (" in table and "reached on " in table
     assert (out / "growth.png").stat().st_size > 20_000
+
+
+def test_rows_of_a_run_of_some_arms_replace_their_own_rows_only():
+    import growth
+
+    def row(task, arm, seed, score):
+        return {"task": task, "budget": "full", "arm": arm, "seed": seed, "test_at_best": score}
+
+    old = [row(task, arm, seed, 1.0) for task in ("wine (MLP)", "digits (MLP)") for seed in (0, 1)
+           for arm in ("continue", "closed-form")]
+    new = [row("wine (MLP)", "closed-form", seed, 2.0) for seed in (0, 1, 2)]
+    rows = growth.merged(old, new)
+    assert len(rows) == len(old) + 1  # seed 2 is new, seeds 0 and 1 replaced
+    assert [r["test_at_best"] for r in rows if r["arm"] == "closed-form" and r["task"] == "wine (MLP)"] == [2.0] * 3
+    assert all(r["test_at_best"] == 1.0 for r in rows if r["arm"] == "continue" or r["task"] == "digits (MLP)")
+    assert [r["task"] for r in rows][:4] == ["digits (MLP)"] * 4  # the tables keep the tasks' order (TASKS)

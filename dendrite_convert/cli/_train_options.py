@@ -21,12 +21,13 @@ CorrelationMemoryOpt = Annotated[int, typer.Option(
     "fit together are recorded in turn.", rich_help_panel=PANEL)]
 GrowSamplesOpt = Annotated[int, typer.Option(
     min=1, help="Training samples a growth step reads the error signal from (correlation records them, closed-form "
-    "sums their statistics and line-searches on them, gradient ranks channels with them).", rich_help_panel=PANEL)]
+    "fits three quarters of them and line-searches on the rest, gradient ranks channels with them).",
+    rich_help_panel=PANEL)]
 ClosedFormOrderOpt = Annotated[int, typer.Option(
     min=1, max=2, help="Closed-form: 2 fits the loss's curvature along each target's input (pays at a plateau); 1 "
     "fits the error signal linearly.", rich_help_panel=PANEL)]
 ClosedFormRidgeOpt = Annotated[float, typer.Option(
-    help="Closed-form: regularisation of the fits (positive), relative to the mean variance of each target's "
+    help="Closed-form: regularisation of the fits (positive), relative to the mean square of each target's "
     "input.", rich_help_panel=PANEL)]
 GrowTopKOpt = Annotated[int | None, typer.Option(
     min=1, help="Closed-form: grow only the K targets with the largest predicted loss decrease per added parameter "

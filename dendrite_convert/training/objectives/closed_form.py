@@ -5,9 +5,9 @@ statistics of its input x and error signal e = dloss/dy are summed (closed_form_
 weights are the fit that lowers the loss most (order 2, the default: along the directions where the loss
 bends most, which still pays at a plateau where the error no longer correlates linearly with x; order 1:
 the ridge least-squares map from x to -e, reduced to the dendrite's rank), and its scale is line-searched
-on those training batches (closed_form_growth.py), so insertion lowers the training loss at once instead
-of starting at zero. "Where to grow" (`top_k`, `min_relative_score`) limits growth to the targets whose
-statistics promise the largest loss decrease per added parameter. After insertion the dendrites train
+on a quarter of those batches kept out of the fits (closed_form_growth.py), so insertion lowers the training
+loss at once instead of starting at zero. "Where to grow" (`top_k`, `min_relative_score`) limits growth to
+the targets whose statistics promise the largest loss decrease per added parameter. After insertion the dendrites train
 jointly with the network, as gradient dendrites do: they start at a useful point, and training moves them on.
 
 Under DDP rank 0 alone fits and inserts (on its shard of the training data); the other ranks add matching
@@ -38,11 +38,11 @@ class ClosedForm(Objective):
     Args:
         order: 2 fits the loss's curvature along each target's input (works at a plateau); 1 fits the
             error signal linearly (what the target's own weights could still learn).
-        ridge: regularisation of the fits, relative to the mean variance of the target's input.
+        ridge: regularisation of the fits, relative to the mean square of the target's input.
         top_k: grow only the k targets with the largest predicted loss decrease per added parameter
             (None: every target whose fit lowers the loss).
         min_relative_score: grow only targets scoring at least this fraction of the best target's score.
-        samples: training samples whose statistics are summed (the step is line-searched on the same ones).
+        samples: training samples read: three quarters are fitted, the step is line-searched on the rest.
 
     A dendrite's rank (and whether it is channel-selective) comes from the converted model's config.
     """

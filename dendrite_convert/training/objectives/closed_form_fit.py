@@ -10,7 +10,7 @@ e is scaled by the batch size: the gradient of one sample's loss, whatever the b
 A new dendrite adds dy = s * a(z) to the output, and to first order the loss moves by sum_n e_n . dy_n.
 
 First order (a linearised: a(z) ~ a(z0) + a'(z0)(z - z0)): the map from centred x that best predicts -e
-(ridge least squares, C = centred covariances, S = C_xx + lambda I) is
+(ridge least squares, C = centred covariances, S = C_xx + lambda I, lambda relative to x's mean square) is
 
     M = -C_ex S^-1 = -(S^-1/2 G)^T   with   G = S^-1/2 C_xe
 
@@ -179,11 +179,16 @@ def _sym_power(s: torch.Tensor, power: float) -> torch.Tensor:
     return (v * w.clamp_min(torch.finfo(w.dtype).tiny) ** power) @ v.T
 
 
+def ridge_of(stats: TargetStatistics, ridge: float) -> float:
+    """lambda = ridge * the inputs' mean square (uncentred): a direction along which the inputs barely vary,
+    compared with their size, gains little from a fit and cannot make its weights large."""
+    return ridge * max(float(stats.xx.diagonal().mean()) / max(stats.rows, 1), 1e-12)
+
+
 def _whitening(stats: TargetStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S^-1/2 and S for S = C_xx + lambda I, lambda = ridge * mean eigenvalue of C_xx."""
+    """S^-1/2 and S for S = C_xx + lambda I (ridge_of)."""
     cov = stats.cov_xx()
-    lam = ridge * max(float(cov.diagonal().mean()), 1e-12)
-    s = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    s = cov + ridge_of(stats, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype)
     return _sym_power(s, -0.5), s
 
 

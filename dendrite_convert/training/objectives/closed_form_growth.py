@@ -10,8 +10,9 @@ spread over the training inputs, centred by the dendrite's bias (or its norm). T
   the constant and the linear part s_c a'(z0) (z - z0) are taken out of the target's own weight and bias,
   leaving s_c a''(z0) (z - z0)^2 / 2, s_c proportional to minus the channel's curvature.
 
-The step eta is line-searched on the training batches that were recorded (eta = 0 is always a candidate,
-so the training loss never goes up); a dendrite no step helps is removed again.
+The step eta is line-searched on the last quarter of the recorded training batches, which the fits never
+saw: a fit that only matches the other batches' noise finds no loss decrease there. eta = 0 is always a
+candidate, so the loss on those batches never goes up; a dendrite no step helps is removed again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 from ..adapter import batch_size
 from ..error_signal import frozen
 from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, record_statistics,
-                              supported)
+                              ridge_of, supported)
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
 
@@ -40,6 +41,7 @@ class ClosedFormConfig:
     spread: float = 0.5  # std of a new dendrite's pre-activation around its operating point
     top_k: int | None = None  # where to grow: only the k targets with the best gain per parameter
     min_relative_score: float = 0.0  # ... and only those scoring at least this fraction of the best
+    held_out: float = 0.25  # fraction of the recorded batches kept out of the fits, for the line search alone
 
 
 @dataclass
@@ -93,8 +95,10 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def build_dendrite(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, spread: float, z0: float,
-                   dendrite: nn.Module | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dendrite` (default: the layer's next one) with pre-activation z_c = z0_c + r_c . (x - mean).
+                   dendrite: nn.Module | None = None, ridge: float = 0.0
+                   ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dendrite` (default: the layer's next one) with pre-activation z_c = z0_c + r_c . (x - mean), r_c of
+    spread `spread` in the fit's metric C_xx + lambda I (`ridge`, as the fit took it).
 
     Returns (dendrite, std_c of fit row c over the inputs, z0_c, r_c [C', d]). z0_c = z0 where the dendrite
     can centre itself (a bias or a norm), else where the uncentred inputs put it."""
@@ -104,7 +108,9 @@ def build_dendrite(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatisti
     cov, mean = stats.cov_xx(), stats.mean_x
     std = torch.einsum("cd,de,ce->c", fit.weight, cov, fit.weight).clamp_min(0).sqrt()
     live = std > 1e-12 * max(float(std.max()), 1e-300)
-    unit_rows = torch.where(live, 1.0 / std.clamp_min(1e-300), torch.zeros_like(std))
+    # unit spread in the fit's own metric S = C_xx + lambda I: weights stay bounded by the inputs' size
+    bounded = (std.square() + ridge_of(stats, ridge) * fit.weight.square().sum(1)).sqrt()
+    unit_rows = torch.where(live, 1.0 / bounded.clamp_min(1e-300), torch.zeros_like(std))
     gain = spread if norm is None or not norm.affine else 1.0  # a norm's affine weight applies the spread
     P = fit.P * (unit_rows * gain)[:, None]
     raw_mean = P @ (fit.Q @ mean)
@@ -172,14 +178,14 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
 
 
 def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, dendrite: nn.Module,
-                       batches: list, forward_loss: Callable[[object], torch.Tensor], spread: float = 0.5
-                       ) -> tuple[float, float, float]:
+                       batches: list, forward_loss: Callable[[object], torch.Tensor], spread: float = 0.5,
+                       ridge: float = 0.0) -> tuple[float, float, float]:
     """Add `dendrite` set to `fit` (first order, or second when `fit.curvature` is set) with the
     line-searched step; (eta, loss before, loss after) on `batches`. When no step lowers the loss the
     dendrite is removed, the target restored, and eta is 0."""
     second = fit.curvature is not None
     z0 = most_curved_point(layer.activation) if second else 0.0
-    dendrite, std, z0s, directions = build_dendrite(layer, fit, stats, spread, z0, dendrite)
+    dendrite, std, z0s, directions = build_dendrite(layer, fit, stats, spread, z0, dendrite, ridge)
     value, slope, bend = _derivatives(layer.activation, z0s)
     reach = torch.einsum("cd,de,ce->c", directions, stats.cov_xx(), directions)  # spread^2 of r_c . x
     if second:  # s_c a''(z0) (r.x)^2 / 2 = -eta curvature_c t_c^2 / 2, t_c = unit-spread fit row . (x - mean)
@@ -232,16 +238,10 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                               targets: dict[str, DendriteLayer] | None = None) -> dict[str, TargetReport]:
     """One closed-form growth step: record statistics, fit every target, grow those with the best gain per
     parameter (`config.top_k`, `config.min_relative_score`), best first, each with its own line search on
-    the training batches seen while recording. Returns a report per target."""
+    the recorded batches held out of the fits (`config.held_out`). Returns a report per target."""
     config = config or ClosedFormConfig()
     targets = dendrite_layers(model) if targets is None else targets
-    kept: list = []
-
-    def keeping():
-        for batch in batches:
-            kept.append(batch)
-            yield batch
-
+    fit_batches, search_batches = split_held_out(take_samples(batches, config.max_samples), config.held_out)
     reports: dict[str, TargetReport] = {}
     plans = []
     with torch.inference_mode(False), frozen(model):
@@ -250,7 +250,8 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
         second = {name: config.order == 2 and most_curved_point(layer.activation) != 0.0
                   and layer.out_channels * _fan_in(layer) ** 2 <= MAX_CURVATURE_ENTRIES
                   for name, layer in fitted.items()}
-        stats = record_statistics(model, keeping(), forward_loss, fitted, config.max_samples, any(second.values()))
+        stats = record_statistics(model, fit_batches, forward_loss, fitted, config.max_samples,
+                                  any(second.values()))
         for name, layer in targets.items():
             why = unsupported.get(name) or (None if name in stats else "no error signal reaches it")
             if why:
@@ -274,10 +275,31 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 report.reason = "its input does not predict its error"
             else:
                 report.step, report.loss_before, report.loss_after = insert_closed_form(
-                    layer, fit, stats[name], dendrite, kept, forward_loss, config.spread)
+                    layer, fit, stats[name], dendrite, search_batches, forward_loss, config.spread, config.ridge)
                 report.grown = report.step > 0
                 report.reason = "" if report.grown else "no step lowered the training loss"
     return reports
+
+
+def take_samples(batches: Iterable, max_samples: int) -> list:
+    """The first batches of `batches` holding `max_samples` samples (the last one may pass it)."""
+    kept, seen = [], 0
+    for batch in batches:
+        if seen >= max_samples:
+            break
+        kept.append(batch)
+        seen += batch_size(batch)
+    return kept
+
+
+def split_held_out(batches: list, fraction: float) -> tuple[list, list]:
+    """(batches to fit on, batches to line-search on): the last `fraction` of them held out of the fits, so a
+    step that only fits the fitted batches' noise finds no loss decrease; with fewer than two batches (or
+    fraction 0) both are all of them."""
+    held = min(round(len(batches) * fraction), len(batches) - 1) if fraction > 0 else 0
+    if held < 1:
+        return batches, batches
+    return batches[:-held], batches[-held:]
 
 
 def _fan_in(layer: DendriteLayer) -> int:
