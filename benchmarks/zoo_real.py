@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/zoo_real.py --only --merge --readme  # rewrite both tables from the stored rows
 
 Stages per model: convert (0 dendrites) and exactness against the untouched model; one dendrite per target
-with random scales, save and reload exactly; train steps (on a copy, BatchNorm frozen) where every dendrite
+with random scales, save and reload exactly; train steps (on a copy) where every dendrite
 must get a gradient when its base layer's weight gets one; the capacity test (`train --capacity-test` on
 generated data); ONNX export with parity. A stage that stops with a DendriteError is a refusal (its message
 is the reason); any other exception, an inexact result or a dead dendrite is a failure. Writes
@@ -212,9 +212,6 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         # a copy: three raw SGD steps on output² can blow random weights up until float32 itself disagrees with
         # float64 (rexnet, fbnet: NaN), which export's verification would then report as a wrong fold
         model = copy.deepcopy(state["converted"].model).train()
-        for module in model.modules():  # BatchNorm over a batch of 2 at 1x1 resolution (efficientnet_b0 at 32 px)
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # has gradients of 1e7: one step NaNs it
-                module.eval()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         for step in range(3):
             optimizer.zero_grad()
