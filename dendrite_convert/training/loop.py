@@ -73,12 +73,12 @@ class Run:
         self.session_start = time.perf_counter()
         self.stop_reason = ""
         self.nonfinite = False
-        self.last_summary: dict = {}
         self._loss_checked = False
         self._warned_negative_plateau = False
         self.already_finished = False  # resumed a run that had nothing left to do
         self._last_checkpoint = time.perf_counter()
         self._checkpoint_cost = 0.0  # measured: the first epoch always writes
+        self._plot_written: Callable[[], None] | None = None  # waits for training.png, once it is being drawn
 
     @property
     def schedule(self) -> Schedule:
@@ -325,8 +325,11 @@ class Run:
         self._after_growth(decision, growth_start)
         if decision.action != "continue" or self.nonfinite or self._checkpoint_due():
             begin = time.perf_counter()
+            if self.schedule.done:  # training.png is drawn by the helper while the last checkpoint is written
+                self._plot_written = outputs.start_plot(self)
             self.checkpointer.save(self)
-            self.last_summary = outputs.write_outputs(self)
+            if not self.schedule.done:  # else finish() writes them next
+                outputs.write_outputs(self)
             self._last_checkpoint = time.perf_counter()
             self._checkpoint_cost = self._last_checkpoint - begin
         if self.on_epoch is not None:
@@ -387,7 +390,7 @@ class Run:
     def finish(self) -> dict:
         self.growth.restore_best(self.model)  # a no-op after a stop that restored it, or after the capacity test
         distributed.check_replicas(self.model)
-        if self.config.plot and distributed.is_main():
-            outputs.plot(self)
-        self.last_summary = outputs.write_outputs(self)
-        return self.last_summary
+        self._plot_written = self._plot_written or outputs.start_plot(self)  # unless the last epoch started it
+        summary = outputs.write_outputs(self)
+        self._plot_written()
+        return summary

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,15 +106,23 @@ def _best_row(run: Run) -> dict | None:
     return next((r for r in run.rows if r["epoch"] == run.schedule.best_epoch), None)
 
 
-def plot(run: Run) -> None:
-    """training.png, when matplotlib (the optional `plots` extra) is installed."""
-    try:
-        from . import plotter
+def start_plot(run: Run) -> Callable[[], None]:
+    """Start drawing training.png (plotter.py) unless the run draws none; returns the call that waits for it.
+    Without matplotlib (the optional `plots` extra) that call warns instead."""
+    from . import plotter
 
-        plotter.draw(run.output / "training.png", run.rows, run.schedule.switches, run.schedule.best_epoch or None,
-                     "-loss" if run.adapter.score is None else "score")
-    except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
-        log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
+    if not (run.config.plot and distributed.is_main()):
+        return lambda: None
+    wait = plotter.begin(run.output / "training.png", run.rows, run.schedule.switches,
+                         run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+
+    def finish() -> None:
+        try:
+            wait()
+        except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
+            log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
+
+    return finish
 
 
 def _format(value) -> str:

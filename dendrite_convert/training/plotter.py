@@ -10,10 +10,12 @@ run, then draws each run's plot when asked, and the caller waits for the file as
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _HELPER = r"""
@@ -31,6 +33,7 @@ else:
     plots.warm_up()
 for line in sys.stdin:
     request = json.loads(line)
+    ident = request.pop("id")
     if failure is None:
         try:
             path = request.pop("path")
@@ -42,12 +45,14 @@ for line in sys.stdin:
             reply = f"{type(exc).__name__}: {exc}"
     else:
         reply = failure
-    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.write(json.dumps([ident, reply]) + "\n")
     sys.stdout.flush()
 """
 
 _lock = threading.Lock()
 _helper: subprocess.Popen | None = None
+_ids = itertools.count()
+_replies: dict[int, str] = {}  # replies read while waiting for another request's
 
 
 def start() -> None:
@@ -67,30 +72,58 @@ def start() -> None:
 def draw(path: Path, rows: list[dict], switches: list[dict], best_epoch: int | None, score_name: str) -> None:
     """Write training.png at `path` through the helper, or in this process when there is none or it failed.
     Raises ImportError when matplotlib is not installed."""
+    begin(path, rows, switches, best_epoch, score_name)()
+
+
+def begin(path: Path, rows: list[dict], switches: list[dict], best_epoch: int | None,
+          score_name: str) -> Callable[[], None]:
+    """Ask the helper to draw training.png at `path` and return at once (the caller writes its other outputs
+    meanwhile); the returned call waits until the file is written, drawing it in this process when there is
+    no helper or it failed, and raises ImportError when matplotlib is not installed."""
     request = {"path": str(path), "rows": rows, "switches": switches, "best_epoch": best_epoch,
                "score_name": score_name}
     with _lock:
-        reply = _ask(request)
-    if reply == "ok":
-        return
-    if reply is not None and reply.startswith("ImportError"):
-        raise ImportError(reply)
-    from .plots import save_training_png
+        ident = next(_ids)
+        helper = _send({**request, "id": ident})
 
-    save_training_png(path, rows, switches, best_epoch, score_name)
+    def wait() -> None:
+        reply = None if helper is None else _reply(helper, ident)
+        if reply == "ok":
+            return
+        if reply is not None and reply.startswith("ImportError"):
+            raise ImportError(reply)
+        from .plots import save_training_png
+
+        save_training_png(path, rows, switches, best_epoch, score_name)
+
+    return wait
 
 
-def _ask(request: dict) -> str | None:
+def _send(request: dict) -> subprocess.Popen | None:
     helper = _helper
     if helper is None or helper.poll() is not None:
         return None
     try:
         helper.stdin.write(json.dumps(request) + "\n")
         helper.stdin.flush()
-        line = helper.stdout.readline()
-        return json.loads(line) if line else None
+        return helper
     except (OSError, ValueError):
         return None
+
+
+def _reply(helper: subprocess.Popen, ident: int) -> str | None:
+    """The helper's reply to request `ident` (replies come in order; others' are kept for them)."""
+    with _lock:
+        while ident not in _replies:
+            try:
+                line = helper.stdout.readline()
+                other, reply = json.loads(line) if line else (None, None)
+            except (OSError, ValueError):
+                return None
+            if other is None:
+                return None
+            _replies[other] = reply
+        return _replies.pop(ident)
 
 
 @atexit.register
