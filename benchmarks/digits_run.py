@@ -7,11 +7,11 @@ patience (10). The hand-written loop does the same per-epoch work (a training pa
 scores, early stopping on validation with dendrite-train's improvement rule, the best weights kept) and writes
 nothing; it draws the same random numbers, so both loops see the same shuffles and stop at the same epoch
 (checked). dendrite-train's time is the whole `train()` call: loading the converted directory, every epoch, its
-checkpoints, best/, scores.csv, summary.json and training.png, with the imports only it needs (matplotlib).
+checkpoints, best/, scores.csv, summary.json and training.png, with the imports only it needs (Pillow).
 Each run is a fresh process that has imported what both need (torch, dendrite_convert, the adapter's data)
 before its clock starts. The kinds of run alternate, --repeats times; each repeat's ratio compares runs made
 next to each other, and the median and range of those ratios are reported, with the ratio of the fastest runs
-(other processes only add time) and of CPU time (the plot helper's included), which a shared CPU disturbs less.
+(other processes only add time) and of CPU time, which a shared CPU disturbs less.
 Goal: the whole run within 1.5x of the hand-written loop. --compile adds dendrite-train --compile (its whole run
 includes the compilation; "median epoch" is the steady state).
 """
@@ -79,9 +79,10 @@ def dendrite_train(converted: Path, adapter, out: Path, plot: bool = True, compi
     return summary["epochs"]
 
 
-def _cpu(who=resource.RUSAGE_SELF) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+def _cpu() -> float:
+    """CPU time of this process and the children it waited for."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
 
 def one(kind: str, converted: Path, out: Path) -> None:
@@ -102,10 +103,6 @@ def one(kind: str, converted: Path, out: Path) -> None:
     if kind != "hand":
         import csv
 
-        from dendrite_convert.training import plotter
-
-        plotter.stop()  # the plot helper has exited: its CPU time is this process's children's
-        cpu += _cpu(resource.RUSAGE_CHILDREN)
         with open(out / "scores.csv") as f:
             median = sorted(float(r["seconds"]) for r in csv.DictReader(f))[epochs // 2]
     print(json.dumps({"seconds": seconds, "cpu": cpu, "epochs": epochs, "threads": torch.get_num_threads(),

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,23 +105,17 @@ def _best_row(run: Run) -> dict | None:
     return next((r for r in run.rows if r["epoch"] == run.schedule.best_epoch), None)
 
 
-def start_plot(run: Run) -> Callable[[], None]:
-    """Start drawing training.png (plotter.py) unless the run draws none; returns the call that waits for it.
-    Without matplotlib (the optional `plots` extra) that call warns instead."""
-    from . import plotter
-
+def plot(run: Run) -> None:
+    """training.png (rank 0, unless the run draws none), when Pillow (the optional `plots` extra) is installed."""
     if not (run.config.plot and distributed.is_main()):
-        return lambda: None
-    wait = plotter.begin(run.output / "training.png", run.rows, run.schedule.switches,
-                         run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+        return
+    from .plots import save_training_png
 
-    def finish() -> None:
-        try:
-            wait()
-        except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
-            log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
-
-    return finish
+    try:
+        save_training_png(run.output / "training.png", run.rows, run.schedule.switches,
+                          run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+    except ImportError as exc:  # pragma: no cover - Pillow comes with the optional `plots` extra
+        log.warning(f"training.png was not drawn ({exc}); pip install pillow.")
 
 
 def _format(value) -> str:
