@@ -329,6 +329,8 @@ def main() -> None:
         args.correlation_samples, args.correlation_epochs = min(args.correlation_samples, 32), 2
     device = resolve_device(args.device)
     pin = device.type == "cuda"
+    if args.threads:  # as each measuring process sets them
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__} on {describe(device)}, {args.precision}, {args.epochs} epoch(s) per run, "
           f"each run in a fresh process, {args.repeats} pair(s) of runs per row")
     header = ["| model | dendrites | hand-written /s | dendrite-train /s | ratio (wall) | ratio (CPU time) | "
