@@ -1,8 +1,8 @@
 """`training.png`: the peer's graphs, readable — scores with phase switches, training loss, learning rate, epoch times.
 
-Drawn with Pillow, in the training process, when the run ends. matplotlib would be simpler to call, but its
-import alone costs as much CPU time as a whole small run (about 0.4 s, where the digits MLP trains in 0.6 s);
-this figure costs about 0.05 s. Lines are drawn at twice the size and reduced (smooth edges); text uses Pillow's
+Drawn with Pillow, in the training process, when the run ends. matplotlib would be simpler to call, but importing
+it and drawing took 0.7 s of CPU time, nearly a whole small run (the digits MLP trains in 0.75 s; see
+benchmarks/digits_run.py); this figure costs about 0.05 s. Lines are drawn at twice the size and reduced (smooth edges); text uses Pillow's
 own font. Four panels of a fixed layout, with "nice" ticks (steps of 1, 2, 2.5 or 5 times a power of ten).
 """
 
