@@ -2,16 +2,17 @@
 hand-written loop of the same model on the same device and precision.
 
     python benchmarks/hardware.py [--device auto] [--precision fp32|bf16|fp16] [--images 50000] [--epochs 5]
-                                  [--sequences 20000] [--correlation-samples 4096] [--quick]
+                                  [--sequences 20000] [--correlation-samples 4096] [--repeats 1] [--quick]
 
 Data are generated and learnable: each image class is a fixed random pattern under noise (10 classes), each token
 sequence follows a fixed random successor table (next token = table[token] 90% of the time). For each model the
 script times a fixed number of epochs of (a) a hand-written loop (training pass, validation pass, the best
-weights kept) and (b) a whole `train()` call of dendrite-train with 0, 1 and 3 dendrites per target (setup,
-checkpoints, every output), and reports samples/s, the ratio of (b) to (a) at the same dendrite count, and the
-peak memory (CUDA: max allocated; CPU: the process's peak RSS). Then the cost of one correlation phase on the
-ResNet (recording error signals and training candidates for every target, within the default memory budget).
-Every measurement runs in a fresh process, which generates the data before its clock starts.
+weights kept in memory and saved at the end) and (b) a whole `train()` call of dendrite-train with 0, 1 and 3
+dendrites per target (setup, checkpoints, every output), and reports samples/s, the ratio of (b) to (a) at the same
+dendrite count, in wall time and in CPU time, and the peak memory (CUDA: max allocated; CPU: the process's peak RSS).
+Then the cost of one correlation phase on the ResNet (recording error signals and training candidates for every
+target, within the default memory budget). Every measurement runs in a fresh process, which generates the data
+before its clock starts; --repeats N alternates N pairs of runs and reports the median ratio and its range.
 --quick: a narrow ResNet-18 (width 8) and a small transformer on a few samples, to check that the script works.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,43 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
 
 
-# ---- models -----------------------------------------------------------------------------------------------------
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 with the CIFAR stem (3x3 convolution, no max-pool): 11.2M parameters at width 64."""
-
-    def __init__(self, width: int = 64, classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        blocks, cin = [], width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            cout = width * 2**i
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
-
+# ---- models: factories named by file, which the converted directories copy (so each file stands alone) --------
 
 class Block(nn.Module):
     def __init__(self, d: int, heads: int):
@@ -100,12 +69,19 @@ class Transformer(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
-def resnet18(width: int = 64) -> nn.Module:
-    return ResNet18(width)
-
-
 def transformer(d: int = 512, layers: int = 5, heads: int = 8, vocab: int = 4096, length: int = 128) -> nn.Module:
     return Transformer(d, layers, heads, vocab, length)
+
+
+# name -> (factory file, function): the ResNet-18 is the zoo's, built from its BasicBlock
+FACTORIES = {"resnet": (ROOT / "fixtures" / "zoo.py", "resnet18"), "gpt": (HERE, "transformer")}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    from dendrite_convert.conversion.factories import import_file
+
+    file, function = FACTORIES[name]
+    return getattr(import_file(file), function)(**kwargs)
 
 
 # ---- data: an adapter file, so that dendrite-train and the hand-written loop read the same batches ---------------
@@ -150,7 +126,7 @@ def loss(outputs, batch):
 
 def hand_written(spec: dict, adapter) -> dict:
     """The loop a user writes: epochs of training and validation on the device, autocast (and a gradient scaler
-    in fp16) as dendrite-train uses, the best weights kept."""
+    in fp16) as dendrite-train uses, the best weights kept and saved at the end (a run's product, as best/ is)."""
     from dendrite_convert import load
     from dendrite_convert.training.device import resolve_device, to_device
     from dendrite_convert.training.precision import Precision
@@ -179,8 +155,8 @@ def hand_written(spec: dict, adapter) -> dict:
                 total += adapter.loss(model(x), (x, y)) * len(y)
         if total.item() < best:
             best, best_state = total.item(), {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    torch.save(best_state, Path(spec["output"]).with_name("hand_best.pt"))
     _sync(device)
-    assert best_state is not None
     return {"seconds": time.perf_counter() - start, "peak_mb": _peak(device)}
 
 
@@ -259,16 +235,17 @@ def measure(spec: dict) -> dict:
 
 # ---- the benchmark -----------------------------------------------------------------------------------------------
 
-def _prepare(tmp: Path, name: str, factory: str, kwargs: dict, adapter: dict, dendrites) -> dict:
+def _prepare(tmp: Path, name: str, kwargs: dict, adapter: dict, dendrites) -> dict:
     from dendrite_convert import DendriteConfig, convert
 
     (tmp / f"{name}_adapter.py").write_text(ADAPTER.format(**adapter))
+    file, function = FACTORIES[name]
     dirs = {}
     for k in dendrites:
         torch.manual_seed(0)
-        model = globals()[factory](**kwargs)
         dirs[k] = tmp / f"{name}_{k}"
-        convert(model, DendriteConfig(dendrites=k), factory=f"{HERE}:{factory}", factory_kwargs=kwargs).save(dirs[k])
+        convert(build(name, **kwargs), DendriteConfig(dendrites=k), factory=f"{file}:{function}",
+                factory_kwargs=kwargs).save(dirs[k])
     return dirs
 
 
@@ -279,14 +256,18 @@ def run_model(label: str, samples: int, dirs: dict, adapter: Path, args, tmp: Pa
     lines = []
     for k, converted in dirs.items():
         spec = {**base, "converted": str(converted), "dendrites": k, "output": str(tmp / "run")}
-        hand = measure({**spec, "kind": "hand"})
-        ours = measure({**spec, "kind": "tool"})
-        rate = lambda r: samples * args.epochs / r["seconds"]  # noqa: E731
-        ratio = ours["seconds"] / hand["seconds"]
+        hands, ours = [], []
+        for _ in range(args.repeats):  # side by side: each ratio compares runs made one after the other
+            hands.append(measure({**spec, "kind": "hand"}))
+            ours.append(measure({**spec, "kind": "tool"}))
+        rate = lambda runs: samples * args.epochs / statistics.median(r["seconds"] for r in runs)  # noqa: E731
+        wall = [o["seconds"] / h["seconds"] for o, h in zip(ours, hands)]
+        cpu = [o["cpu_seconds"] / h["cpu_seconds"] for o, h in zip(ours, hands)]
+        ratio = statistics.median(wall)
         goal = ("  goal <= 1.05: " + ("met" if ratio <= 1.05 else "NOT met")) if k == 0 and "ResNet" in label else ""
-        lines.append(f"| {label} | {k} | {rate(hand):,.1f} | {rate(ours):,.1f} | {ratio:.3f}{goal} | "
-                     f"{ours['cpu_seconds'] / hand['cpu_seconds']:.3f} | {_mb(hand['peak_mb'])} | "
-                     f"{_mb(ours['peak_mb'])} |")
+        lines.append(f"| {label} | {k} | {rate(hands):,.1f} | {rate(ours):,.1f} | {_spread(wall)}{goal} | "
+                     f"{_spread(cpu)} | {_mb(max(h['peak_mb'] or 0 for h in hands))} | "
+                     f"{_mb(max(o['peak_mb'] or 0 for o in ours))} |")
         print(lines[-1], flush=True)
     if correlation:
         spec = {**base, "converted": str(dirs[0]), "dendrites": 0, "output": str(tmp / "corr"), "kind": "tool",
@@ -300,6 +281,12 @@ def run_model(label: str, samples: int, dirs: dict, adapter: Path, args, tmp: Pa
                      f"{got['phase_seconds']:.1f} s, peak {_mb(got['phase_peak_mb'])} MB")
         print(lines[-1], flush=True)
     return lines
+
+
+def _spread(ratios: list[float]) -> str:
+    """The median ratio, and the range when there are several."""
+    median = f"{statistics.median(ratios):.3f}"
+    return median if len(ratios) == 1 else f"{median} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def _count(params: int) -> str:
@@ -323,6 +310,8 @@ def main() -> None:
     parser.add_argument("--correlation-epochs", type=int, default=20, help="candidate passes (dendrite-train's default)")
     parser.add_argument("--candidates", type=int, default=4, help="candidates per target (dendrite-train's default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs (hand-written, then dendrite-train) per "
+                        "row; the ratios' median and range are reported")
     parser.add_argument("--skip", choices=["resnet", "transformer"], action="append", default=[])
     parser.add_argument("--quick", action="store_true", help="tiny models and data: checks that the script works")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -340,22 +329,24 @@ def main() -> None:
         args.correlation_samples, args.correlation_epochs = min(args.correlation_samples, 32), 2
     device = resolve_device(args.device)
     pin = device.type == "cuda"
+    if args.threads:  # as each measuring process sets them
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__} on {describe(device)}, {args.precision}, {args.epochs} epoch(s) per run, "
-          "each run in a fresh process")
+          f"each run in a fresh process, {args.repeats} pair(s) of runs per row")
     header = ["| model | dendrites | hand-written /s | dendrite-train /s | ratio (wall) | ratio (CPU time) | "
               "hand peak MB | dendrite-train peak MB |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "resnet" not in args.skip:
-            params = sum(p.numel() for p in resnet18(**resnet_kwargs).parameters())
-            dirs = _prepare(tmp, "resnet", "resnet18", resnet_kwargs,
+            params = sum(p.numel() for p in build("resnet", **resnet_kwargs).parameters())
+            dirs = _prepare(tmp, "resnet", resnet_kwargs,
                             {"kind": "images", "n": args.images, "val": max(args.images // 10, 1), "pin": pin,
                              "vocab": 0, "length": 0, "batch": min(args.batch, args.images)}, dendrites)
             run_model(f"ResNet-18 ({_count(params)}), {args.images} images, images/s", args.images, dirs, tmp / "resnet_adapter.py", args, tmp, args.correlation_samples)
         if "transformer" not in args.skip:
-            params = sum(p.numel() for p in transformer(**gpt_kwargs).parameters())
-            dirs = _prepare(tmp, "gpt", "transformer", gpt_kwargs,
+            params = sum(p.numel() for p in build("gpt", **gpt_kwargs).parameters())
+            dirs = _prepare(tmp, "gpt", gpt_kwargs,
                             {"kind": "tokens", "n": args.sequences, "val": max(args.sequences // 10, 1), "pin": pin,
                              "vocab": gpt_kwargs["vocab"], "length": gpt_kwargs["length"],
                              "batch": min(max(args.batch // 4, 1), args.sequences)}, dendrites)

@@ -388,26 +388,22 @@ def test_the_hardware_options_are_in_help():
     assert all(option in out for option in ("--device", "--precision", "--compile", "--correlation-memory-mb"))
 
 
-# ---- small runs: training.png from a helper process -----------------------------------------------------------
+# ---- small runs: training.png drawn with Pillow in the training process -----------------------------------------
 
-def test_training_png_comes_from_the_helper_and_in_process_when_it_is_gone(converted, adapter, tmp_path):
-    from dendrite_convert.training import plotter
+def test_training_png_is_drawn_in_the_run_with_nice_ticks(converted, adapter, tmp_path):
+    from PIL import Image
 
-    plotter.stop()
-    train(converted, adapter, tmp_path / "a", TrainConfig(max_epochs=2, max_dendrites=0))
-    helper = plotter._helper
-    assert helper is not None and helper.poll() is None  # started with the run, still there for the next one
-    assert (tmp_path / "a" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    helper.kill()
-    helper.wait()
-    train(converted, adapter, tmp_path / "b", TrainConfig(max_epochs=2, max_dendrites=0))  # restarted
-    assert plotter._helper is not helper and (tmp_path / "b" / "training.png").stat().st_size > 1000
-    plotter._helper.kill()  # dies before it is asked: the plot is drawn here instead
-    plotter._helper.wait()
-    plotter.draw(tmp_path / "c.png", [{"epoch": 1, "phase": "neuron", "train_loss": 1.0, "val": 0.5, "test": None,
-                                       "lr": 0.1, "seconds": 0.1}], [], 1, "score")
-    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".c.png*"))
-    plotter.stop()
+    from dendrite_convert.training.plots import COLORS, ticks
+
+    train(converted, adapter, tmp_path / "run", TrainConfig(max_epochs=3, max_dendrites=0))
+    with Image.open(tmp_path / "run" / "training.png") as png:
+        assert png.format == "PNG" and png.size == (960, 720)
+        colors = {color for _, color in png.convert("RGB").getcolors(960 * 720)}
+    assert {COLORS["val"], COLORS["neuron"], COLORS["ink"]} <= colors and len(colors) > 50  # lines, bars, text
+    assert ticks(79.3, 93.5) == ([80, 85, 90], 0) and ticks(0.4, 1.6, 6, whole=True) == ([1], 0)
+    assert ticks(-0.02, 0.43) == (pytest.approx([0, 0.1, 0.2, 0.3, 0.4]), 1)
+    assert ticks(0.0027, 0.0033) == (pytest.approx([0.0028, 0.003, 0.0032]), 4)
+    assert ticks(0, 1.0, 4) == (pytest.approx([0, 0.25, 0.5, 0.75, 1.0]), 2) and ticks(0, 1.1, 4)[0] == [0, 0.5, 1.0]
 
 
 def test_seeds_and_baseline_train_on_the_chosen_device_and_precision(converted, adapter, tmp_path):
@@ -421,6 +417,36 @@ def test_seeds_and_baseline_train_on_the_chosen_device_and_precision(converted, 
     assert {(s["device"], s["precision"]) for s in summaries} == {("cpu", "bf16")}
 
 
+def test_the_benchmark_models_load_from_their_factory_copies_in_a_fresh_process(tmp_path):
+    """benchmarks/hardware.py converts the zoo's ResNet-18 (built from the zoo's BasicBlock) and its own transformer,
+    each with its file as the factory; a converted directory keeps a copy of that file, which must load alone:
+    in a fresh process, with the repository off its path."""
+    import os
+    import subprocess
+    import sys
+
+    from dendrite_convert.conversion.factories import import_file
+
+    root = Path(__file__).resolve().parents[1]
+    hardware = import_file(root / "benchmarks" / "hardware.py")
+    sizes = {"resnet": {"width": 8}, "gpt": {"d": 32, "layers": 2, "heads": 4, "vocab": 64, "length": 16}}
+    expected = []
+    for name, kwargs in sizes.items():
+        model = hardware.build(name, **kwargs)
+        file, function = hardware.FACTORIES[name]
+        convert(model, DendriteConfig(), factory=f"{file}:{function}", factory_kwargs=kwargs).save(tmp_path / name)
+        expected.append(str(sum(p.numel() for p in model.parameters())))
+    code = ("import sys, dendrite_convert as dc\n"
+            f"sys.path[:] = [p for p in sys.path if p not in ('', {str(root)!r})]\n"
+            f"for name in {list(sizes)!r}:\n"
+            f"    print(sum(p.numel() for p in dc.load({str(tmp_path)!r} + '/' + name, trust_code=True).parameters()))\n"
+            "print('fixtures' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [*expected, "False"]
+
+
 @pytest.mark.slow
 def test_the_hardware_benchmark_runs_in_quick_mode():
     import subprocess
@@ -432,5 +458,5 @@ def test_the_hardware_benchmark_runs_in_quick_mode():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ResNet-18") or line.startswith("| transf")]
     cells = [r.split("|") for r in rows]
-    assert len(rows) == 4 and all(float(c[5].split()[0]) > 0 and float(c[6]) > 0 for c in cells)  # wall, CPU ratios
+    assert len(rows) == 4 and all(float(c[5].split()[0]) > 0 and float(c[6].split()[0]) > 0 for c in cells)  # ratios
     assert "correlation phase on the ResNet-18" in done.stdout

@@ -78,12 +78,15 @@ def test_repeated_sigkill_at_random_points_then_resume_matches_an_uninterrupted_
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_recovers(converted, tmp_path):
     run = tmp_path / "run"
-    limit = 22_000  # bytes per file: the 0-dendrite checkpoint (16 kB of optimizer state) fits, the one with dendrites not
+    # bytes per file: the first checkpoint (17 kB of optimizer state) and those of 1 to 3 dendrites fit, the
+    # weights of 4 dendrites (19 kB, epoch 8) not
+    limit = 18_000
 
     def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    done = subprocess.run(_train(converted, *ARGS, "-o", run), env=ENV, preexec_fn=small_disk,
+    args = [*ARGS[:4], "--max-dendrites", "4", "--max-epochs", "10", *ARGS[8:]]
+    done = subprocess.run(_train(converted, *args, "-o", run), env=ENV, preexec_fn=small_disk,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "File too large" in done.stderr and "Traceback" not in done.stderr

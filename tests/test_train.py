@@ -120,6 +120,28 @@ def test_correlation_phase_is_a_row_and_leaves_the_score(digits_converted, tmp_p
     assert model is None or all(m.num_dendrites == 1 for m in model.modules() if hasattr(m, "num_dendrites"))
 
 
+def test_checkpoint_best_shares_the_model_files_only_when_it_is_the_model(digits_converted, tmp_path):
+    """best/ is hard-linked to model/ when the epoch's model is the best (and once the stop restored it); after a
+    switch it holds the best weights themselves, with their own structure; a finished run keeps no optimizer state."""
+    run, seen = tmp_path / "run", []
+
+    def look(row):
+        ckpt = run / "checkpoint"
+        state = torch.load(ckpt / "training_state.pt", weights_only=True)
+        seen.append((os.path.samefile(ckpt / "best" / "model.safetensors", ckpt / "model" / "model.safetensors"),
+                     load(ckpt / "best").state_dict(), load(ckpt / "model").state_dict(), state["optimizer"] is None))
+
+    train(digits_converted, ADAPTER, run, TrainConfig(switch_every=2, max_dendrites=1, max_epochs=4, plot=False,
+                                                      checkpoint_budget=1e9), on_epoch=look)  # a checkpoint every epoch
+    assert [(linked, done) for linked, _, _, done in seen][::3] == [(True, False), (True, True)]  # epochs 1 and 4
+    linked, best, model, _ = seen[1]  # epoch 2: a dendrite was added to the best model
+    assert not linked and not any(".dendrite_" in k for k in best) and any(".dendrite_" in k for k in model)
+    assert all(torch.equal(best[k], model[k]) for k in best)  # the grown model starts from the best weights
+    (run / "keep.txt").write_text("mine")
+    train(digits_converted, ADAPTER, run, TrainConfig(max_epochs=1, plot=False), force=True)  # the old run goes
+    assert not [p for p in run.iterdir() if ".dendrite-" in p.name] and (run / "keep.txt").read_text() == "mine"
+
+
 _RUNS: dict = {}
 
 

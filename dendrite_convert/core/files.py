@@ -18,6 +18,7 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import UsageError
@@ -71,11 +72,12 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, force: bool = False, durable: bool = True):
+def atomic_directory(path: str | Path, force: bool = False, durable: bool = True, remove_later: bool = False):
     """Yield an empty temporary directory that replaces `path` only if the block succeeds.
 
-    `durable=False` skips the per-file fsync: the rename is still atomic, so a process crash leaves the old
+    `durable=False` skips the fsyncs: the rename is still atomic, so a process crash leaves the old
     or the new directory, but a power loss may not (for outputs rewritten often and recoverable otherwise).
+    `remove_later=True` deletes the replaced version in the background (`remove_in_background`).
     """
     path = Path(path)
     tmp = _prepare(path, force)
@@ -85,21 +87,48 @@ def atomic_directory(path: str | Path, force: bool = False, durable: bool = True
         for file in tmp.rglob("*") if durable else ():
             if file.is_file():
                 _fsync(file)
-        replace_path(tmp, path)
+        replace_path(tmp, path, durable, remove_later)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_path(new: Path, path: Path) -> None:
-    """Move `new` onto `path`; an existing directory is swapped out first and removed after."""
+def replace_path(new: Path, path: Path, durable: bool = True, remove_later: bool = False) -> None:
+    """Move `new` onto `path`; an existing directory is swapped out first and removed after (in the
+    background with `remove_later`). The parent directory is fsynced when `durable`."""
     if path.is_dir() and not path.is_symlink():
         old = temporary_name(path, "old")
         os.replace(path, old)
         os.replace(new, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if remove_later:
+            remove_in_background(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+_remover: ThreadPoolExecutor | None = None
+
+
+def remove_in_background(path: Path) -> None:
+    """Delete a tree that is already out of the way (renamed to a temporary name) on a background thread.
+
+    Deleting costs a few milliseconds per file on some file systems (online discard), which a run that
+    checkpoints every epoch would otherwise wait for. The thread is not a daemon, so the process finishes
+    the deletion before it exits; a kill leaves the temporary, which `remove_stale` cleans up later.
+    """
+    global _remover
+    if _remover is None:
+        _remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-remove")
+    _remover.submit(shutil.rmtree, path, ignore_errors=True)
+
+
+def wait_removed() -> None:
+    """Return once every background deletion asked for so far is done."""
+    if _remover is not None:
+        _remover.submit(lambda: None).result()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ the device the resumed run uses (which may be another one).
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import random
@@ -29,8 +28,7 @@ from torch import nn
 from ..conversion.modeldir import CONFIG_FILE, WEIGHTS_FILE, ConvertedModel
 from ..core.errors import LoadError
 from ..core.files import atomic_directory
-from ..core.layers import dendrite_layers
-from ..core.structure import Snapshot, restore
+from ..core.structure import Snapshot, dendrite_counts, restore
 from . import distributed
 from .config import TrainConfig
 
@@ -58,49 +56,80 @@ class Checkpointer:
         """checkpoint/ = model/ + best/ (converted-model directories) + training state, replaced atomically.
 
         Written every epoch, so it is kept lean: weights straight to safetensors, the directory config
-        re-rendered only when the structure changes, an unchanged best/ hard-linked from the last one.
+        re-rendered only when the structure changes, a best/ that is the model (or unchanged) hard-linked, the
+        optimizer state left out once the run is done (a finished run that continues gets a fresh optimizer), and
+        the replaced checkpoint deleted in the background.
         """
         if not distributed.is_main():  # rank 0 alone writes; every rank holds the same state
             return
         ckpt = self.output / "checkpoint"
         now = time.monotonic()
-        durable = run.schedule.done or now - self._last_durable >= DURABLE_EVERY_S
+        done = run.schedule.done
+        durable = done or now - self._last_durable >= DURABLE_EVERY_S
         if durable:
             self._last_durable = now
         best = run.growth.best
-        with atomic_directory(ckpt, force=True, durable=durable) as tmp:
+        with atomic_directory(ckpt, force=True, durable=durable, remove_later=True) as tmp:
             self._write_model_dir(tmp / "model", run.model)
             if best is not None:
-                if self.best_changed or not (ckpt / "best").is_dir():
-                    self._write_model_dir(tmp / "best", _as_module(best, run.model))
+                if run.growth.at_best:  # the model is the best: the same files
+                    shutil.copytree(tmp / "model", tmp / "best", copy_function=_link_or_copy)
+                elif self.best_changed or not (ckpt / "best").is_dir():
+                    self._write_best_dir(tmp / "best", best, run.model)
                 else:  # unchanged: hard links cost nothing
                     shutil.copytree(ckpt / "best", tmp / "best", copy_function=_link_or_copy)
-            buffer = io.BytesIO()
-            torch.save({"optimizer": run.optimizer.state_dict(),
+            torch.save({"optimizer": None if done else run.optimizer.state_dict(),  # twice the weights, unused
                         "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
                         "scaler": run.precision.state_dict(),
-                        "rng": _rng_tensors(run.loaders(), run.device)}, buffer)
-            (tmp / "training_state.pt").write_bytes(buffer.getvalue())
+                        "rng": _rng_tensors(run.loaders(), run.device)}, tmp / "training_state.pt")
             (tmp / "state.json").write_text(json.dumps(_state(run), separators=(",", ":")) + "\n")
         self.converted.source.files = {name: ckpt / "model" / name for name in self.converted.source.files}
         if self.best_changed and best is not None:
-            with atomic_directory(self.output / "best", force=True, durable=durable) as tmp:
+            with atomic_directory(self.output / "best", force=True, durable=durable, remove_later=True) as tmp:
                 for file in (ckpt / "best").iterdir():
                     _link_or_copy(file, tmp / file.name)
             self.best_changed = False
 
     def _write_model_dir(self, path: Path, model: nn.Module) -> None:
+        self._write_files(path, model, self._config_of(model))
+
+    def _write_best_dir(self, path: Path, best: Snapshot, model: nn.Module) -> None:
+        """best/ straight from the CPU snapshot; a module of its structure is built only to render a config
+        not rendered yet."""
+        text = self._config_text.get(tuple(best.counts.items()))
+        if text is None:
+            module = _as_module(best, model)
+            self._write_files(path, module, self._config_of(module))
+        else:
+            self._write_files(path, _StateOnly(best.state), text)
+
+    def _config_of(self, model: nn.Module) -> str:
+        """The directory config of `model`'s structure (its dendrite counts), rendered once per structure."""
+        key = tuple(dendrite_counts(model).items())
+        if key not in self._config_text:
+            self._config_text[key] = json.dumps(replace(self.converted, model=model).to_json(), indent=2) + "\n"
+        return self._config_text[key]
+
+    def _write_files(self, path: Path, weights: nn.Module, config_text: str) -> None:
         """What ConvertedModel.save writes, inside a directory that is already temporary."""
         from safetensors.torch import save_model
 
         path.mkdir()
-        save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_model(weights, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         files = self.converted.source.files.values()  # hard links only to this run's own copies, never the user's files
         self.converted.source.copy_files(path, link=all(self.output.resolve() in Path(f).resolve().parents for f in files))
-        key = tuple(layer.num_dendrites for layer in dendrite_layers(model).values())
-        if key not in self._config_text:
-            self._config_text[key] = json.dumps(replace(self.converted, model=model).to_json(), indent=2) + "\n"
-        (path / CONFIG_FILE).write_text(self._config_text[key])
+        (path / CONFIG_FILE).write_text(config_text)
+
+
+class _StateOnly(nn.Module):
+    """A module that is nothing but a state dict, for safetensors' save_model (which drops tied duplicates)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return dict(self._state)
 
 
 def _as_module(best: Snapshot, model: nn.Module) -> nn.Module:

@@ -44,6 +44,7 @@ class Growth:
         self.best: Snapshot | None = None
         self.history: list[dict] = []  # {"step", "value", "dendrites", "action"}
         self.initial: int | None = None  # dendrites per target when growth started
+        self.at_best = False  # the model holds the best state, as the last decision left it (until it trains again)
 
     def start(self, model: nn.Module) -> None:
         """Record the model's initial dendrite count (once; not again after a resume) and freeze what the
@@ -81,14 +82,16 @@ class Growth:
         return decision
 
     def _carry_out(self, model: nn.Module, decision: Decision) -> None:
+        self.at_best = decision.save_best
         if decision.save_best:
             self.best = snapshot(model)
         if decision.action in ("add", "retry"):
             if decision.restore and self.best is not None:
                 restore(model, self.best)
             self._grow(model)
+            self.at_best = False
         elif decision.action == "stop" and decision.restore:
-            self.restore_best(model)
+            self.at_best = self.restore_best(model) or self.at_best
 
     def _grow(self, model: nn.Module) -> None:
         if self.objective.needs_data(model):

@@ -26,7 +26,7 @@ from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError
 from ..core.layers import count_parameters
 from ..core.structure import snapshot
-from . import checkpoint, compiling, distributed, outputs, plotter
+from . import checkpoint, compiling, distributed, outputs
 from .adapter import Adapter, batch_size, call, load_adapter
 from .config import TrainConfig
 from .device import describe, peak_memory_mb, reset_peak_memory, resolve_device, to_device
@@ -63,8 +63,6 @@ class Run:
         self.model.to(self.device)
         self.precision = Precision(config.precision, self.device)
         self.compile_fallback: str | None = None  # why torch.compile was given up, once it was
-        if config.plot and distributed.is_main():
-            plotter.start()  # imports matplotlib in another process while this one trains
         self.growth = Growth(config.schedule_config(adapter.maximize), config.make_objective(), self._training_data)
         self.checkpointer = checkpoint.Checkpointer(output, converted)
         self.rows: list[dict] = []
@@ -73,7 +71,6 @@ class Run:
         self.session_start = time.perf_counter()
         self.stop_reason = ""
         self.nonfinite = False
-        self.last_summary: dict = {}
         self._loss_checked = False
         self._warned_negative_plateau = False
         self.already_finished = False  # resumed a run that had nothing left to do
@@ -326,7 +323,8 @@ class Run:
         if decision.action != "continue" or self.nonfinite or self._checkpoint_due():
             begin = time.perf_counter()
             self.checkpointer.save(self)
-            self.last_summary = outputs.write_outputs(self)
+            if not self.schedule.done:  # else finish() writes them next
+                outputs.write_outputs(self)
             self._last_checkpoint = time.perf_counter()
             self._checkpoint_cost = self._last_checkpoint - begin
         if self.on_epoch is not None:
@@ -385,9 +383,8 @@ class Run:
         return self.wall_before + time.perf_counter() - self.session_start
 
     def finish(self) -> dict:
-        self.growth.restore_best(self.model)  # a no-op after a stop that restored it, or after the capacity test
+        if not self.growth.at_best:  # a stop restores it; a resumed finished run or the capacity test may not
+            self.growth.restore_best(self.model)
         distributed.check_replicas(self.model)
-        if self.config.plot and distributed.is_main():
-            outputs.plot(self)
-        self.last_summary = outputs.write_outputs(self)
-        return self.last_summary
+        outputs.plot(self)
+        return outputs.write_outputs(self)

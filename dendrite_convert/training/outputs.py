@@ -106,14 +106,16 @@ def _best_row(run: Run) -> dict | None:
 
 
 def plot(run: Run) -> None:
-    """training.png, when matplotlib (the optional `plots` extra) is installed."""
-    try:
-        from . import plotter
+    """training.png (rank 0, unless the run draws none), when Pillow (the optional `plots` extra) is installed."""
+    if not (run.config.plot and distributed.is_main()):
+        return
+    from .plots import save_training_png
 
-        plotter.draw(run.output / "training.png", run.rows, run.schedule.switches, run.schedule.best_epoch or None,
-                     "-loss" if run.adapter.score is None else "score")
-    except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
-        log.warning("matplotlib is not installed, so training.png was not drawn (pip install matplotlib).")
+    try:
+        save_training_png(run.output / "training.png", run.rows, run.schedule.switches,
+                          run.schedule.best_epoch or None, "-loss" if run.adapter.score is None else "score")
+    except ImportError as exc:  # pragma: no cover - Pillow comes with the optional `plots` extra
+        log.warning(f"training.png was not drawn ({exc}); pip install pillow.")
 
 
 def _format(value) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
+import os
 from dataclasses import asdict, replace
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +19,8 @@ from pathlib import Path
 from ..conversion.consent import Consent
 from ..conversion.modeldir import ConvertedModel, load_converted
 from ..core.errors import LoadError, UsageError
-from ..core.files import LOCK_FILE, check_unlocked, is_temporary, output_lock, remove_stale
+from ..core.files import (LOCK_FILE, check_unlocked, is_temporary, output_lock, remove_in_background, remove_stale,
+                          temporary_name, wait_removed)
 from . import distributed
 from .adapter import Adapter, load_adapter
 from .config import TrainConfig
@@ -93,6 +94,7 @@ def train(
             _check_new_output(output, force)
             return _start(converted, adapter, output, config or TrainConfig(), on_epoch, request)
     finally:
+        wait_removed()  # the replaced checkpoints and cleared outputs are gone when train returns
         if joined is not None:
             distributed.shutdown()
 
@@ -167,11 +169,14 @@ def _resume(output: Path, adapter, on_epoch, budget: dict[str, int], consent: Co
 
 
 def _clear_outputs(output: Path) -> None:
-    """--force: remove only what a run writes, never anything else in the folder."""
+    """--force: remove only what a run writes, never anything else in the folder. Directories are renamed to
+    temporaries at once and deleted while the run trains (a kill leaves temporaries that are cleaned up later)."""
     for name in OUTPUT_NAMES:
         path = output / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            aside = temporary_name(path)
+            os.replace(path, aside)
+            remove_in_background(aside)
         elif path.exists():
             path.unlink()
     output.mkdir(parents=True, exist_ok=True)
