@@ -384,7 +384,7 @@ def test_a_model_on_cuda_exports_folded_and_verified_on_the_cpu(tmp_path):
 
 
 def test_the_hardware_options_are_in_help():
-    out = runner.invoke(app, ["--help"], terminal_width=200).output
+    out = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output  # rich reads the width from COLUMNS
     assert all(option in out for option in ("--device", "--precision", "--compile", "--correlation-memory-mb"))
 
 

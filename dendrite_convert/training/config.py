@@ -28,7 +28,7 @@ class TrainConfig:
     seed: int = 0
     correlation_epochs: int = 20  # candidate-training passes over the recorded samples
     correlation_samples: int = 4096  # training samples recorded per dendrite phase (and to rank channels)
-    plot: bool = True  # draw training.png at the end (needs matplotlib)
+    plot: bool = True  # draw training.png at the end (needs Pillow, the `plots` extra)
     # Checkpoint (and outputs) after every epoch, unless epochs are so short that this would cost more than
     # this fraction of the training time: then after every few epochs, so a crash loses at most about
     # (checkpoint time / checkpoint_budget) seconds, e.g. 0.3 s for digits. Switches and the end always write.
