@@ -8,7 +8,9 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from tabular import classification_functions
 
 try:
     from mnist1d.data import get_dataset_args, make_dataset
@@ -30,28 +32,5 @@ def _generate() -> dict:
             "test": TensorDataset(x_test, y_test)}
 
 
-_DATA = _generate()
-
-
-def train_data():
-    return DataLoader(_DATA["train"], batch_size=64, shuffle=True)
-
-
-def val_data():
-    return DataLoader(_DATA["val"], batch_size=1000)
-
-
-def test_data():
-    return DataLoader(_DATA["test"], batch_size=1000)
-
-
-def loss(outputs, batch):
-    return torch.nn.functional.cross_entropy(outputs, batch[1])
-
-
-def optimizer(params):
-    return torch.optim.Adam(params, lr=3e-3)
-
-
-def score(outputs, batch):
-    return (outputs.argmax(-1) == batch[1]).float().mean().item() * 100
+train_data, val_data, test_data, loss, optimizer, score = classification_functions(_generate(), batch_size=64,
+                                                                                  eval_batch_size=1000)
