@@ -2,7 +2,9 @@
 plus noise; the class is the number of bars minus one. Counting needs more than one local feature."""
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from tabular import classification_functions
 
 MAXIMIZE = True
 
@@ -22,28 +24,5 @@ def _images(n: int, seed: int):
     return TensorDataset(x, y)
 
 
-_DATA = {"train": _images(1200, 0), "val": _images(400, 1), "test": _images(400, 2)}
-
-
-def train_data():
-    return DataLoader(_DATA["train"], batch_size=64, shuffle=True)
-
-
-def val_data():
-    return DataLoader(_DATA["val"], batch_size=400)
-
-
-def test_data():
-    return DataLoader(_DATA["test"], batch_size=400)
-
-
-def loss(outputs, batch):
-    return torch.nn.functional.cross_entropy(outputs, batch[1])
-
-
-def optimizer(params):
-    return torch.optim.Adam(params, lr=3e-3)
-
-
-def score(outputs, batch):
-    return (outputs.argmax(-1) == batch[1]).float().mean().item() * 100
+train_data, val_data, test_data, loss, optimizer, score = classification_functions(
+    {"train": _images(1200, 0), "val": _images(400, 1), "test": _images(400, 2)}, batch_size=64, eval_batch_size=400)
