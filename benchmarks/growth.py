@@ -11,6 +11,7 @@ dendrite per target):
 
     continue          nothing added (in both budgets)
     widen             Net2WiderNet, function-preserving, to the same added parameters
+    widen-random      the same new units freshly initialised, outgoing weights zero (function-preserving too)
     lora              LoRA-style adapters on every Linear/Conv, to the same added parameters
     gradient          fresh random dendrites with zero scale, trained with the network (the peer's way)
     correlation       cascade-correlation candidates, frozen, scales and network trained (full budget only)
@@ -76,9 +77,10 @@ TASKS = {  # the bundled tasks of benchmarks/results.py, plus wine
     "mnist1d (MLP)": Task("mnist1d_mlp", 16, ROOT / "benchmarks/tasks/mnist1d_signals.py", package="mnist1d"),
 }
 FULL, LOW = "full", "low-rank"
-ARMS = [("continue", FULL), ("widen", FULL), ("lora", FULL), ("gromo", FULL), ("gradient", FULL), ("correlation", FULL),
-        ("closed-form", FULL), ("closed-form 1st", FULL),
-        ("continue", LOW), ("widen", LOW), ("lora", LOW), ("gromo", LOW), ("gradient", LOW), ("closed-form", LOW)]
+ARMS = [("continue", FULL), ("widen", FULL), ("widen-random", FULL), ("lora", FULL), ("gromo", FULL),
+        ("gradient", FULL), ("correlation", FULL), ("closed-form", FULL), ("closed-form 1st", FULL),
+        ("continue", LOW), ("widen", LOW), ("widen-random", LOW), ("lora", LOW), ("gromo", LOW), ("gradient", LOW),
+        ("closed-form", LOW)]
 DENDRITE_ARMS = ("gradient", "correlation", "closed-form", "closed-form 1st")
 COLUMNS = ["task", "budget", "arm", "seed", "added_params", "added_flops", "start_test", "test_at_best",
            "insertion_loss_drop", "seconds"]
@@ -158,8 +160,9 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
     model = copy.deepcopy(base)
     if arm == "continue":
         return model
-    if arm == "widen":
-        return widen(model, budget, torch.Generator().manual_seed(seed))
+    if arm in ("widen", "widen-random"):
+        seed_everything(seed)  # widen-random's new units draw their initialisation from the global RNG
+        return widen(model, budget, torch.Generator().manual_seed(seed), fresh=arm == "widen-random")
     if arm == "lora":
         return add_lora(model, lora_rank(model, budget))
     if arm == "gromo":

@@ -3,6 +3,8 @@
 - `widen`: Net2WiderNet (Chen et al., ICLR 2016). Hidden units are duplicated (their incoming weights, bias
   and BatchNorm entries copied) and each original unit's outgoing weights are split among its copies with
   random shares that sum to one, so the function is unchanged while the copies' gradients differ.
+- `widen-random`: the same new units, but freshly initialised as the layer type does, with zero outgoing
+  weights: the function is unchanged too, and the new units start from new directions instead of copies.
 - `add_lora`: LoRA-style adapters (Hu et al., ICLR 2022) on every Linear and Conv: y = W x + B A x with A
   initialised as the layer type does and B = 0, so the function is unchanged too.
 """
@@ -90,8 +92,10 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def widen(model: nn.Module, budget: int, generator: torch.Generator) -> nn.Module:
-    """A function-preserving wider copy of `model` with about `budget` more parameters."""
+def widen(model: nn.Module, budget: int, generator: torch.Generator, fresh: bool = False) -> nn.Module:
+    """A function-preserving wider copy of `model` with about `budget` more parameters: Net2WiderNet's copies,
+    or with `fresh` new units that keep the layer type's own random initialisation (from the global RNG) and
+    whose outgoing weights are zero."""
     model = copy.deepcopy(model)
     for (producer_path, norm_path, consumer_path), k in widen_plan(model, budget).items():
         if k == 0:
@@ -102,12 +106,14 @@ def widen(model: nn.Module, budget: int, generator: torch.Generator) -> nn.Modul
         index = torch.cat([torch.arange(n), copies])
         share = 1 + 0.2 * (torch.rand(n + k, generator=generator) - 0.5)  # unequal shares break the symmetry
         share = share / torch.zeros(n).index_add_(0, index, share)[index]  # the shares of one unit sum to 1
+        kept = n + k  # producer rows (and norm entries) copied from `index`; the rest keep their fresh init
+        if fresh:
+            kept, share = n, torch.cat([torch.ones(n), torch.zeros(k)])  # new units: fresh in, zero out
+        wide, after = _resized(producer, out=n + k), _resized(consumer, inp=n + k)
         with torch.no_grad():
-            wide = _resized(producer, out=n + k)
-            wide.weight.copy_(producer.weight[index])
+            wide.weight[:kept].copy_(producer.weight[index[:kept]])
             if producer.bias is not None:
-                wide.bias.copy_(producer.bias[index])
-            after = _resized(consumer, inp=n + k)
+                wide.bias[:kept].copy_(producer.bias[index[:kept]])
             shape = [1, n + k] + [1] * (consumer.weight.ndim - 2)
             after.weight.copy_(consumer.weight[:, index] * share.view(shape))
             if consumer.bias is not None:
@@ -120,7 +126,7 @@ def widen(model: nn.Module, budget: int, generator: torch.Generator) -> nn.Modul
             with torch.no_grad():
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     if getattr(norm, name, None) is not None:
-                        getattr(wide_norm, name).copy_(getattr(norm, name)[index])
+                        getattr(wide_norm, name)[:kept].copy_(getattr(norm, name)[index[:kept]])
             _set(model, norm_path, wide_norm.train(norm.training))
     return model
 

@@ -25,18 +25,23 @@ from dendrite_convert import count_parameters  # noqa: E402
 def test_widening_and_lora_preserve_the_function_and_add_the_budget(factory, width, x):
     model = getattr(models, factory)(width).eval()
     wide = widen(model, 600, torch.Generator().manual_seed(0)).eval()
+    fresh = widen(model, 600, torch.Generator().manual_seed(0), fresh=True).eval()
     rank = lora_rank(model, 600)
     adapted = add_lora(model, rank).eval()
     with torch.no_grad():
         assert torch.allclose(wide(x), model(x), atol=1e-5)
+        assert torch.allclose(fresh(x), model(x), atol=1e-6)  # the new units' outgoing weights are zero
         assert torch.equal(adapted(x), model(x))
+    assert count_parameters(fresh) == count_parameters(wide)
+    n = model[0].weight.shape[0]
+    new_rows = fresh[0].weight[n:]  # fresh units: none of them a copy of an old one, and not zero
+    assert new_rows.abs().sum() > 0 and not any(torch.equal(row, old) for row in new_rows for old in model[0].weight)
     assert len(widen_pairs(model)) == 2
     added = count_parameters(wide) - count_parameters(model)
     assert 400 < added < 800  # the closest whole number of units to 600
     assert count_parameters(adapted) - count_parameters(model) == lora_cost(model, rank)
     # the copies do not stay copies: one training step moves a duplicated unit and its original apart
     first = wide[0].weight
-    n = model[0].weight.shape[0]
     loss = wide.train()(x).square().sum()
     loss.backward()
     original = next(k for k in range(n) if torch.equal(first[n], first[k]))  # unit n is a copy of `original`
@@ -74,7 +79,7 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bars (CNN): gromo arm skipped: " in done.stderr  # gromo grows MLPs only (or is not installed)
     with_gromo = importlib.util.find_spec("gromo") is not None
-    arms = {"wine (MLP)": 12 + 2 * with_gromo, "bars (CNN)": 12}  # (arm, budget) pairs per task
+    arms = {"wine (MLP)": 14 + 2 * with_gromo, "bars (CNN)": 14}  # (arm, budget) pairs per task
     rows = list(csv.DictReader((out / "growth.csv").open()))
     assert len(rows) == sum(arms.values()) * 2  # x seeds
     for task in tasks:
@@ -83,7 +88,7 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
             assert len(mine) == arms[task]
             assert len({r["start_test"] for r in mine}) == 1  # every arm starts from the same saved model
             by_arm = {(r["arm"], r["budget"]): r for r in mine}
-            for arm in ("continue", "widen", "lora", "gradient", "correlation"):  # function-preserving insertions
+            for arm in ("continue", "widen", "widen-random", "lora", "gradient", "correlation"):  # function-preserving insertions
                 assert abs(float(by_arm[(arm, "full")]["insertion_loss_drop"])) < 1e-4
             assert int(by_arm[("continue", "full")]["added_params"]) == 0
             full = int(by_arm[("gradient", "full")]["added_params"])
