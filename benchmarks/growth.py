@@ -154,9 +154,19 @@ def _added_dendrite_params(base: torch.nn.Module, rank: int | None) -> int:
     return dc.count_parameters(model) - dc.count_parameters(base)
 
 
+def train_base(runner: Runner, seed: int, quick: bool = False) -> tuple[torch.nn.Module, float]:
+    """The task's plain model trained to its plateau (early stopping on validation), and its test score."""
+    task = runner.task
+    patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
+    seed_everything(seed)
+    base, start_test, _ = runner.train(getattr(models, task.factory)(task.width), max_epochs, seed, patience)
+    return base, start_test
+
+
 def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner: Runner, seed: int,
-         settings: dict) -> torch.nn.Module:
-    """The arm's model, grown from a copy of the trained `base` (which is left as it is)."""
+         settings: dict, dendrites: dict | None = None) -> torch.nn.Module:
+    """The arm's model, grown from a copy of the trained `base` (which is left as it is); `dendrites`: more
+    DendriteConfig settings for the dendrite arms."""
     model = copy.deepcopy(base)
     if arm == "continue":
         return model
@@ -167,7 +177,7 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
         return add_lora(model, lora_rank(model, budget))
     if arm == "gromo":
         return growth_gromo.grow(model, budget, runner.adapter)
-    model = dc.convert(model, dc.DendriteConfig(rank=rank)).model
+    model = dc.convert(model, dc.DendriteConfig(rank=rank, **(dendrites or {}))).model
     seed_everything(seed)
     # the objective classes dendrite-train runs, grown once from the model's own training batches and loss
     name, options = ("closed-form", {"order": 1}) if arm == "closed-form 1st" else (arm, {})
@@ -190,15 +200,13 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int, a
     samples = 256 if quick else 4096
     settings = {"correlation": {"epochs": 2 if quick else 20, "samples": samples}, "closed-form": {"samples": samples},
                 "gradient": {"samples": samples}}
-    patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
     example = runner.example()
     rows = []
     skipped = growth_gromo.unavailable(getattr(models, task.factory)(task.width))
     if skipped:
         print(f"{name}: gromo arm skipped: {skipped}", file=sys.stderr)
     for seed in range(seeds):
-        seed_everything(seed)
-        base, start_test, _ = runner.train(getattr(models, task.factory)(task.width), max_epochs, seed, patience)
+        base, start_test = train_base(runner, seed, quick)
         path = out / "growth_runs" / task.factory / f"seed_{seed}" / "base.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(base.state_dict(), path)
