@@ -273,18 +273,29 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
                              f"{mean('added_flops'):,.0f} | {mean('start_test'):.2f} | "
                              f"{statistics.fmean(scores):.2f} ± {std:.2f} | {mean('insertion_loss_drop'):+.3f} | "
                              f"{vs} | {worst:+.2f} |")
-            best = max(arms, key=lambda a: statistics.fmean(_scores(rows, task, budget, a)))
+            by_mean = sorted(arms, key=lambda a: -statistics.fmean(_scores(rows, task, budget, a)))
             winner = winners[0] if winners else None
             if winner in DENDRITE_ARMS:
                 reached.setdefault(task, f"{winner}, {budget} budget")
-            verdicts.append(f"- {task}, {budget} budget: best mean {best}; "
+            verdicts.append(f"- {task}, {budget} budget: best mean {by_mean[0]}; "
                             + (f"{winner} beats every other arm with a 90 % interval above zero"
                                + (" (a dendrite arm)" if winner in DENDRITE_ARMS else "") if winner
-                               else "no arm beats every other with a 90 % interval above zero"))
+                               else "no arm beats every other with a 90 % interval above zero")
+                            + _dendrites_against_the_rest(rows, task, budget, by_mean))
     verdicts.append(f"- **Goal** (some dendrite arm beats every other arm of its budget with a 90 % interval above "
                     f"zero, on at least 3 of {len(tasks)} tasks): reached on {len(reached)} of {len(tasks)}"
                     + (f" ({'; '.join(f'{t}: {w}' for t, w in reached.items())})" if reached else ""))
     return "\n".join(lines), verdicts
+
+
+def _dendrites_against_the_rest(rows: list[dict], task: str, budget: str, by_mean: list[str]) -> str:
+    """The user's question in one clause: the best dendrite arm against the best other way to spend the budget."""
+    mine = [a for a in by_mean if a in DENDRITE_ARMS]
+    others = [a for a in by_mean if a not in DENDRITE_ARMS]
+    if not mine or not others:
+        return ""
+    mean, low, high = paired_interval(_scores(rows, task, budget, mine[0]), _scores(rows, task, budget, others[0]))
+    return f"; best dendrite arm ({mine[0]}) against the best other ({others[0]}): {mean:+.2f} ({low:+.2f} to {high:+.2f})"
 
 
 def overview(rows: list[dict]) -> str:

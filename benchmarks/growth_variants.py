@@ -9,8 +9,8 @@ about the full budget (one full dendrite per target) and trains for the same ext
     gradient, fresh features  the peer's dendrites with weights ~ N(0, 1) instead of N(0, 0.01^2): their
                               activation is no longer almost linear around zero, like a new neuron's
     closed-form, rank-matched one rank-R dendrite per target (in -> R -> out, the output factor free), R the
-                              largest rank within the budget: the same shape and parameters as R new neurons
-                              per layer, but feeding the target's own channels
+                              largest rank below the budget: the shape of R new neurons per layer, but
+                              feeding the target's own channels
     closed-form, tanh         the closed-form fit through tanh instead of sigmoid
 
 against continuing, `widen-random` (new neurons of the layer type's own initialisation, outgoing weights zero)
@@ -42,8 +42,12 @@ VARIANTS = {  # name: (growth.py arm, DendriteConfig settings; "matched" rank: t
 
 
 def matched_rank(base: torch.nn.Module, budget: int) -> int:
-    """The largest dendrite rank whose added parameters stay within `budget`."""
-    return max(r for r in range(1, 257) if r == 1 or _added_dendrite_params(base, r) <= budget)
+    """The largest dendrite rank that adds fewer parameters than `budget` (full dendrites; a target where
+    rank R is not cheaper than a full copy takes a full one, so the count grows with R up to the budget)."""
+    rank = 1
+    while _added_dendrite_params(base, rank + 1) < budget:
+        rank += 1
+    return rank
 
 
 def main() -> None:

@@ -122,3 +122,20 @@ def test_rows_of_a_run_of_some_arms_replace_their_own_rows_only():
     assert [r["test_at_best"] for r in rows if r["arm"] == "closed-form" and r["task"] == "wine (MLP)"] == [2.0] * 3
     assert all(r["test_at_best"] == 1.0 for r in rows if r["arm"] == "continue" or r["task"] == "digits (MLP)")
     assert [r["task"] for r in rows][:4] == ["digits (MLP)"] * 4  # the tables keep the tasks' order (TASKS)
+
+
+def test_growth_variants_compare_dendrite_variants_with_new_neurons_on_the_same_budget():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/growth_variants.py"), "--task", "digits (MLP)",
+                           "--seeds", "1", "--extra-epochs", "1", "--quick"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    added = {name: int(cells[1].replace(",", "")) for name, cells in rows.items()}
+    assert added["continue"] == 0
+    budget = added["gradient"]  # one full dendrite per target
+    assert added["widen-random"] > 0.5 * budget and added["gradient, fresh features"] == budget
+    # the rank-matched dendrites (in -> R -> out) spend no more than the budget, and on digits' width-8 layers
+    # a full dendrite is already the cheapest shape at rank 8, so R < 8 and they cost less
+    assert 0 < added["closed-form, rank-matched"] <= budget
+    assert added["gradient, fresh features, rank-matched"] < budget
