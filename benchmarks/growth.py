@@ -168,10 +168,10 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
     """The arm's model, grown from a copy of the trained `base` (which is left as it is); `dendrites`: more
     DendriteConfig settings for the dendrite arms."""
     model = copy.deepcopy(base)
+    seed_everything(seed)  # an arm's random draws do not depend on which arms ran before it (--arms merges)
     if arm == "continue":
         return model
     if arm in ("widen", "widen-random"):
-        seed_everything(seed)  # widen-random's new units draw their initialisation from the global RNG
         return widen(model, budget, torch.Generator().manual_seed(seed), fresh=arm == "widen-random")
     if arm == "lora":
         return add_lora(model, lora_rank(model, budget))
