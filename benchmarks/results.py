@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/results.py            # full: 5 seeds per arm, documented in the README
     .venv/bin/python benchmarks/results.py --quick    # CI: 2 seeds, short budgets, same outputs
 
-For each task: plain training (no dendrites), gradient dendrites, correlation dendrites, and a plain
-model widened to the dendritic model's parameter count; every arm over the same seeds with the same
+For each task: plain training (no dendrites), gradient, correlation and closed-form dendrites, and a plain
+model widened to the gradient arm's parameter count; every arm over the same seeds with the same
 epoch budget and early stopping. Writes benchmarks/results/{runs.csv,results.md,<task>.png} and
 appends the training-overhead and export-latency benchmarks' own output to results.md.
 """
@@ -41,7 +41,7 @@ TASKS = {  # name -> (factory, width, adapter, full budget)
     "bars (CNN)": ("bars_cnn", 4, ROOT / "benchmarks/tasks/bars.py", TrainConfig(patience=4, max_epochs=40)),
     "reviews (tiny BERT)": ("text_bert", 16, ROOT / "benchmarks/tasks/reviews.py", TrainConfig(patience=3, max_epochs=24)),
 }
-ARMS = ("plain", "gradient", "correlation", "plain widened")
+ARMS = ("plain", "gradient", "correlation", "closed-form", "plain widened")
 RUN_COLUMNS = ["task", "arm", "seed", "width", "run", "params", "dendrites", "epochs", "best_val", "test_at_best", "wall_seconds"]
 
 
@@ -74,7 +74,8 @@ def run_task(name: str, out: Path, seeds: int, jobs: int, quick: bool) -> list[d
     task_dir = out / "runs" / factory
     converted = _convert(task_dir, factory, width)
     arm_configs = {"plain": replace(config, max_dendrites=0), "gradient": replace(config, objective="gradient"),
-                   "correlation": replace(config, objective="correlation")}
+                   "correlation": replace(config, objective="correlation"),
+                   "closed-form": replace(config, objective="closed-form")}
     plan = [(arm, s, converted, width, replace(cfg, seed=s)) for arm, cfg in arm_configs.items() for s in range(seeds)]
     run_dirs = [task_dir / arm / f"seed_{s}" for arm, s, *_ in plan]
     summaries = run_all([(c, adapter, run, cfg) for (_, _, c, _, cfg), run in zip(plan, run_dirs)], jobs, OWN_CODE)
@@ -117,7 +118,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
     for task in dict.fromkeys(r["task"] for r in rows):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for arm, color in zip(ARMS, ("tab:gray", "tab:green", "tab:blue", "tab:orange")):
+        for arm, color in zip(ARMS, ("tab:gray", "tab:green", "tab:blue", "tab:red", "tab:orange")):
             mine = [r for r in rows if r["task"] == task and r["arm"] == arm]
             ax.scatter([r["params"] for r in mine], [r["test_at_best"] for r in mine], color=color, alpha=0.4)
             scores = [r["test_at_best"] for r in mine]

@@ -20,7 +20,7 @@ def test_results_quick_mode_is_complete_and_consistent(tmp_path):
     rows = list(csv.DictReader((out / "runs.csv").open()))
     tasks = {r["task"] for r in rows}
     assert len(tasks) == 4
-    assert len(rows) == 4 * 4 * 2  # tasks x arms x seeds
+    assert len(rows) == 4 * 5 * 2  # tasks x arms x seeds
     for row in rows:  # every table row is what that run's summary.json says
         summary = json.loads((out / row["run"] / "summary.json").read_text())
         assert float(row["test_at_best"]) == summary["test_at_best"]
@@ -34,4 +34,4 @@ def test_results_quick_mode_is_complete_and_consistent(tmp_path):
         assert min(widened) >= sum(gradient) / len(gradient)  # widened to at least the dendritic size
         assert (out / f"{task.split(' ')[0]}.png").stat().st_size > 5_000
     table = (out / "results.md").read_text()
-    assert table.count("\n| ") == 1 + 16  # header + one line per task and arm
+    assert table.count("\n| ") == 1 + 20  # header + one line per task and arm
