@@ -407,6 +407,10 @@ def main() -> None:
     command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     command += (" --arms " + " ".join(f'"{a}"' for a in args.arms)) if args.arms else ""
+    default_output = ROOT / "benchmarks" / "results"
+    if args.output.resolve() != default_output:
+        shown = args.output.resolve()
+        command += f" -o {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}"
     gromo = "" if importlib.util.find_spec("gromo") else "; the gromo arm skipped: gromo is not installed"
     skipped = "".join(f"; {name} skipped: {package} is not installed" for name, package in missing.items())
     write_report(rows, args.output, f"`{command}` ({seeds} seeds, {extra} extra epochs per arm, 1 CPU thread per "
