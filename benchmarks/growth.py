@@ -248,8 +248,9 @@ def _scores(rows, task, budget, arm) -> list[float]:
 def summarize(rows: list[dict]) -> tuple[str, list[str]]:
     """The markdown table, and one verdict line per task and budget."""
     lines = ["| task | budget | arm | added params | added FLOPs | start test % | test % (mean ± std) | "
-             "loss drop at insertion | vs continue (90 % CI) | worst lower bound vs the others |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "loss drop at insertion | s per arm (grow + train) | vs continue (90 % CI) | "
+             "worst lower bound vs the others |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts, reached = [], {}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for task in tasks:
@@ -272,7 +273,7 @@ def summarize(rows: list[dict]) -> tuple[str, list[str]]:
                 lines.append(f"| {task} | {budget} | {arm} | {mean('added_params'):,.0f} | "
                              f"{mean('added_flops'):,.0f} | {mean('start_test'):.2f} | "
                              f"{statistics.fmean(scores):.2f} ± {std:.2f} | {mean('insertion_loss_drop'):+.3f} | "
-                             f"{vs} | {worst:+.2f} |")
+                             f"{mean('seconds'):.1f} | {vs} | {worst:+.2f} |")
             by_mean = sorted(arms, key=lambda a: -statistics.fmean(_scores(rows, task, budget, a)))
             winner = winners[0] if winners else None
             if winner in DENDRITE_ARMS:

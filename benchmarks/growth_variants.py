@@ -2,6 +2,7 @@
 initialisation, their shape, or what they can express?
 
     .venv/bin/python benchmarks/growth_variants.py --task "mnist1d (MLP)" --seeds 10
+    .venv/bin/python benchmarks/growth_variants.py --task "mnist1d (MLP)" --width 128   # a wide model
 
 Every row starts from the same plain models as growth.py (trained to their plateau with the same seeds), adds
 about the full budget (one full dendrite per target) and trains for the same extra epochs. Dendrite variants:
@@ -21,6 +22,7 @@ continuing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -55,10 +57,12 @@ def main() -> None:
     parser.add_argument("--task", default="mnist1d (MLP)", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--extra-epochs", type=int, default=20, help="the epochs every row gets")
+    parser.add_argument("--width", type=int, default=None, help="the model's width (default: the task's own)")
     parser.add_argument("--quick", action="store_true", help="CI mode: tiny base training and budgets")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runner = Runner(TASKS[args.task])
+    task = TASKS[args.task]
+    runner = Runner(dataclasses.replace(task, width=args.width or task.width))
     samples = 256 if args.quick else 4096
     settings = {name: {"samples": samples} for name in ("closed-form", "gradient")}
     variants = dict(VARIANTS)
@@ -76,7 +80,8 @@ def main() -> None:
             model = grow(arm, base, rank, budget, runner, 1000 + seed, settings, dendrites)
             added[name].append(sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in base.parameters()))
             scores[name].append(runner.train(model, args.extra_epochs, 2000 + seed)[1])
-    print(f"{args.task}, {args.seeds} seeds, {args.extra_epochs} extra epochs, {FULL} budget\n")
+    print(f"{args.task}, width {runner.task.width}, {args.seeds} seeds, {args.extra_epochs} extra epochs, "
+          f"{FULL} budget\n")
     print("| variant | added params | test % (mean ± std) | vs continue (90 % CI) |\n|---|---|---|---|")
     for name, values in scores.items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
