@@ -28,7 +28,8 @@ import statistics
 import torch
 
 import growth_gromo
-from growth import FULL, TASKS, Runner, _added_dendrite_params, grow, paired_interval, train_base
+from growth import TASKS, Runner, _added_dendrite_params, grow, train_base
+from growth_report import FULL, paired_interval
 
 VARIANTS = {  # name: (growth.py arm, DendriteConfig settings; "matched" rank: the largest within the budget)
     "continue": ("continue", {}),

@@ -109,7 +109,7 @@ def test_growth_quick_mode_is_complete_and_consistent(tmp_path):
 
 
 def test_rows_of_a_run_of_some_arms_replace_their_own_rows_only():
-    import growth
+    from growth_report import merged
 
     def row(task, arm, seed, score):
         return {"task": task, "budget": "full", "arm": arm, "seed": seed, "test_at_best": score}
@@ -117,11 +117,11 @@ def test_rows_of_a_run_of_some_arms_replace_their_own_rows_only():
     old = [row(task, arm, seed, 1.0) for task in ("wine (MLP)", "digits (MLP)") for seed in (0, 1)
            for arm in ("continue", "closed-form")]
     new = [row("wine (MLP)", "closed-form", seed, 2.0) for seed in (0, 1, 2)]
-    rows = growth.merged(old, new)
+    rows = merged(old, new, ["digits (MLP)", "wine (MLP)"])
     assert len(rows) == len(old) + 1  # seed 2 is new, seeds 0 and 1 replaced
     assert [r["test_at_best"] for r in rows if r["arm"] == "closed-form" and r["task"] == "wine (MLP)"] == [2.0] * 3
     assert all(r["test_at_best"] == 1.0 for r in rows if r["arm"] == "continue" or r["task"] == "digits (MLP)")
-    assert [r["task"] for r in rows][:4] == ["digits (MLP)"] * 4  # the tables keep the tasks' order (TASKS)
+    assert [r["task"] for r in rows][:4] == ["digits (MLP)"] * 4  # the tables keep the tasks' order
 
 
 def test_growth_variants_compare_dendrite_variants_with_new_neurons_on_the_same_budget():
