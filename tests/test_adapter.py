@@ -199,3 +199,23 @@ def test_cli_adapter_template_prints_valid_python():
     assert result.exit_code == 0
     compile(result.stdout, "adapter.py", "exec")
     assert "def train_data():" in result.stdout and "def loss(outputs, batch):" in result.stdout
+
+
+def test_a_loader_with_workers_is_not_iterated_just_to_check_it(tmp_path, converted_dir):
+    """Checking that train_data() is re-iterable starts no worker processes: a DataLoader with workers makes
+    exactly one iterator per training epoch, and training with real workers works."""
+    passes = tmp_path / "passes.txt"
+    text = GOOD.replace("def train_data(): return DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True)",
+                        textwrap.dedent(f"""
+        class Counting(DataLoader):
+            def _get_iterator(self):
+                with open({str(passes)!r}, "a") as f:
+                    f.write("pass\\n")
+                return super()._get_iterator()
+        def train_data(): return Counting(TensorDataset(X, Y), batch_size=16, shuffle=True, num_workers=2)
+        """))
+    out = tmp_path / "run"
+    result = _cli(converted_dir, write(tmp_path, text), out, "--max-dendrites", "0")
+    assert result.exit_code == 0, result.output
+    epochs = json.loads((out / "summary.json").read_text())["epochs"]
+    assert epochs >= 1 and passes.read_text().count("pass") == epochs

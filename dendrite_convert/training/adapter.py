@@ -155,6 +155,19 @@ def batch_size(batch) -> int:
     return 1
 
 
+def reiterable(data) -> bool:
+    """Whether `data` gives a fresh pass over its batches each time it is iterated (not a generator).
+
+    A DataLoader always does; with worker processes a trial iterator would start them for nothing, so it is
+    not asked for one. Without workers the trial is cheap, and kept: it draws the loader's seed, so every
+    run's random draws stay what they were."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader) and data.num_workers > 0:
+        return True
+    return hasattr(data, "__iter__") and iter(data) is not data
+
+
 def _module_for(spec: str):
     try:
         if spec.endswith(".py") or "/" in spec or Path(spec).is_file():

@@ -27,7 +27,7 @@ from ..core.errors import LoadError
 from ..core.layers import count_parameters
 from ..core.structure import snapshot
 from . import checkpoint, compiling, distributed, outputs
-from .adapter import Adapter, batch_size, call, load_adapter
+from .adapter import Adapter, batch_size, call, load_adapter, reiterable
 from .config import TrainConfig
 from .device import describe, peak_memory_mb, reset_peak_memory, resolve_device, to_device
 from .growth import Growth
@@ -135,7 +135,7 @@ class Run:
 
     def _call_data(self, name: str, fn):
         data = call(self.adapter, f"{name}()", fn)
-        if data is None or not hasattr(data, "__iter__") or iter(data) is data:
+        if data is None or not reiterable(data):
             raise LoadError(
                 f"adapter {self.adapter.spec}: {name}() returned {type(data).__name__}; it must return re-iterable "
                 "batches such as a DataLoader or a list (not a generator, which runs out after one epoch).",
