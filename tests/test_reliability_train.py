@@ -189,13 +189,36 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(convert
         shutil.rmtree(run)
 
 
+GATED = """
+import pathlib, sys, time
+sys.path.insert(0, {digits!r})
+from adapter import *  # noqa: F403 - the digits adapter, whose first training loss waits for `release`
+import adapter as digits
+
+waited = []
+
+
+def loss(outputs, batch):
+    if not waited:  # the run holds its output until the test has seen the second run refused
+        deadline = time.monotonic() + 120
+        while not pathlib.Path({release!r}).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        waited.append(True)
+    return digits.loss(outputs, batch)
+"""
+
+
 def test_two_concurrent_trains_into_one_output_one_is_refused_naming_the_holder(converted, tmp_path):
-    run = tmp_path / "run"
-    first = subprocess.Popen(_train(converted, *ARGS, "-o", run), env=ENV)
+    run, release = tmp_path / "run", tmp_path / "release"
+    gated = tmp_path / "gated.py"
+    gated.write_text(GATED.format(digits=str(DIGITS), release=str(release)))
+    first_args = [str(gated) if a == DIGITS / "adapter.py" else a for a in ARGS]
+    first = subprocess.Popen(_train(converted, *first_args, "-o", run), env=ENV)
     deadline = time.monotonic() + 120
     while not (run / ".dendrite.lock").exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     second = subprocess.run(_train(converted, *ARGS, "-o", run), env=ENV, capture_output=True, text=True, timeout=300)
+    release.touch()
     assert first.wait(timeout=300) == 0
     assert second.returncode == 2, second.stderr
     assert f"in use by another run (pid {first.pid} on host {os.uname().nodename}" in second.stderr
