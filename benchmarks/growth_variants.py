@@ -28,7 +28,7 @@ import statistics
 import torch
 
 import growth_gromo
-from growth import TASKS, Runner, _added_dendrite_params, grow, train_base
+from growth import TASKS, Runner, _added_dendrite_params, dc, grow, train_base
 from growth_report import FULL, paired_interval
 
 VARIANTS = {  # name: (growth.py arm, DendriteConfig settings; "matched" rank: the largest within the budget)
@@ -79,7 +79,7 @@ def main() -> None:
             dendrites = dict(dendrites)
             rank = matched_rank(base, budget) if dendrites.pop("rank", None) == "matched" else None
             model = grow(arm, base, rank, budget, runner, 1000 + seed, settings, dendrites)
-            added[name].append(sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in base.parameters()))
+            added[name].append(dc.count_parameters(model) - dc.count_parameters(base))  # as growth.py counts
             scores[name].append(runner.train(model, args.extra_epochs, 2000 + seed)[1])
     print(f"{args.task}, width {runner.task.width}, {args.seeds} seeds, {args.extra_epochs} extra epochs, "
           f"{FULL} budget\n")
