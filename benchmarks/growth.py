@@ -173,7 +173,6 @@ def grow(arm: str, base: torch.nn.Module, rank: int | None, budget: int, runner:
     if arm == "gromo":
         return growth_gromo.grow(model, budget, runner.adapter)
     model = dc.convert(model, dc.DendriteConfig(rank=rank, **(dendrites or {}))).model
-    seed_everything(seed)
     # the objective classes dendrite-train runs, grown once from the model's own training batches and loss
     name, options = ("closed-form", {"order": 1}) if arm == "closed-form 1st" else (arm, {})
     objective = OBJECTIVES[name](**settings.get(name, {}), **options)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..core.errors import DendriteError, LoadError, UsageError
 from ..conversion.factories import import_file
@@ -161,8 +162,6 @@ def reiterable(data) -> bool:
     A DataLoader always does; with worker processes a trial iterator would start them for nothing, so it is
     not asked for one. Without workers the trial is cheap, and kept: it draws the loader's seed, so every
     run's random draws stay what they were."""
-    from torch.utils.data import DataLoader
-
     if isinstance(data, DataLoader) and data.num_workers > 0:
         return True
     return hasattr(data, "__iter__") and iter(data) is not data
