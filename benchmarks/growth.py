@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import dendrite_convert as dc  # noqa: E402
@@ -65,6 +66,10 @@ class Task:
     max_epochs: int = 200
     rank: int = 2  # the low-rank budget's dendrite rank
     package: str | None = None  # a benchmark-only package the task needs
+
+    def build(self) -> torch.nn.Module:
+        """The task's plain model, freshly initialised from the global RNG."""
+        return getattr(models, self.factory)(self.width)
 
 
 TASKS = {  # the bundled tasks of benchmarks/results.py, plus wine
@@ -154,7 +159,7 @@ def train_base(runner: Runner, seed: int, quick: bool = False) -> tuple[torch.nn
     task = runner.task
     patience, max_epochs = (1, 3) if quick else (task.patience, task.max_epochs)
     seed_everything(seed)
-    base, start_test, _ = runner.train(getattr(models, task.factory)(task.width), max_epochs, seed, patience)
+    base, start_test, _ = runner.train(task.build(), max_epochs, seed, patience)
     return base, start_test
 
 
@@ -196,7 +201,7 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int, a
                 "gradient": {"samples": samples}}
     example = runner.example()
     rows = []
-    skipped = growth_gromo.unavailable(getattr(models, task.factory)(task.width))
+    skipped = growth_gromo.unavailable(task.build())
     if skipped:
         print(f"{name}: gromo arm skipped: {skipped}", file=sys.stderr)
     for seed in range(seeds):
@@ -209,7 +214,7 @@ def run_task(name: str, out: Path, seeds: int, quick: bool, extra_epochs: int, a
         for arm, budget in ARMS:
             if arm not in arms or (arm == "gromo" and skipped):
                 continue
-            saved = getattr(models, task.factory)(task.width)
+            saved = task.build()
             saved.load_state_dict(torch.load(path, weights_only=True))  # every arm starts from the saved model
             start = time.perf_counter()
             rank = task.rank if budget == LOW else None
@@ -239,7 +244,7 @@ def main() -> None:
                         help="run only these arms and merge their rows into the growth.csv in --output (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite growth.md and growth.png from the growth.csv in --output, running nothing")
-    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
     extra = args.extra_epochs or (1 if args.quick else 20)
@@ -272,9 +277,8 @@ def main() -> None:
     command += (" --tasks " + " ".join(f'"{t}"' for t in args.tasks)) if args.tasks != list(TASKS) else ""
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     command += (" --arms " + " ".join(f'"{a}"' for a in args.arms)) if args.arms else ""
-    default_output = ROOT / "benchmarks" / "results"
-    if args.output.resolve() != default_output:
-        shown = args.output.resolve()
+    shown = args.output.resolve()
+    if shown != RESULTS:
         command += f" -o {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}"
     gromo = "" if importlib.util.find_spec("gromo") else "; the gromo arm skipped: gromo is not installed"
     skipped = "".join(f"; {name} skipped: {package} is not installed" for name, package in missing.items())

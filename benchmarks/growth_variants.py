@@ -67,7 +67,7 @@ def main() -> None:
     samples = 256 if args.quick else 4096
     settings = {name: {"samples": samples} for name in ("closed-form", "gradient")}
     variants = dict(VARIANTS)
-    if skipped := growth_gromo.unavailable(train_base(runner, 0, quick=True)[0]):
+    if skipped := growth_gromo.unavailable(runner.task.build()):
         print(f"gromo skipped: {skipped}")
         del variants["gromo"]
     scores: dict[str, list[float]] = {name: [] for name in variants}
@@ -75,9 +75,10 @@ def main() -> None:
     for seed in range(args.seeds):
         base, _ = train_base(runner, seed, args.quick)
         budget = _added_dendrite_params(base, None)
+        matched = matched_rank(base, budget)
         for name, (arm, dendrites) in variants.items():
             dendrites = dict(dendrites)
-            rank = matched_rank(base, budget) if dendrites.pop("rank", None) == "matched" else None
+            rank = matched if dendrites.pop("rank", None) == "matched" else None
             model = grow(arm, base, rank, budget, runner, 1000 + seed, settings, dendrites)
             added[name].append(dc.count_parameters(model) - dc.count_parameters(base))  # as growth.py counts
             scores[name].append(runner.train(model, args.extra_epochs, 2000 + seed)[1])
