@@ -173,6 +173,28 @@ def test_unsupported_targets_are_reported_and_left_alone():
     assert dendrite_layers(model)["0"].num_dendrites == 0
 
 
+def test_curvature_is_summed_only_for_the_targets_that_fit_second_order(monkeypatch):
+    """A wide target past the second-order limit gets first-order sums alone: summing its [C, d, d] curvature
+    anyway (because a small target took the second-order fit) asked 10.9 GB for one 256-channel 3x3 conv of
+    timm's resnet10t."""
+    from dendrite_convert.training.objectives import closed_form_growth
+
+    model = convert(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 2)),
+                    DendriteConfig()).model
+    batches = [(torch.randn(64, 4), torch.randn(64, 2)) for _ in range(4)]
+    monkeypatch.setattr(closed_form_growth, "MAX_CURVATURE_ENTRIES", 40 * 3 * 3)  # "0", "2" fit; "4" (2 * 40²) not
+    recorded = {}
+
+    def spy(*args, **kwargs):
+        recorded.update(record_statistics(*args, **kwargs))
+        return recorded
+
+    monkeypatch.setattr(closed_form_growth, "record_statistics", spy)
+    reports = add_closed_form_dendrites(model, batches, _mse(model), ClosedFormConfig(order=2))
+    assert [reports[n].order for n in ("0", "2", "4")] == [2, 2, 1]
+    assert recorded["0"].exx is not None and recorded["2"].exx.shape == (40, 3, 3) and recorded["4"].exx is None
+
+
 def _plateau_problem(d=6, c=3, n=4096, seed=0):
     """y* = W x + s * (V x)^2 and a student at the least-squares optimum of a Linear: its gradient is zero, so
     its error is uncorrelated with its input, yet an exact (curved) function of it."""

@@ -29,7 +29,7 @@ Either gain divided by the dendrite's parameter count says where to grow (closed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -147,9 +147,10 @@ def input_rows(layer: DendriteLayer, x: torch.Tensor) -> torch.Tensor:
 
 def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callable[[object], torch.Tensor],
                       targets: dict[str, DendriteLayer], max_samples: int = 4096,
-                      curvature: bool = False) -> dict[str, TargetStatistics]:
-    """Per target that reaches the loss, the sums of (x rows, per-sample e) over up to `max_samples` samples
-    (with `curvature`, also those the second-order fit needs)."""
+                      curvature: Collection[str] = ()) -> dict[str, TargetStatistics]:
+    """Per target that reaches the loss, the sums of (x rows, per-sample e) over up to `max_samples` samples;
+    for the targets named in `curvature`, also the [C, d, d] sums the second-order fit needs (only those: on a
+    wide target they would not fit in memory)."""
     stats: dict[str, TargetStatistics] = {}
     current = {"n": 1, "batch": 0}
     counted: dict[str, int] = {}
@@ -163,7 +164,7 @@ def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callabl
         layer = targets[name]
         rows, errors = input_rows(layer, x), flat(e, layer) * current["n"]
         if name not in stats:
-            stats[name] = TargetStatistics.empty(rows.shape[1], errors.shape[1], curvature)
+            stats[name] = TargetStatistics.empty(rows.shape[1], errors.shape[1], name in curvature)
         stats[name].add(rows, errors)
         if counted.get(name) != current["batch"]:  # a shared target is called more than once per batch
             counted[name] = current["batch"]

@@ -251,7 +251,7 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                   and layer.out_channels * _fan_in(layer) ** 2 <= MAX_CURVATURE_ENTRIES
                   for name, layer in fitted.items()}
         stats = record_statistics(model, fit_batches, forward_loss, fitted, config.max_samples,
-                                  any(second.values()))
+                                  {name for name, curved in second.items() if curved})
         for name, layer in targets.items():
             why = unsupported.get(name) or (None if name in stats else "no error signal reaches it")
             if why:
