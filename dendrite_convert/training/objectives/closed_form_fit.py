@@ -123,8 +123,10 @@ def supported(layer: DendriteLayer) -> str | None:
         return f"{type(base).__name__} computes its output in its own forward"
     if isinstance(base, nn.Linear) or DendriteHFConv1D.matches(base):
         return None
-    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d) and base.groups == 1:
-        return None
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d):
+        if base.groups == 1:
+            return None
+        return f"grouped {type(base).__name__} targets (groups={base.groups}) are not supported yet (ungrouped ones are)"
     return f"{type(base).__name__} targets are not supported yet (Linear, Conv1D, Conv1d and Conv2d are)"
 
 
