@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
-from dendrite_convert.training.objectives.closed_form_fit import _sym_power, fit_dendrite, input_rows, record_statistics
+from dendrite_convert.training.objectives.closed_form_fit import (
+    _inverse_factor, _sym_power, fit_dendrite, input_rows, record_statistics,
+)
 from dendrite_convert.training.objectives.closed_form_growth import (
     ClosedFormConfig, add_closed_form_dendrites, most_curved_point,
 )
@@ -77,6 +79,16 @@ def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
         assert abs(fit.gain - float(sigma[:rank].square().sum())) < 1e-5 * fit.gain
     # rank >= min(d, C) is the full solution
     assert torch.allclose(fit_dendrite(stats, 5, ridge).weight, full, atol=1e-10)
+
+
+def test_the_cholesky_whitening_whitens_and_falls_back_where_s_is_singular():
+    a = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    s = a @ a.T + 0.1 * torch.eye(7, dtype=torch.float64)
+    k = _inverse_factor(s)
+    assert torch.allclose(k @ s @ k.T, torch.eye(7, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(k.triu(1), torch.zeros_like(k))  # the triangular factor, not S^-1/2
+    singular = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64))
+    assert torch.equal(_inverse_factor(singular), _sym_power(singular, -0.5))
 
 
 def test_with_white_inputs_the_rank_r_fit_is_the_top_r_svd_of_the_full_solution():

@@ -12,17 +12,18 @@ A new dendrite adds dy = s * a(z) to the output, and to first order the loss mov
 First order (a linearised: a(z) ~ a(z0) + a'(z0)(z - z0)): the map from centred x that best predicts -e
 (ridge least squares, C = centred covariances, S = C_xx + lambda I, lambda relative to x's mean square) is
 
-    M = -C_ex S^-1 = -(S^-1/2 G)^T   with   G = S^-1/2 C_xe
+    M = -C_ex S^-1 = -(K^T G)^T   with   G = K C_xe
 
-and a rank-R dendrite takes the reduced-rank solution -(S^-1/2 [G]_R)^T, [G]_R being G's top R singular
-directions (the top-R SVD of M itself when x is white): the best rank-R fit in the data's metric.
+for any whitening K (K S K^T = I: S^-1/2, or the inverse of S's Cholesky factor, which is cheaper), and a
+rank-R dendrite takes the reduced-rank solution -(K^T [G]_R)^T, [G]_R being G's top R singular directions
+(the top-R SVD of M itself when x is white): the best rank-R fit in the data's metric, whichever K.
 Moving along dy = eta M (x - mean) lowers the loss by eta ||G||^2 to first order. This is what the
 target's own weight could learn, so at a plateau (where W's gradient C_ex is zero) G vanishes.
 
 Second order (z0 where a'' is largest, the linear part taken out of W): dy_c = s_c a''(z0)(w_c . x)^2 / 2,
 and per channel the best unit-spread direction w_c is the eigenvector of largest |eigenvalue| of the
-whitened H_c = mean e_c (x - mean)(x - mean)^T, its eigenvalue setting s_c; this gain stays when the
-first-order one is gone.
+whitened K H_c K^T, H_c = mean e_c (x - mean)(x - mean)^T, its eigenvalue setting s_c; this gain stays
+when the first-order one is gone.
 
 Either gain divided by the dendrite's parameter count says where to grow (closed_form_growth.py).
 """
@@ -61,13 +62,14 @@ class TargetStatistics:
         return cls(z(d), z(c), z(d, d), z(d, c), z(c, d, d) if curvature else None)
 
     def add(self, x: torch.Tensor, e: torch.Tensor) -> None:
-        x, e = x.double().cpu(), e.double().cpu()
-        self.sum_x += x.sum(0)
-        self.sum_e += e.sum(0)
-        self.xx += x.T @ x
-        self.xe += x.T @ e
+        """Add rows; the sums over them run where the rows are (a GPU's), only the [d, d]-sized results move."""
+        x, e = x.double(), e.double()
+        self.sum_x += x.sum(0).cpu()
+        self.sum_e += e.sum(0).cpu()
+        self.xx += (x.T @ x).cpu()
+        self.xe += (x.T @ e).cpu()
         if self.exx is not None:
-            self.exx += torch.einsum("nc,nd,ne->cde", e, x, x)
+            self.exx += torch.einsum("nc,nd,ne->cde", e, x, x).cpu()
         self.rows += x.shape[0]
 
     @property
@@ -126,7 +128,8 @@ def supported(layer: DendriteLayer) -> str | None:
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d):
         if base.groups == 1:
             return None
-        return f"grouped {type(base).__name__} targets (groups={base.groups}) are not supported yet (ungrouped ones are)"
+        return (f"grouped {type(base).__name__} targets (groups={base.groups}) are not supported yet "
+                "(ungrouped ones are)")
     return f"{type(base).__name__} targets are not supported yet (Linear, Conv1D, Conv1d and Conv2d are)"
 
 
@@ -188,31 +191,40 @@ def ridge_of(stats: TargetStatistics, ridge: float) -> float:
     return ridge * max(float(stats.xx.diagonal().mean()) / max(stats.rows, 1), 1e-12)
 
 
-def _whitening(stats: TargetStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S^-1/2 and S for S = C_xx + lambda I (ridge_of)."""
+def _regularised_cov(stats: TargetStatistics, ridge: float) -> torch.Tensor:
+    """S = C_xx + lambda I (ridge_of)."""
     cov = stats.cov_xx()
-    s = cov + ridge_of(stats, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype)
-    return _sym_power(s, -0.5), s
+    return cov + ridge_of(stats, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype)
+
+
+def _inverse_factor(s: torch.Tensor) -> torch.Tensor:
+    """A whitening K (K S K^T = I): L^-1 for S = L L^T (Cholesky), or S^-1/2 where S is not positive definite
+    (ridge 0 on inputs that do not span their space). A Cholesky factor and a triangular inverse cost a fraction
+    of the eigendecomposition S^-1/2 takes, which was most of a growth step on a wide conv (d = 2304)."""
+    lower, info = torch.linalg.cholesky_ex(s)
+    if int(info) != 0:
+        return _sym_power(s, -0.5)
+    return torch.linalg.solve_triangular(lower, torch.eye(s.shape[0], dtype=s.dtype), upper=False)
 
 
 def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float = 1e-3,
                  width: int | None = None) -> DendriteFit:
     """First order: the ridge least-squares map from centred x to -e, reduced to `rank` and to the `width`
     channels with the largest gain (both None: full)."""
-    inv_sqrt, _ = _whitening(stats, ridge)
-    d = inv_sqrt.shape[0]
-    g = inv_sqrt @ stats.cov_xe()  # [d, C]
+    white = _inverse_factor(_regularised_cov(stats, ridge))
+    d = white.shape[0]
+    g = white @ stats.cov_xe()  # [d, C]
     channel_gain = g.square().sum(0) * stats.per_sample
     channels = None
     if width is not None and width < g.shape[1]:
         channels = channel_gain.topk(width).indices.sort().values
         g = g[:, channels]
     if rank is None or rank >= min(g.shape):
-        return DendriteFit(-(inv_sqrt @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
+        return DendriteFit(-(white.T @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
                            channel_gain, channels)
     u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
     u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
-    return DendriteFit(-(vh.T * sigma), u.T @ inv_sqrt, float(sigma.square().sum()) * stats.per_sample,
+    return DendriteFit(-(vh.T * sigma), u.T @ white, float(sigma.square().sum()) * stats.per_sample,
                        channel_gain, channels)
 
 
@@ -232,9 +244,11 @@ def fit_curvature(stats: TargetStatistics, rank: int | None = None, ridge: float
     dendrite's curved part s a''(z0) (w.x)^2 / 2 still does. Rank R: the R whitened directions that carry
     most of sum_c H_c^2, then each channel's best direction inside them. With dy_c = -eta curvature_c t_c^2 / 2
 (t_c = w_c . (x - mean)), the Gauss-Newton choice, the first-order gain is sum_c curvature_c^2 / 2."""
-    inv_sqrt, _ = _whitening(stats, ridge)
-    d = inv_sqrt.shape[0]
-    h = inv_sqrt @ stats.curvature() @ inv_sqrt  # [C, d, d], whitened
+    # S^-1/2, not the cheaper Cholesky whitening: the C eigendecompositions below cost more than it anyway, and
+    # its basis sets the signs of the directions found, so fits (and recorded results) stay as they were
+    white = _sym_power(_regularised_cov(stats, ridge), -0.5)
+    d = white.shape[0]
+    h = white @ stats.curvature() @ white  # [C, d, d], whitened
     lam, _ = _strongest(h)
     channel_gain = lam.square() / 2 * stats.per_sample
     channels = None
@@ -247,5 +261,5 @@ def fit_curvature(stats: TargetStatistics, rank: int | None = None, ridge: float
         _, vectors = torch.linalg.eigh((h @ h).sum(0))
         basis = vectors[:, -rank:]  # [d, R]
     lam, v = _strongest(basis.T @ h @ basis)  # [C'], [C', R]
-    return DendriteFit(v, basis.T @ inv_sqrt, float(lam.square().sum() / 2) * stats.per_sample, channel_gain,
+    return DendriteFit(v, basis.T @ white, float(lam.square().sum() / 2) * stats.per_sample, channel_gain,
                        channels, lam)
