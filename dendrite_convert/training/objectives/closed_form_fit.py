@@ -109,11 +109,24 @@ class DendriteFit:
     gain: float  # loss decrease per sample, to first order, at step 1
     channel_gain: torch.Tensor  # [C] the same per output channel, for the full-rank fit
     channels: torch.Tensor | None
+    # what inserting the fit needs of the inputs, so that their [d, d] statistics can go once it is made:
+    row_var: torch.Tensor  # [C'] the variance of M_c . x over the inputs
+    input_mean: torch.Tensor  # [R] Q @ mean x
+    ridge: float  # lambda, as the fit's metric C_xx + lambda I took it (ridge_of)
     curvature: torch.Tensor | None = None  # second order only
 
     @property
     def weight(self) -> torch.Tensor:
         return self.P @ self.Q
+
+
+def _fitted(P: torch.Tensor, Q: torch.Tensor, gain: float, channel_gain: torch.Tensor,
+            channels: torch.Tensor | None, stats: TargetStatistics, ridge: float,
+            curvature: torch.Tensor | None = None) -> DendriteFit:
+    weight = P @ Q
+    row_var = torch.einsum("cd,de,ce->c", weight, stats.cov_xx(), weight)
+    return DendriteFit(P, Q, gain, channel_gain, channels, row_var, Q @ stats.mean_x, ridge_of(stats, ridge),
+                       curvature)
 
 
 def supported(layer: DendriteLayer) -> str | None:
@@ -220,12 +233,12 @@ def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float 
         channels = channel_gain.topk(width).indices.sort().values
         g = g[:, channels]
     if rank is None or rank >= min(g.shape):
-        return DendriteFit(-(white.T @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
-                           channel_gain, channels)
+        return _fitted(-(white.T @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
+                       channel_gain, channels, stats, ridge)
     u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
     u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
-    return DendriteFit(-(vh.T * sigma), u.T @ white, float(sigma.square().sum()) * stats.per_sample,
-                       channel_gain, channels)
+    return _fitted(-(vh.T * sigma), u.T @ white, float(sigma.square().sum()) * stats.per_sample,
+                   channel_gain, channels, stats, ridge)
 
 
 def _strongest(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,5 +274,5 @@ def fit_curvature(stats: TargetStatistics, rank: int | None = None, ridge: float
         _, vectors = torch.linalg.eigh((h @ h).sum(0))
         basis = vectors[:, -rank:]  # [d, R]
     lam, v = _strongest(basis.T @ h @ basis)  # [C'], [C', R]
-    return DendriteFit(v, basis.T @ white, float(lam.square().sum() / 2) * stats.per_sample, channel_gain,
-                       channels, lam)
+    return _fitted(v, basis.T @ white, float(lam.square().sum() / 2) * stats.per_sample, channel_gain,
+                   channels, stats, ridge, lam)

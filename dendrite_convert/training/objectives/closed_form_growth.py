@@ -27,8 +27,7 @@ from ...core.families import DendriteHFConv1D
 from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 from ..adapter import batch_size
 from ..error_signal import frozen
-from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, record_statistics,
-                              ridge_of, supported)
+from .closed_form_fit import DendriteFit, fit_curvature, fit_dendrite, record_statistics, supported
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
 
@@ -94,26 +93,24 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
             module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
 
 
-def build_dendrite(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, spread: float, z0: float,
-                   dendrite: nn.Module | None = None, ridge: float = 0.0
-                   ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_dendrite(layer: DendriteLayer, fit: DendriteFit, spread: float, z0: float,
+                   dendrite: nn.Module | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`dendrite` (default: the layer's next one) with pre-activation z_c = z0_c + r_c . (x - mean), r_c of
-    spread `spread` in the fit's metric C_xx + lambda I (`ridge`, as the fit took it).
+    spread `spread` in the fit's metric C_xx + lambda I.
 
-    Returns (dendrite, std_c of fit row c over the inputs, z0_c, r_c [C', d]). z0_c = z0 where the dendrite
-    can centre itself (a bias or a norm), else where the uncentred inputs put it."""
+    Returns (dendrite, std_c of fit row c over the inputs, z0_c, k_c: r_c = k_c M_c). z0_c = z0 where the
+    dendrite can centre itself (a bias or a norm), else where the uncentred inputs put it."""
     dendrite = layer.new_dendrite() if dendrite is None else dendrite
     norm = dendrite[-1] if _has_norm(dendrite) else None
     core = dendrite[0] if norm is not None else dendrite
-    cov, mean = stats.cov_xx(), stats.mean_x
-    std = torch.einsum("cd,de,ce->c", fit.weight, cov, fit.weight).clamp_min(0).sqrt()
+    std = fit.row_var.clamp_min(0).sqrt()
     live = std > 1e-12 * max(float(std.max()), 1e-300)
     # unit spread in the fit's own metric S = C_xx + lambda I: weights stay bounded by the inputs' size
-    bounded = (std.square() + ridge_of(stats, ridge) * fit.weight.square().sum(1)).sqrt()
+    bounded = (std.square() + fit.ridge * fit.weight.square().sum(1)).sqrt()
     unit_rows = torch.where(live, 1.0 / bounded.clamp_min(1e-300), torch.zeros_like(std))
     gain = spread if norm is None or not norm.affine else 1.0  # a norm's affine weight applies the spread
     P = fit.P * (unit_rows * gain)[:, None]
-    raw_mean = P @ (fit.Q @ mean)
+    raw_mean = P @ fit.input_mean
     bias = z0 * (1.0 if norm is None else 0.0) - raw_mean
     dtype = layer.base_layer.weight.dtype
     last = core[1] if isinstance(core, nn.Sequential) else core
@@ -133,8 +130,7 @@ def build_dendrite(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatisti
                 norm.bias.fill_(z0)
         out_mean = torch.full_like(std, z0 if norm.affine else 0.0)
         spread = spread if norm.affine else 1.0
-    directions = fit.weight * (unit_rows * spread)[:, None]
-    return dendrite, std, out_mean, directions
+    return dendrite, std, out_mean, unit_rows * spread
 
 
 def _offset_bias(layer: DendriteLayer) -> torch.Tensor | None:
@@ -177,17 +173,18 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
     return best, tried[best]
 
 
-def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStatistics, dendrite: nn.Module,
-                       batches: list, forward_loss: Callable[[object], torch.Tensor], spread: float = 0.5,
-                       ridge: float = 0.0) -> tuple[float, float, float]:
+def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, dendrite: nn.Module, batches: list,
+                       forward_loss: Callable[[object], torch.Tensor],
+                       spread: float = 0.5) -> tuple[float, float, float]:
     """Add `dendrite` set to `fit` (first order, or second when `fit.curvature` is set) with the
     line-searched step; (eta, loss before, loss after) on `batches`. When no step lowers the loss the
     dendrite is removed, the target restored, and eta is 0."""
     second = fit.curvature is not None
     z0 = most_curved_point(layer.activation) if second else 0.0
-    dendrite, std, z0s, directions = build_dendrite(layer, fit, stats, spread, z0, dendrite, ridge)
+    dendrite, std, z0s, row_scale = build_dendrite(layer, fit, spread, z0, dendrite)
+    directions = fit.weight * row_scale[:, None]  # r_c
     value, slope, bend = _derivatives(layer.activation, z0s)
-    reach = torch.einsum("cd,de,ce->c", directions, stats.cov_xx(), directions)  # spread^2 of r_c . x
+    reach = row_scale.square() * fit.row_var  # spread^2 of r_c . x
     if second:  # s_c a''(z0) (r.x)^2 / 2 = -eta curvature_c t_c^2 / 2, t_c = unit-spread fit row . (x - mean)
         usable = (std > 0) & (bend.abs() > 1e-9) & (reach > 0)
         unit = -fit.curvature * std.square() / (bend.clamp_min(1e-9) * reach.clamp_min(1e-300))
@@ -202,7 +199,7 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStat
     compensate = second and layer.norm is None  # take the linear part out of the target's own weight
     weight0 = base.weight.detach().clone()
     served = fit.channels if fit.channels is not None else slice(None)
-    mean = stats.mean_x
+    direction_mean = row_scale * (fit.P @ fit.input_mean)  # r_c . mean x
     layer.add_dendrite(dendrite=dendrite, channels=fit.channels)
 
     def set_step(eta: float) -> None:
@@ -212,7 +209,7 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, stats: TargetStat
             layer.dendrite_scales[k].copy_(s.to(weight0))
             if compensate:
                 linear = (s * slope)[:, None] * directions  # [C', d]: s_c a'(z0) r_c
-                constant = constant - linear @ mean
+                constant = constant - s * slope * direction_mean
                 rows = weight0.T.clone() if DendriteHFConv1D.matches(base) else weight0.reshape(weight0.shape[0], -1).clone()
                 rows[served] -= linear.to(rows)
                 base.weight.copy_(rows.T if DendriteHFConv1D.matches(base) else rows.reshape(weight0.shape))
@@ -275,7 +272,7 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 report.reason = "its input does not predict its error"
             else:
                 report.step, report.loss_before, report.loss_after = insert_closed_form(
-                    layer, fit, stats[name], dendrite, search_batches, forward_loss, config.spread, config.ridge)
+                    layer, fit, dendrite, search_batches, forward_loss, config.spread)
                 report.grown = report.step > 0
                 report.reason = "" if report.grown else "no step lowered the training loss"
     return reports
