@@ -46,7 +46,10 @@ from ..error_signal import each_error_signal, frozen
 
 @dataclass
 class TargetStatistics:
-    """Running sums of one target's rows (x, e); `samples` counts batch samples, `rows` x rows (positions)."""
+    """Running sums of one target's rows (x, e); `samples` counts batch samples, `rows` x rows (positions).
+
+    A grouped conv's sums carry a leading group axis: group g's output channels see only the g-th slice of each
+    patch, so each group is a target of its own (`group(g)`), and its sums run for all groups at once."""
 
     sum_x: torch.Tensor
     sum_e: torch.Tensor
@@ -57,20 +60,34 @@ class TargetStatistics:
     samples: int = 0
 
     @classmethod
-    def empty(cls, d: int, c: int, curvature: bool = False) -> TargetStatistics:
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def empty(cls, d: int, c: int, curvature: bool = False, groups: int | None = None) -> TargetStatistics:
+        """Zero sums for rows of d inputs and c outputs (with `groups`: of each group)."""
+        lead = () if groups is None else (groups,)
+        z = lambda *shape: torch.zeros(*lead, *shape, dtype=torch.float64)  # noqa: E731
         return cls(z(d), z(c), z(d, d), z(d, c), z(c, d, d) if curvature else None)
 
+    @property
+    def groups(self) -> int | None:
+        return self.sum_x.shape[0] if self.sum_x.ndim == 2 else None
+
+    def group(self, g: int) -> TargetStatistics:
+        """Group g's sums (views), as an ungrouped target's."""
+        return TargetStatistics(self.sum_x[g], self.sum_e[g], self.xx[g], self.xe[g],
+                                None if self.exx is None else self.exx[g], self.rows, self.samples)
+
     def add(self, x: torch.Tensor, e: torch.Tensor) -> None:
-        """Add rows; the sums over them run where the rows are (a GPU's), only the [d, d]-sized results move."""
+        """Add rows [n, d] and [n, c] (grouped: [n, groups * d], [n, groups * c]); the sums over them run
+        where the rows are (a GPU's), only the [d, d]-sized results move."""
         x, e = x.double(), e.double()
-        self.sum_x += x.sum(0).cpu()
-        self.sum_e += e.sum(0).cpu()
-        self.xx += (x.T @ x).cpu()
-        self.xe += (x.T @ e).cpu()
+        if self.groups is not None:  # [groups, n, d] and [groups, n, c]
+            x, e = (t.reshape(t.shape[0], self.groups, -1).transpose(0, 1) for t in (x, e))
+        self.sum_x += x.sum(-2).cpu()
+        self.sum_e += e.sum(-2).cpu()
+        self.xx += (x.mT @ x).cpu()
+        self.xe += (x.mT @ e).cpu()
         if self.exx is not None:
-            self.exx += torch.einsum("nc,nd,ne->cde", e, x, x).cpu()
-        self.rows += x.shape[0]
+            self.exx += torch.einsum("...nc,...nd,...ne->...cde", e, x, x).cpu()
+        self.rows += x.shape[-2]
 
     @property
     def mean_x(self) -> torch.Tensor:
@@ -111,8 +128,8 @@ class DendriteFit:
     channels: torch.Tensor | None
     # what inserting the fit needs of the inputs, so that their [d, d] statistics can go once it is made:
     row_var: torch.Tensor  # [C'] the variance of M_c . x over the inputs
-    input_mean: torch.Tensor  # [R] Q @ mean x
-    ridge: float  # lambda, as the fit's metric C_xx + lambda I took it (ridge_of)
+    row_mean: torch.Tensor  # [C'] the mean of M_c . x
+    row_ridge: torch.Tensor  # [C'] lambda |M_c|^2: the fit's metric C_xx + lambda I adds it to the variance
     curvature: torch.Tensor | None = None  # second order only
 
     @property
@@ -125,8 +142,18 @@ def _fitted(P: torch.Tensor, Q: torch.Tensor, gain: float, channel_gain: torch.T
             curvature: torch.Tensor | None = None) -> DendriteFit:
     weight = P @ Q
     row_var = torch.einsum("cd,de,ce->c", weight, stats.cov_xx(), weight)
-    return DendriteFit(P, Q, gain, channel_gain, channels, row_var, Q @ stats.mean_x, ridge_of(stats, ridge),
-                       curvature)
+    return DendriteFit(P, Q, gain, channel_gain, channels, row_var, P @ (Q @ stats.mean_x),
+                       ridge_of(stats, ridge) * weight.square().sum(1), curvature)
+
+
+def joined(fits: list[DendriteFit]) -> DendriteFit:
+    """The full fits of a grouped target's groups as one fit: their rows one after another, as the grouped
+    weight [C, in/groups, *kernel] holds them."""
+    cat = lambda name: torch.cat([getattr(f, name) for f in fits])  # noqa: E731
+    weight = torch.cat([f.weight for f in fits])
+    return DendriteFit(weight, torch.eye(weight.shape[1], dtype=weight.dtype), sum(f.gain for f in fits),
+                       cat("channel_gain"), None, cat("row_var"), cat("row_mean"), cat("row_ridge"),
+                       None if fits[0].curvature is None else cat("curvature"))
 
 
 def supported(layer: DendriteLayer) -> str | None:
@@ -139,10 +166,9 @@ def supported(layer: DendriteLayer) -> str | None:
     if isinstance(base, nn.Linear) or DendriteHFConv1D.matches(base):
         return None
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and type(base) in (nn.Conv1d, nn.Conv2d):
-        if base.groups == 1:
-            return None
-        return (f"grouped {type(base).__name__} targets (groups={base.groups}) are not supported yet "
-                "(ungrouped ones are)")
+        if base.groups > 1 and layer.dendrite_channels is not None:  # (a grouped conv's dendrites are never low-rank)
+            return f"channel-selective dendrites of grouped {type(base).__name__} targets are not supported yet"
+        return None
     return f"{type(base).__name__} targets are not supported yet (Linear, Conv1D, Conv1d and Conv2d are)"
 
 
@@ -182,7 +208,9 @@ def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callabl
         layer = targets[name]
         rows, errors = input_rows(layer, x), flat(e, layer) * current["n"]
         if name not in stats:
-            stats[name] = TargetStatistics.empty(rows.shape[1], errors.shape[1], name in curvature)
+            groups = getattr(layer.base_layer, "groups", 1)
+            stats[name] = TargetStatistics.empty(rows.shape[1] // groups, errors.shape[1] // groups,
+                                                 name in curvature, groups if groups > 1 else None)
         stats[name].add(rows, errors)
         if counted.get(name) != current["batch"]:  # a shared target is called more than once per batch
             counted[name] = current["batch"]

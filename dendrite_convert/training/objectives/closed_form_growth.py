@@ -27,7 +27,8 @@ from ...core.families import DendriteHFConv1D
 from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 from ..adapter import batch_size
 from ..error_signal import frozen
-from .closed_form_fit import DendriteFit, fit_curvature, fit_dendrite, record_statistics, supported
+from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, joined, record_statistics,
+                              supported)
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
 
@@ -106,11 +107,11 @@ def build_dendrite(layer: DendriteLayer, fit: DendriteFit, spread: float, z0: fl
     std = fit.row_var.clamp_min(0).sqrt()
     live = std > 1e-12 * max(float(std.max()), 1e-300)
     # unit spread in the fit's own metric S = C_xx + lambda I: weights stay bounded by the inputs' size
-    bounded = (std.square() + fit.ridge * fit.weight.square().sum(1)).sqrt()
+    bounded = (std.square() + fit.row_ridge).sqrt()
     unit_rows = torch.where(live, 1.0 / bounded.clamp_min(1e-300), torch.zeros_like(std))
     gain = spread if norm is None or not norm.affine else 1.0  # a norm's affine weight applies the spread
     P = fit.P * (unit_rows * gain)[:, None]
-    raw_mean = P @ fit.input_mean
+    raw_mean = unit_rows * gain * fit.row_mean
     bias = z0 * (1.0 if norm is None else 0.0) - raw_mean
     dtype = layer.base_layer.weight.dtype
     last = core[1] if isinstance(core, nn.Sequential) else core
@@ -155,7 +156,10 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
     """The best step eta among a few candidates and its loss; 0 when none lowers the loss.
 
     The first-order decrease is eta * gain; one trial at eta = 1 gives the curvature, whose minimiser and
-    its neighbours (x 1/2, x 2) are tried next; if nothing helps, ever smaller steps are tried."""
+    its neighbours (x 1/2, x 2) are tried next. `gain` was measured on the fitted batches and the losses are
+    the held-out ones', so where the best step is long, their difference can spoil that guess many times
+    over: while the longest step tried is the best, doubling goes on. If nothing helps, ever smaller steps
+    are tried. Last, the vertex of the parabola through the best step and its two neighbours."""
     tried = {0.0: loss0}
     tried[1.0] = loss_at(1.0)
     curvature = 2.0 * (tried[1.0] - loss0 + gain)
@@ -163,14 +167,37 @@ def line_search(loss_at: Callable[[float], float], loss0: float, gain: float) ->
     for eta in (guess, guess / 2, guess * 2):
         if eta not in tried:
             tried[eta] = loss_at(eta)
+    for _ in range(8):
+        longest = max(tried)
+        if min(tried, key=tried.get) != longest:
+            break
+        tried[2 * longest] = loss_at(2 * longest)
     eta = min(e for e in tried if e > 0)
     for _ in range(8):
         if min(tried, key=tried.get) != 0.0:
             break
         eta /= 4
         tried[eta] = loss_at(eta)
+    vertex = _parabola_vertex(tried, min(tried, key=tried.get))
+    if vertex is not None and vertex not in tried:
+        tried[vertex] = loss_at(vertex)
     best = min(tried, key=tried.get)
     return best, tried[best]
+
+
+def _parabola_vertex(tried: dict[float, float], best: float) -> float | None:
+    """The minimum of the parabola through `best` and the steps tried on either side of it, if it has one there."""
+    steps = sorted(tried)
+    i = steps.index(best)
+    if best == 0.0 or i == len(steps) - 1:
+        return None
+    (a, b, c), (fa, fb, fc) = steps[i - 1:i + 2], [tried[e] for e in steps[i - 1:i + 2]]
+    slope = (fb - fa) / (b - a)
+    bend = ((fc - fb) / (c - b) - slope) / (c - a)  # half the second derivative
+    if bend <= 0:  # the three points are not convex: no minimum
+        return None
+    vertex = (a + b) / 2 - slope / (2 * bend)
+    return vertex if a < vertex < c else None
 
 
 def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, dendrite: nn.Module, batches: list,
@@ -199,7 +226,7 @@ def insert_closed_form(layer: DendriteLayer, fit: DendriteFit, dendrite: nn.Modu
     compensate = second and layer.norm is None  # take the linear part out of the target's own weight
     weight0 = base.weight.detach().clone()
     served = fit.channels if fit.channels is not None else slice(None)
-    direction_mean = row_scale * (fit.P @ fit.input_mean)  # r_c . mean x
+    direction_mean = row_scale * fit.row_mean  # r_c . mean x
     layer.add_dendrite(dendrite=dendrite, channels=fit.channels)
 
     def set_step(eta: float) -> None:
@@ -256,8 +283,7 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 continue
             dendrite = layer.new_dendrite()
             width = layer.width if layer.dendrite_channels is not None else None
-            fit = (fit_curvature if second[name] else fit_dendrite)(stats[name], _dendrite_rank(dendrite),
-                                                                    config.ridge, width)
+            fit = _fit(stats[name], second[name], _dendrite_rank(dendrite), config.ridge, width)
             params = sum(t.numel() for t in [*dendrite.parameters(), *dendrite.buffers()] if t.is_floating_point())
             params += layer.width * (1 + layer.num_dendrites)  # its scale and cascade
             reports[name] = TargetReport(False, "", 2 if second[name] else 1, fit.gain, params, fit.gain / params)
@@ -276,6 +302,14 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 report.grown = report.step > 0
                 report.reason = "" if report.grown else "no step lowered the training loss"
     return reports
+
+
+def _fit(stats: TargetStatistics, second: bool, rank: int | None, ridge: float, width: int | None) -> DendriteFit:
+    """The target's fit (first or `second` order); a grouped conv's groups are fitted one by one and joined."""
+    fit = fit_curvature if second else fit_dendrite
+    if stats.groups is None:
+        return fit(stats, rank, ridge, width)
+    return joined([fit(stats.group(g), None, ridge) for g in range(stats.groups)])
 
 
 def take_samples(batches: Iterable, max_samples: int) -> list:
