@@ -210,6 +210,32 @@ def test_curvature_is_summed_only_for_the_targets_that_fit_second_order(monkeypa
     assert recorded["0"].exx is not None and recorded["2"].exx.shape == (40, 3, 3) and recorded["4"].exx is None
 
 
+def test_targets_past_the_memory_budget_are_recorded_in_more_passes_with_the_same_result(monkeypatch):
+    from dendrite_convert.training.objectives import closed_form_growth
+
+    g = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(256, 6, generator=g)
+    batches = [(x[i:i + 64], torch.sin(3 * x[i:i + 64, :3])) for i in range(0, 256, 64)]
+    grown, passes = [], []
+    for budget in (closed_form_growth.MAX_STATISTICS_BYTES, 1):  # one pass; one per target
+        model = convert(copy.deepcopy(net), DendriteConfig()).model
+        monkeypatch.setattr(closed_form_growth, "MAX_STATISTICS_BYTES", budget)
+        count = [0]
+
+        def loss(batch, model=model, count=count):
+            count[0] += 1
+            return _mse(model)(batch)
+
+        reports = add_closed_form_dendrites(model, batches, loss)
+        grown.append((reports, {k: v for k, v in model.state_dict().items()}))
+        passes.append(count[0])
+    (one, one_state), (many, many_state) = grown
+    assert sum(r.grown for r in one.values()) >= 2 and one == many
+    assert one_state.keys() == many_state.keys() and all(torch.equal(one_state[k], many_state[k]) for k in one_state)
+    assert passes[1] - passes[0] == 2 * 3  # two more passes over the three fitted batches
+
+
 class _Halves(nn.Module):
     """Two ungrouped convs on the two halves of the channels: what a conv of groups=2 computes."""
 

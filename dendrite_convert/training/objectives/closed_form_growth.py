@@ -31,6 +31,9 @@ from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_
                               supported)
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
+# the sums one pass over the batches holds: a model whose targets need more is recorded in several passes
+# (a 7B-parameter LLM's Linear layers need over 100 GB of them)
+MAX_STATISTICS_BYTES = 2 * 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -252,16 +255,22 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
         second = {name: config.order == 2 and most_curved_point(layer.activation) != 0.0
                   and layer.out_channels * _fan_in(layer) ** 2 <= MAX_CURVATURE_ENTRIES
                   for name, layer in fitted.items()}
-        stats = record_statistics(model, fit_batches, forward_loss, fitted, config.max_samples,
-                                  {name for name, curved in second.items() if curved})
+        curved = {name for name, curve in second.items() if curve}
+        fits: dict[str, tuple[DendriteFit, nn.Module]] = {}
+        for chunk in _chunks(fitted, curved):  # one pass over the batches per chunk; its sums go once fitted
+            stats = record_statistics(model, fit_batches, forward_loss, chunk, config.max_samples,
+                                      curved & chunk.keys())
+            for name, target_stats in stats.items():
+                layer, dendrite = chunk[name], chunk[name].new_dendrite()
+                width = layer.width if layer.dendrite_channels is not None else None
+                fits[name] = _fit(target_stats, second[name], _dendrite_rank(dendrite), config.ridge, width), dendrite
+            del stats, target_stats
         for name, layer in targets.items():
-            why = unsupported.get(name) or (None if name in stats else "no error signal reaches it")
+            why = unsupported.get(name) or (None if name in fits else "no error signal reaches it")
             if why:
                 reports[name] = TargetReport(False, why)
                 continue
-            dendrite = layer.new_dendrite()
-            width = layer.width if layer.dendrite_channels is not None else None
-            fit = _fit(stats[name], second[name], _dendrite_rank(dendrite), config.ridge, width)
+            fit, dendrite = fits[name]
             params = sum(t.numel() for t in [*dendrite.parameters(), *dendrite.buffers()] if t.is_floating_point())
             params += layer.width * (1 + layer.num_dendrites)  # its scale and cascade
             reports[name] = TargetReport(False, "", 2 if second[name] else 1, fit.gain, params, fit.gain / params)
@@ -280,6 +289,21 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 report.grown = report.step > 0
                 report.reason = "" if report.grown else "no step lowered the training loss"
     return reports
+
+
+def _chunks(layers: dict[str, DendriteLayer], curved: set[str]) -> list[dict[str, DendriteLayer]]:
+    """`layers` in order, split where their float64 sums would pass MAX_STATISTICS_BYTES (a layer alone may)."""
+    chunks: list[dict[str, DendriteLayer]] = [{}]
+    held = 0
+    for name, layer in layers.items():
+        d, c = _fan_in(layer), layer.out_channels
+        size = 8 * (d * d + d * c + d + c + (c * d * d if name in curved else 0))
+        if chunks[-1] and held + size > MAX_STATISTICS_BYTES:
+            chunks.append({})
+            held = 0
+        chunks[-1][name] = layer
+        held += size
+    return chunks
 
 
 def _fit(stats: TargetStatistics, second: bool, rank: int | None, ridge: float, width: int | None) -> DendriteFit:
