@@ -77,8 +77,9 @@ def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
         assert fit.P.shape == (5, rank) and fit.Q.shape == (rank, 8)
         assert torch.allclose(fit.weight, best, atol=1e-5, rtol=0)
         assert abs(fit.gain - float(sigma[:rank].square().sum())) < 1e-5 * fit.gain
-    # rank >= min(d, C) is the full solution
+    # rank >= min(d, C) is the full solution, kept as one [C, d] map (no [d, d] factor outlives the statistics)
     assert torch.allclose(fit_dendrite(stats, 5, ridge).weight, full, atol=1e-10)
+    assert fit_dendrite(stats, 5, ridge).Q is None
 
 
 def test_the_cholesky_whitening_whitens_and_falls_back_where_s_is_singular():

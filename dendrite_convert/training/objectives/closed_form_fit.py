@@ -121,8 +121,8 @@ class DendriteFit:
     First order: M predicts -e. Second order: row c is the direction w_c (unit spread) along which the
     loss bends most, `curvature[c]` = mean of e_c (w_c . (x - mean))^2."""
 
-    P: torch.Tensor  # [C', R] (R = d for a full fit, Q = I)
-    Q: torch.Tensor  # [R, d]
+    P: torch.Tensor  # [C', R]
+    Q: torch.Tensor | None  # [R, d]; None: P is the whole map (a full first-order fit, R = d)
     gain: float  # loss decrease per sample, to first order, at step 1
     channel_gain: torch.Tensor  # [C] the same per output channel, for the full-rank fit
     channels: torch.Tensor | None
@@ -134,15 +134,16 @@ class DendriteFit:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.P @ self.Q
+        return self.P if self.Q is None else self.P @ self.Q
 
 
-def _fitted(P: torch.Tensor, Q: torch.Tensor, gain: float, channel_gain: torch.Tensor,
+def _fitted(P: torch.Tensor, Q: torch.Tensor | None, gain: float, channel_gain: torch.Tensor,
             channels: torch.Tensor | None, stats: TargetStatistics, ridge: float,
             curvature: torch.Tensor | None = None) -> DendriteFit:
-    weight = P @ Q
+    weight = P if Q is None else P @ Q
     row_var = torch.einsum("cd,de,ce->c", weight, stats.cov_xx(), weight)
-    return DendriteFit(P, Q, gain, channel_gain, channels, row_var, P @ (Q @ stats.mean_x),
+    mean = stats.mean_x if Q is None else Q @ stats.mean_x
+    return DendriteFit(P, Q, gain, channel_gain, channels, row_var, P @ mean,
                        ridge_of(stats, ridge) * weight.square().sum(1), curvature)
 
 
@@ -150,8 +151,7 @@ def joined(fits: list[DendriteFit]) -> DendriteFit:
     """The full fits of a grouped target's groups as one fit: their rows one after another, as the grouped
     weight [C, in/groups, *kernel] holds them."""
     cat = lambda name: torch.cat([getattr(f, name) for f in fits])  # noqa: E731
-    weight = torch.cat([f.weight for f in fits])
-    return DendriteFit(weight, torch.eye(weight.shape[1], dtype=weight.dtype), sum(f.gain for f in fits),
+    return DendriteFit(torch.cat([f.weight for f in fits]), None, sum(f.gain for f in fits),
                        cat("channel_gain"), None, cat("row_var"), cat("row_mean"), cat("row_ridge"),
                        None if fits[0].curvature is None else cat("curvature"))
 
@@ -253,7 +253,6 @@ def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float 
     """First order: the ridge least-squares map from centred x to -e, reduced to `rank` and to the `width`
     channels with the largest gain (both None: full)."""
     white = _inverse_factor(_regularised_cov(stats, ridge))
-    d = white.shape[0]
     g = white @ stats.cov_xe()  # [d, C]
     channel_gain = g.square().sum(0) * stats.per_sample
     channels = None
@@ -261,8 +260,8 @@ def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float 
         channels = channel_gain.topk(width).indices.sort().values
         g = g[:, channels]
     if rank is None or rank >= min(g.shape):
-        return _fitted(-(white.T @ g).T, torch.eye(d, dtype=g.dtype), float(g.square().sum()) * stats.per_sample,
-                       channel_gain, channels, stats, ridge)
+        return _fitted(-(white.T @ g).T, None, float(g.square().sum()) * stats.per_sample, channel_gain, channels,
+                       stats, ridge)
     u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
     u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
     return _fitted(-(vh.T * sigma), u.T @ white, float(sigma.square().sum()) * stats.per_sample,

@@ -122,7 +122,7 @@ def build_dendrite(layer: DendriteLayer, fit: DendriteFit, spread: float, z0: fl
         _set_weight(core[0], fit.Q.to(dtype), None)
         _set_weight(core[1], P.to(dtype), bias.to(dtype))
     else:
-        _set_weight(core, (P @ fit.Q).to(dtype), bias.to(dtype))
+        _set_weight(core, (P if fit.Q is None else P @ fit.Q).to(dtype), bias.to(dtype))
     centred = last.bias is not None
     out_mean = torch.full_like(std, z0) if centred else raw_mean
     if norm is not None:  # in eval and train mode alike the norm maps the core's output to spread * rows + z0
@@ -264,7 +264,7 @@ def add_closed_form_dendrites(model: nn.Module, batches: Iterable, forward_loss:
                 layer, dendrite = chunk[name], chunk[name].new_dendrite()
                 width = layer.width if layer.dendrite_channels is not None else None
                 fits[name] = _fit(target_stats, second[name], _dendrite_rank(dendrite), config.ridge, width), dendrite
-            del stats, target_stats
+            stats = target_stats = None  # freed before the next chunk's pass
         for name, layer in targets.items():
             why = unsupported.get(name) or (None if name in fits else "no error signal reaches it")
             if why:
