@@ -9,7 +9,8 @@
 Stages per model: convert (0 dendrites) and exactness against the untouched model; one dendrite per target
 with random scales, save and reload exactly; train steps (on a copy) where every dendrite
 must get a gradient when its base layer's weight gets one; the capacity test (`train --capacity-test` on
-generated data); ONNX export with parity. A stage that stops with a DendriteError is a refusal (its message
+generated data); closed-form growth (`--objective closed-form`'s step on generated batches: every dendrite it
+grows must lower the training loss, with finite weights); ONNX export with parity. A stage that stops with a DendriteError is a refusal (its message
 is the reason); any other exception, an inexact result or a dead dendrite is a failure. Writes
 benchmarks/results/zoo_real.md (or zoo_real_quick.md) and, beside it, the rows as JSON, which `--merge` reads back.
 """
@@ -40,12 +41,13 @@ import dendrite_convert as dc  # noqa: E402
 from conftest import randomize_dendrites  # noqa: E402
 from dendrite_convert.core.structure import add_dendrites  # noqa: E402
 from dendrite_convert.exporting.export import resolve_inputs  # noqa: E402
+from dendrite_convert.training.objectives.closed_form_growth import add_closed_form_dendrites  # noqa: E402
 from dendrite_convert.training.adapter import Adapter  # noqa: E402
 from fixtures.real_zoo import NAMES, build, example_specs  # noqa: E402
 
 # conv + BatchNorm, attention, HF Linear with a pooler, HF Conv1D, targets read directly and an export refusal
 QUICK = ["test_resnet", "test_vit", "hf:BertForSequenceClassification", "hf:GPT2LMHeadModel", "hf:MambaModel"]
-STAGES = ("convert", "exact", "reload", "train", "capacity", "export")
+STAGES = ("convert", "exact", "reload", "train", "capacity", "closed-form", "export")
 
 
 class Refused(Exception):
@@ -62,6 +64,7 @@ class Row:
     targets: int = 0
     skipped: list[str] = field(default_factory=list)
     status: dict[str, str] = field(default_factory=dict)
+    grown: str = "-"  # closed-form: targets grown / fitted
     onnx_err: float = float("nan")
     export_s: float = float("nan")
     shares: dict[str, float] = field(default_factory=dict)
@@ -233,6 +236,21 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         if [s["dendrites"] for s in summary["switches"]] != [1, 2, 3] or not math.isfinite(summary["best_val"]):
             raise Silent(f"capacity test switches {summary['switches']}, best {summary['best_val']}")
 
+    def closed_form():
+        model = dc.convert(build(name), dc.DendriteConfig(), example_inputs=specs, **factory).model.train()
+        adapter = _adapter(name, example)
+
+        def loss(batch):
+            args, kwargs = adapter.model_inputs(batch)
+            return adapter.loss(model(*args, **kwargs), batch)
+
+        reports = add_closed_form_dendrites(model, adapter.train_data() * 4, loss)  # 6 batches fitted, 2 searched
+        grown = [r for r in reports.values() if r.grown]
+        row.grown = f"{len(grown)}/{sum(r.order > 0 for r in reports.values())}"
+        worse = [n for n, r in reports.items() if r.grown and not r.loss_after < r.loss_before]
+        if worse or not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise Silent(f"closed-form growth raised the loss ({', '.join(worse[:3])}) or made a weight non-finite")
+
     def export():
         clock = _Clock()
         start = time.perf_counter()
@@ -243,7 +261,7 @@ def run_model(name: str, tmp: Path, capacity: bool = True) -> Row:
         row.onnx_err = max(o.max_abs for o in report.verify.outputs)
 
     stages = {"convert": convert, "exact": exact, "reload": reload, "train": train,
-              "capacity": capacity_test if capacity else None, "export": export}
+              "capacity": capacity_test if capacity else None, "closed-form": closed_form, "export": export}
     for stage, fn in stages.items():
         if fn is None:
             row.status[stage] = "not run"
@@ -294,7 +312,8 @@ def render(rows: list[Row], commands: list[str]) -> tuple[str, str]:
              "| model | targets | " + " | ".join(STAGES) + " | ONNX max err | export s |",
              "|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for r in rows:
-        cells = [_cell(r.status.get(s, "-")) for s in STAGES]
+        cells = [_cell(r.status.get(s, "-")) + (f" ({r.grown} grew)" if s == "closed-form" and r.grown != "-" else "")
+                 for s in STAGES]
         err = f"{r.onnx_err:.1e}" if math.isfinite(r.onnx_err) else "-"
         secs = f"{r.export_s:.1f}" if math.isfinite(r.export_s) else "-"
         lines.append(f"| `{r.name}` | {r.targets} | " + " | ".join(cells) + f" | {err} | {secs} |")
