@@ -60,6 +60,23 @@ def test_closed_form_dendrite_lowers_the_loss_at_insertion(rank):
     assert all(p.requires_grad for p in layer.dendrite_layers[0].parameters())  # it trains on from there
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_sums_run_on_the_gpu_and_equal_the_cpu_ones():
+    student, batches = _teacher_problem(d=8, c=4)
+    model = convert(copy.deepcopy(student), DendriteConfig()).model
+    on_gpu = convert(copy.deepcopy(student), DendriteConfig()).model.cuda()
+    gpu_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    cpu = record_statistics(model, batches, _mse(model), dendrite_layers(model), curvature={"0"})["0"]
+    gpu = record_statistics(on_gpu, gpu_batches, _mse(on_gpu), dendrite_layers(on_gpu), curvature={"0"})["0"]
+    assert gpu.xx.device.type == "cpu" and cpu.rows == gpu.rows  # sums come back; fits run on the CPU
+    for a, b in [(cpu.xx, gpu.xx), (cpu.xe, gpu.xe), (cpu.exx, gpu.exx)]:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+    report = add_closed_form_dendrites(on_gpu, gpu_batches, _mse(on_gpu), FIRST)["0"]
+    layer = dendrite_layers(on_gpu)["0"]
+    assert report.grown and next(layer.dendrite_layers[0].parameters()).device.type == "cuda"
+
+
 def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
     student, batches = _teacher_problem(d=8, c=5)
     model = convert(student, DendriteConfig()).model
