@@ -77,6 +77,24 @@ def test_on_cuda_the_sums_run_on_the_gpu_and_equal_the_cpu_ones():
     assert report.grown and next(layer.dendrite_layers[0].parameters()).device.type == "cuda"
 
 
+def test_curvature_sums_read_an_even_stride_of_the_rows_past_their_budget(monkeypatch):
+    """A conv's rows are its positions: at image sizes the [C, d, d] sums would cost more than the pass itself."""
+    from dendrite_convert.training.objectives import closed_form_fit
+    from dendrite_convert.training.objectives.closed_form_fit import TargetStatistics
+
+    g = torch.Generator().manual_seed(4)
+    x = 2 * torch.rand(20000, 5, generator=g, dtype=torch.float64) - 1
+    e = x[:, :3].square() - 1 / 3  # an error with curvature along x: sums with a signal to estimate
+    full = TargetStatistics.empty(5, 3, curvature=True)
+    full.add(x, e)
+    monkeypatch.setattr(closed_form_fit, "CURVATURE_WORK_PER_BATCH", 20000 * 3 * 25 // 2)  # half the rows
+    strided = TargetStatistics.empty(5, 3, curvature=True)
+    strided.add(x, e)
+    assert torch.allclose(strided.exx, 2 * torch.einsum("nc,nd,ne->cde", e[::2], x[::2], x[::2]))
+    assert torch.equal(strided.xx, full.xx) and torch.equal(strided.xe, full.xe)  # the first-order sums: every row
+    assert float((strided.exx - full.exx).norm()) < 0.1 * float(full.exx.norm())  # the same sums, estimated
+
+
 def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
     student, batches = _teacher_problem(d=8, c=5)
     model = convert(student, DendriteConfig()).model

@@ -43,6 +43,11 @@ from ...core.layers import DendriteLayer
 from ..adapter import batch_size
 from ..error_signal import each_error_signal, frozen
 
+# multiply-adds the [C, d, d] curvature sums may spend on one batch of a target: a conv's rows are its output
+# positions, so at image sizes they would cost far more than the pass itself; past this, they read an even
+# stride of the rows (the first-order sums always read all of them)
+CURVATURE_WORK_PER_BATCH = 2_000_000_000
+
 
 @dataclass
 class TargetStatistics:
@@ -86,7 +91,7 @@ class TargetStatistics:
         self.xx += (x.mT @ x).cpu()
         self.xe += (x.mT @ e).cpu()
         if self.exx is not None:
-            self.exx += torch.einsum("...nc,...nd,...ne->...cde", e, x, x).cpu()
+            self.exx += _curvature_sum(x, e)
         self.rows += x.shape[-2]
 
     @property
@@ -112,6 +117,17 @@ class TargetStatistics:
     def per_sample(self) -> float:
         """Rows per sample: the means over rows become sums over a sample's positions."""
         return self.rows / max(self.samples, 1)
+
+
+def _curvature_sum(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """sum over rows of e_c x x^T, [..., C, d, d], from every stride-th row (scaled up to all of them) where all
+    rows would cost more than CURVATURE_WORK_PER_BATCH."""
+    n, c, d = x.shape[-2], e.shape[-1], x.shape[-1]
+    stride = -(-n * c * d * d * (x.shape[0] if x.ndim == 3 else 1) // CURVATURE_WORK_PER_BATCH)
+    if stride <= 1:
+        return torch.einsum("...nc,...nd,...ne->...cde", e, x, x).cpu()
+    x, e = x[..., ::stride, :], e[..., ::stride, :]
+    return torch.einsum("...nc,...nd,...ne->...cde", e, x, x).cpu() * (n / x.shape[-2])
 
 
 @dataclass
