@@ -9,7 +9,7 @@ from torch import nn
 
 from dendrite_convert import DendriteConfig, convert, dendrite_layers
 from dendrite_convert.training.objectives.closed_form_fit import (
-    _inverse_factor, _sym_power, fit_dendrite, input_rows, record_statistics,
+    _sym_power, _Whitening, fit_dendrite, input_rows, record_statistics,
 )
 from dendrite_convert.training.objectives.closed_form_growth import (
     ClosedFormConfig, add_closed_form_dendrites, line_search, most_curved_point,
@@ -119,12 +119,13 @@ def test_rank_r_fit_is_the_best_rank_r_fit_of_the_full_solution():
 
 def test_the_cholesky_whitening_whitens_and_falls_back_where_s_is_singular():
     a = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    s = a @ a.T + 0.1 * torch.eye(7, dtype=torch.float64)
-    k = _inverse_factor(s)
-    assert torch.allclose(k @ s @ k.T, torch.eye(7, dtype=torch.float64), atol=1e-10)
-    assert torch.allclose(k.triu(1), torch.zeros_like(k))  # the triangular factor, not S^-1/2
+    s, eye = a @ a.T + 0.1 * torch.eye(7, dtype=torch.float64), torch.eye(7, dtype=torch.float64)
+    white = _Whitening(s)
+    k = white(eye)
+    assert torch.allclose(k @ s @ k.T, eye, atol=1e-10) and torch.allclose(white.transposed(eye), k.T)
+    assert torch.allclose(k.triu(1), torch.zeros_like(k))  # the triangular factor's inverse, not S^-1/2
     singular = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64))
-    assert torch.equal(_inverse_factor(singular), _sym_power(singular, -0.5))
+    assert torch.equal(_Whitening(singular)(torch.eye(2, dtype=torch.float64)), _sym_power(singular, -0.5))
 
 
 def test_with_white_inputs_the_rank_r_fit_is_the_top_r_svd_of_the_full_solution():

@@ -254,33 +254,46 @@ def _regularised_cov(stats: TargetStatistics, ridge: float) -> torch.Tensor:
     return cov + ridge_of(stats, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
-def _inverse_factor(s: torch.Tensor) -> torch.Tensor:
-    """A whitening K (K S K^T = I): L^-1 for S = L L^T (Cholesky), or S^-1/2 where S is not positive definite
-    (ridge 0 on inputs that do not span their space). A Cholesky factor and a triangular inverse cost a fraction
-    of the eigendecomposition S^-1/2 takes, which was most of a growth step on a wide conv (d = 2304)."""
-    lower, info = torch.linalg.cholesky_ex(s)
-    if int(info) != 0:
-        return _sym_power(s, -0.5)
-    return torch.linalg.solve_triangular(lower, torch.eye(s.shape[0], dtype=s.dtype), upper=False)
+class _Whitening:
+    """K with K S K^T = I, applied to matrices: the inverse of S's Cholesky factor L, by triangular solves, or
+    S^-1/2 where S is not positive definite (ridge 0 on inputs that do not span their space). Every first-order
+    fit only needs S's metric, which any such K gives (K S^1/2 is orthogonal), and one Cholesky factorisation
+    costs a small part of the eigendecomposition S^-1/2 takes, which was most of a growth step on wide convs."""
+
+    def __init__(self, s: torch.Tensor):
+        self.lower, info = torch.linalg.cholesky_ex(s)
+        self.symmetric = _sym_power(s, -0.5) if int(info) != 0 else None
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        """K @ m."""
+        if self.symmetric is not None:
+            return self.symmetric @ m
+        return torch.linalg.solve_triangular(self.lower, m, upper=False)
+
+    def transposed(self, m: torch.Tensor) -> torch.Tensor:
+        """K^T @ m."""
+        if self.symmetric is not None:
+            return self.symmetric @ m
+        return torch.linalg.solve_triangular(self.lower.mT, m, upper=True)
 
 
 def fit_dendrite(stats: TargetStatistics, rank: int | None = None, ridge: float = 1e-3,
                  width: int | None = None) -> DendriteFit:
     """First order: the ridge least-squares map from centred x to -e, reduced to `rank` and to the `width`
     channels with the largest gain (both None: full)."""
-    white = _inverse_factor(_regularised_cov(stats, ridge))
-    g = white @ stats.cov_xe()  # [d, C]
+    white = _Whitening(_regularised_cov(stats, ridge))
+    g = white(stats.cov_xe())  # [d, C]
     channel_gain = g.square().sum(0) * stats.per_sample
     channels = None
     if width is not None and width < g.shape[1]:
         channels = channel_gain.topk(width).indices.sort().values
         g = g[:, channels]
     if rank is None or rank >= min(g.shape):
-        return _fitted(-(white.T @ g).T, None, float(g.square().sum()) * stats.per_sample, channel_gain, channels,
-                       stats, ridge)
+        return _fitted(-white.transposed(g).T, None, float(g.square().sum()) * stats.per_sample, channel_gain,
+                       channels, stats, ridge)
     u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
     u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
-    return _fitted(-(vh.T * sigma), u.T @ white, float(sigma.square().sum()) * stats.per_sample,
+    return _fitted(-(vh.T * sigma), white.transposed(u).T, float(sigma.square().sum()) * stats.per_sample,
                    channel_gain, channels, stats, ridge)
 
 
