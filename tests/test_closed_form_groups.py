@@ -102,3 +102,14 @@ def test_closed_form_dendrites_of_a_depthwise_cnn_fold_and_export_exactly(tmp_pa
     # model itself is only good to about 1e-4 in float32, and the export is verified at the default tolerance
     report = export(converted, tmp_path / "m.onnx", ExportConfig(gemm_layout=layout, latency=False))
     assert report.verify.ok and (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("curvature", [False, True])
+@pytest.mark.parametrize("groups", [None, 4])
+def test_the_memory_budget_counts_what_the_statistics_hold(curvature, groups):
+    from dendrite_convert.training.objectives.closed_form_fit import TargetStatistics
+
+    stats = TargetStatistics.empty(18, 3, curvature, groups)
+    held = sum(t.numel() * t.element_size() for t in (stats.sum_x, stats.sum_e, stats.xx, stats.xe, stats.exx)
+               if t is not None)
+    assert TargetStatistics.nbytes(18, 3, curvature, groups) == held

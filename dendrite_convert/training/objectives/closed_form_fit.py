@@ -71,6 +71,11 @@ class TargetStatistics:
         z = lambda *shape: torch.zeros(*lead, *shape, dtype=torch.float64)  # noqa: E731
         return cls(z(d), z(c), z(d, d), z(d, c), z(c, d, d) if curvature else None)
 
+    @staticmethod
+    def nbytes(d: int, c: int, curvature: bool = False, groups: int | None = None) -> int:
+        """The bytes `empty(d, c, curvature, groups)` holds."""
+        return 8 * (groups or 1) * (d + c + d * d + d * c + (c * d * d if curvature else 0))
+
     @property
     def groups(self) -> int | None:
         return self.sum_x.shape[0] if self.sum_x.ndim == 2 else None
@@ -123,7 +128,7 @@ def _curvature_sum(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """sum over rows of e_c x x^T, [..., C, d, d], from every stride-th row (scaled up to all of them) where all
     rows would cost more than CURVATURE_WORK_PER_BATCH."""
     n, c, d = x.shape[-2], e.shape[-1], x.shape[-1]
-    stride = -(-n * c * d * d * (x.shape[0] if x.ndim == 3 else 1) // CURVATURE_WORK_PER_BATCH)
+    stride = -(-x.numel() * c * d // CURVATURE_WORK_PER_BATCH)  # x.numel() * c * d: every group's n * c * d * d
     if stride <= 1:
         return torch.einsum("...nc,...nd,...ne->...cde", e, x, x).cpu()
     x, e = x[..., ::stride, :], e[..., ::stride, :]
@@ -205,6 +210,12 @@ def input_rows(layer: DendriteLayer, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def target_groups(layer: DendriteLayer) -> int | None:
+    """A grouped conv target's group count (None: not grouped), which its statistics and fits keep apart."""
+    groups = getattr(layer.base_layer, "groups", 1)
+    return groups if groups > 1 else None
+
+
 def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callable[[object], torch.Tensor],
                       targets: dict[str, DendriteLayer], max_samples: int = 4096,
                       curvature: Collection[str] = ()) -> dict[str, TargetStatistics]:
@@ -224,9 +235,9 @@ def record_statistics(model: nn.Module, batches: Iterable, forward_loss: Callabl
         layer = targets[name]
         rows, errors = input_rows(layer, x), flat(e, layer) * current["n"]
         if name not in stats:
-            groups = getattr(layer.base_layer, "groups", 1)
-            stats[name] = TargetStatistics.empty(rows.shape[1] // groups, errors.shape[1] // groups,
-                                                 name in curvature, groups if groups > 1 else None)
+            groups = target_groups(layer)
+            stats[name] = TargetStatistics.empty(rows.shape[1] // (groups or 1), errors.shape[1] // (groups or 1),
+                                                 name in curvature, groups)
         stats[name].add(rows, errors)
         if counted.get(name) != current["batch"]:  # a shared target is called more than once per batch
             counted[name] = current["batch"]

@@ -28,7 +28,7 @@ from ...core.layers import ACTIVATIONS, DendriteLayer, dendrite_layers
 from ..adapter import batch_size
 from ..error_signal import frozen
 from .closed_form_fit import (DendriteFit, TargetStatistics, fit_curvature, fit_dendrite, joined, record_statistics,
-                              supported)
+                              supported, target_groups)
 
 MAX_CURVATURE_ENTRIES = 20_000_000  # C * d * d floats a second-order fit may sum per target
 # the sums one pass over the batches holds: a model whose targets need more is recorded in several passes
@@ -296,8 +296,8 @@ def _chunks(layers: dict[str, DendriteLayer], curved: set[str]) -> list[dict[str
     chunks: list[dict[str, DendriteLayer]] = [{}]
     held = 0
     for name, layer in layers.items():
-        d, c = _fan_in(layer), layer.out_channels
-        size = 8 * (d * d + d * c + d + c + (c * d * d if name in curved else 0))
+        groups = target_groups(layer)
+        size = TargetStatistics.nbytes(_fan_in(layer), layer.out_channels // (groups or 1), name in curved, groups)
         if chunks[-1] and held + size > MAX_STATISTICS_BYTES:
             chunks.append({})
             held = 0
